@@ -45,7 +45,7 @@ help:
 
 setup: $(STAMP)
 
-$(STAMP): requirements/build.txt requirements/reference.txt
+$(STAMP): requirements/build.txt requirements/reference.txt requirements/lock.txt
 	@echo "==> [1/5] virtual environment $(VENV)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade "pip>=24"
@@ -53,17 +53,17 @@ $(STAMP): requirements/build.txt requirements/reference.txt
 	@echo "==> [2/5] $(TORCH_PKG)"
 	$(PIP) install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_PKG)"
 	@echo "==> [3/5] $(PADDLE_PKG)"
-	$(PIP) install -q $(if $(PADDLE_INDEX),--extra-index-url $(PADDLE_INDEX)) "$(PADDLE_PKG)"
+	$(PIP) install -q -c requirements/lock.txt $(if $(PADDLE_INDEX),--extra-index-url $(PADDLE_INDEX)) "$(PADDLE_PKG)"
 	@echo "==> [4/5] $(MMCV_PKG) with compiled ops (first build about 9 minutes on 2 cores; cached afterwards)"
 	$(PIP) install -q -r requirements/build.txt
 	PATH="$(abspath $(VENV))/bin:$$PATH" MMCV_WITH_OPS=1 FORCE_CUDA=$(MMCV_CUDA) MAX_JOBS=$(MAX_JOBS) \
-	  $(PIP) install -v --no-build-isolation "$(MMCV_PKG)" 2>&1 \
+	  $(PIP) install -v --no-build-isolation -c requirements/lock.txt "$(MMCV_PKG)" 2>&1 \
 	  | tee $(VENV)/mmcv-build.log \
 	  | grep --line-buffered -E '^ *\[[0-9]+/[0-9]+\]|Using cached|Successfully|ERROR|error:' \
 	  | sed -u -E 's/^ *(\[[0-9]+\/[0-9]+\]).*/  mmcv build \1/'
 	$(PY) -c "import mmcv.ops; print('  mmcv', mmcv.__version__, 'ops ok')"
 	@echo "==> [5/5] mmengine, mmdet, reprod_log, pycocotools, tools"
-	$(PIP) install -q -r requirements/reference.txt "$(TORCH_PKG)" "$(PADDLE_PKG)" "$(MMCV_PKG)"
+	$(PIP) install -q -r requirements/reference.txt -c requirements/lock.txt "$(TORCH_PKG)" "$(PADDLE_PKG)" "$(MMCV_PKG)"
 	$(PY) -c "import torch, paddle, mmcv, mmdet, mmengine, reprod_log; print('  torch', torch.__version__, '| paddle', paddle.__version__, '| mmcv', mmcv.__version__, '| mmdet', mmdet.__version__)"
 	touch $@
 

@@ -1,0 +1,59 @@
+"""The GHM RetinaNet detector: backbone -> neck -> head.
+
+Sub-layer names (``backbone``, ``neck``, ``bbox_head``) and everything below
+them mirror mmdet's ``RetinaNet`` state dict, so ``state_dict()`` keys equal
+mmdet's except BN statistics (``_mean``/``_variance`` for
+``running_mean``/``running_var``) and the absent ``num_batches_tracked``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import paddle
+from paddle import nn
+
+from paddle_impl.config import get_config
+from paddle_impl.fpn import FPN
+from paddle_impl.ghm_loss import GHMC, GHMR
+from paddle_impl.resnet import ResNet
+from paddle_impl.retina_head import RetinaHead
+
+
+class RetinaNet(nn.Layer):
+    """Input: normalized, padded images ``(N, 3, H, W)``.
+
+    ``forward`` returns per-level ``cls_scores`` ``(N, A*C, H_l, W_l)`` and
+    ``bbox_preds`` ``(N, A*4, H_l, W_l)`` for the 5 FPN levels.
+    """
+
+    def __init__(self, cfg: dict[str, Any] | None = None):
+        super().__init__()
+        cfg = cfg or get_config()
+        b, n, h = cfg["backbone"], cfg["neck"], cfg["bbox_head"]
+        anchors = h["anchor_generator"]
+        self.backbone = ResNet(depth=b["depth"], out_indices=b["out_indices"],
+                               frozen_stages=b["frozen_stages"], norm_eval=b["norm_eval"],
+                               bn_momentum=b["bn_momentum"], bn_eps=b["bn_eps"])
+        self.neck = FPN(in_channels=n["in_channels"], out_channels=n["out_channels"],
+                        num_outs=n["num_outs"], start_level=n["start_level"],
+                        add_extra_convs=n["add_extra_convs"],
+                        relu_before_extra_convs=n["relu_before_extra_convs"])
+        self.bbox_head = RetinaHead(
+            num_classes=h["num_classes"], in_channels=h["in_channels"],
+            num_anchors=len(anchors["ratios"]) * anchors["scales_per_octave"],
+            stacked_convs=h["stacked_convs"], feat_channels=h["feat_channels"],
+            init_std=h["init_std"], prior_prob=h["prior_prob"],
+            loss_cls=GHMC(**h["loss_cls"]), loss_bbox=GHMR(**h["loss_bbox"]))
+
+    def train(self):
+        """Training mode; the backbone keeps its frozen stages and BN statistics."""
+        super().train()
+        self.backbone.train()
+        return self
+
+    def extract_feat(self, images: paddle.Tensor) -> tuple[paddle.Tensor, ...]:
+        """FPN levels P3..P7, each ``(N, 256, H_l, W_l)``."""
+        return self.neck(self.backbone(images))
+
+    def forward(self, images: paddle.Tensor) -> tuple[list[paddle.Tensor], list[paddle.Tensor]]:
+        return self.bbox_head(self.extract_feat(images))
