@@ -1,0 +1,307 @@
+"""Numeric comparison of one array against its reference, and reprod_log logs.
+
+`diff_arrays` is the single place where the toolkit decides whether two
+arrays agree. It is stricter than reprod_log's own check in one way that
+matters: reprod_log tests ``mean_diff > threshold``, which is False for NaN,
+so a model that produces NaN everywhere "passes" there. Here any NaN or Inf
+on either side fails, whatever the tolerances.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+DEFAULT_REL_TOL = 1e-5
+DEFAULT_MEAN_TOL = 1e-5
+
+_EMPTY = "empty on both sides, nothing to compare"
+
+
+@dataclass
+class TensorDiff:
+    """How one named array differs from its reference.
+
+    ``max_abs`` and ``mean_abs`` are taken over ``|test - reference|``;
+    ``rel_max`` is ``max_abs / max|reference|``; when the reference is all
+    zero it is 0 if the test is too, else inf. Figures are NaN when they
+    cannot be computed (shapes differ, a side is missing, NaN/Inf inputs).
+    """
+
+    name: str
+    ref_shape: tuple[int, ...] | None
+    test_shape: tuple[int, ...] | None
+    max_abs: float
+    mean_abs: float
+    ref_max_abs: float
+    rel_max: float
+    finite: bool
+    passed: bool
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe dict: shapes as lists, non-finite floats as "nan"/"inf"/"-inf"."""
+        out = asdict(self)
+        for key in ("ref_shape", "test_shape"):
+            out[key] = None if out[key] is None else list(out[key])
+        for key in ("max_abs", "mean_abs", "ref_max_abs", "rel_max"):
+            out[key] = json_float(out[key])
+        return out
+
+
+def json_float(value: float) -> float | str:
+    """``value`` itself when finite, else "nan", "inf" or "-inf" (strict JSON has no NaN)."""
+    value = float(value)
+    if math.isfinite(value):
+        return value
+    if math.isnan(value):
+        return "nan"
+    return "inf" if value > 0 else "-inf"
+
+
+def missing_row(name: str, *, ref_shape=None, test_shape=None, reason: str) -> TensorDiff:
+    """A failed row for an array that exists on one side only."""
+    nan = float("nan")
+    return TensorDiff(
+        name=name,
+        ref_shape=None if ref_shape is None else tuple(ref_shape),
+        test_shape=None if test_shape is None else tuple(test_shape),
+        max_abs=nan,
+        mean_abs=nan,
+        ref_max_abs=nan,
+        rel_max=nan,
+        finite=False,
+        passed=False,
+        reason=reason,
+    )
+
+
+def _as_float64(name: str, value: Any, side: str) -> np.ndarray:
+    array = np.asarray(value)
+    if array.dtype.kind not in "biuf":
+        raise TypeError(
+            f"{name!r}: {side} array has dtype {array.dtype}, expected bool, integer or float"
+        )
+    return array.astype(np.float64)
+
+
+def _non_finite_reason(array: np.ndarray, side: str) -> list[str]:
+    reasons = []
+    if np.isnan(array).any():
+        reasons.append(f"NaN in {side}")
+    if np.isinf(array).any():
+        reasons.append(f"Inf in {side}")
+    return reasons
+
+
+def diff_arrays(
+    name: str,
+    reference: Any,
+    test: Any,
+    *,
+    rel_tol: float = DEFAULT_REL_TOL,
+    mean_tol: float = DEFAULT_MEAN_TOL,
+    ref_label: str = "reference",
+    test_label: str = "paddle",
+) -> TensorDiff:
+    """Compare ``test`` against ``reference`` element-wise, in float64.
+
+    Args:
+        name: key reported in the row.
+        reference, test: arrays of the same shape (anything ``np.asarray``
+            takes: ndarrays, Python scalars, nested lists); bool, integer or
+            float. Integers are compared as float64, exact below 2**53.
+        rel_tol: bound on ``max|test - reference| / max|reference|``.
+        mean_tol: bound on ``mean|test - reference|``.
+        ref_label, test_label: how the two sides are named in ``reason``.
+
+    Passes only when shapes match, every value on both sides is finite, and
+    both bounds hold.
+    """
+    ref = _as_float64(name, reference, ref_label)
+    tst = _as_float64(name, test, test_label)
+    finite = bool(np.isfinite(ref).all() and np.isfinite(tst).all())
+    ref_max_abs = float(np.abs(ref).max()) if ref.size else 0.0
+
+    if ref.shape != tst.shape:
+        row = missing_row(
+            name,
+            ref_shape=ref.shape,
+            test_shape=tst.shape,
+            reason=f"shape mismatch {ref.shape} vs {tst.shape}",
+        )
+        row.finite = finite
+        row.ref_max_abs = ref_max_abs
+        return row
+
+    if ref.size == 0:
+        max_abs = mean_abs = 0.0
+    else:
+        # inf - inf is NaN by design: the figures then say "not comparable".
+        with np.errstate(invalid="ignore", over="ignore"):
+            diff = np.abs(tst - ref)
+        max_abs = float(diff.max())
+        mean_abs = float(diff.mean())
+
+    if ref_max_abs == 0.0:
+        rel_max = 0.0 if max_abs == 0.0 else float("inf")
+    else:
+        rel_max = max_abs / ref_max_abs
+
+    reasons = _non_finite_reason(ref, ref_label) + _non_finite_reason(tst, test_label)
+    if not reasons:
+        if not rel_max <= rel_tol:
+            reasons.append(f"rel {rel_max:.1e} > {rel_tol:.0e}")
+        if not mean_abs <= mean_tol:
+            reasons.append(f"mean {mean_abs:.1e} > {mean_tol:.0e}")
+    integers = np.asarray(reference).dtype.kind in "iu" and np.asarray(test).dtype.kind in "iu"
+    if not reasons and integers and max_abs == 0.0 and not np.array_equal(reference, test):
+        # Integers beyond 2**53 can collapse to the same float64.
+        reasons.append("integer values differ beyond float64 precision")
+
+    return TensorDiff(
+        name=name,
+        ref_shape=ref.shape,
+        test_shape=tst.shape,
+        max_abs=max_abs,
+        mean_abs=mean_abs,
+        ref_max_abs=ref_max_abs,
+        rel_max=rel_max,
+        finite=finite,
+        passed=not reasons,
+        reason="; ".join(reasons),
+    )
+
+
+def first_failure(rows: Sequence[TensorDiff]) -> int | None:
+    """Index of the first failed row in ``rows`` (execution order), None if all pass."""
+    for index, row in enumerate(rows):
+        if not row.passed:
+            return index
+    return None
+
+
+def all_passed(rows: Iterable[TensorDiff]) -> bool:
+    """True when every row passed (and also for no rows)."""
+    return all(row.passed for row in rows)
+
+
+def reprod_log_passed(means: dict[str, float], diff_threshold: float) -> bool:
+    """reprod_log's "mean" acceptance, with non-finite means failing (NaN > thr is False there)."""
+    return all(math.isfinite(v) and v <= diff_threshold for v in means.values())
+
+
+def _save_reprod_log(arrays: dict[str, np.ndarray], path: str) -> None:
+    """Save ``arrays`` with ReprodLogger at ``path`` (a full .npy name), atomically."""
+    from reprod_log import ReprodLogger
+
+    logger = ReprodLogger()
+    for key, value in arrays.items():
+        logger.add(key, np.asarray(value))
+    tmp = f"{path}.tmp{os.getpid()}.npy"
+    try:
+        logger.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def reprod_log_diff(
+    paddle: dict[str, np.ndarray],
+    torch: dict[str, np.ndarray],
+    out_dir: str | os.PathLike,
+    stage: str,
+    diff_threshold: float,
+) -> dict[str, float]:
+    """Log both sides with reprod_log and diff them the way Paddle's reproduction guide does.
+
+    Writes ``{out_dir}/{stage}_paddle.npy``, ``{out_dir}/{stage}_torch.npy``
+    (ReprodLogger) and ``{out_dir}/{stage}_diff.log`` (ReprodDiffHelper's
+    report, diff_method "mean"), each under a temporary name first.
+
+    Keys present on one side only, or whose shapes differ, are saved but not
+    diffed (reprod_log would assert, or silently transpose/broadcast): they
+    get NaN in the result and a line at the end of the log. Empty arrays of
+    equal shape get 0.
+
+    Returns:
+        key -> mean absolute difference as computed by reprod_log. Judge it
+        with `reprod_log_passed`, not with reprod_log's printed verdict.
+    """
+    from reprod_log import ReprodDiffHelper
+
+    os.makedirs(out_dir, exist_ok=True)
+    paddle_path = os.path.join(out_dir, f"{stage}_paddle.npy")
+    torch_path = os.path.join(out_dir, f"{stage}_torch.npy")
+    log_path = os.path.join(out_dir, f"{stage}_diff.log")
+    _save_reprod_log(paddle, paddle_path)
+    _save_reprod_log(torch, torch_path)
+
+    helper = ReprodDiffHelper()
+    paddle_info = helper.load_info(paddle_path)
+    torch_info = helper.load_info(torch_path)
+
+    comparable: list[str] = []
+    skipped: dict[str, str] = {}
+    for key in list(paddle_info) + [k for k in torch_info if k not in paddle_info]:
+        if key not in torch_info:
+            skipped[key] = "missing in torch"
+        elif key not in paddle_info:
+            skipped[key] = "missing in paddle"
+        elif np.shape(paddle_info[key]) != np.shape(torch_info[key]):
+            skipped[key] = (
+                f"shape mismatch paddle {np.shape(paddle_info[key])} "
+                f"vs torch {np.shape(torch_info[key])}, not compared"
+            )
+        elif np.size(paddle_info[key]) == 0:
+            # reprod_log takes the max of the difference, which raises on empty arrays.
+            skipped[key] = _EMPTY
+        else:
+            comparable.append(key)
+    # float64 copies: reprod_log subtracts raw arrays, which raises on bool
+    # and wraps around on unsigned integers.
+    paddle_cmp = {k: np.asarray(paddle_info[k], dtype=np.float64) for k in comparable}
+    torch_cmp = {k: np.asarray(torch_info[k], dtype=np.float64) for k in comparable}
+
+    with np.errstate(invalid="ignore", over="ignore"):
+        helper.compare_info(paddle_cmp, torch_cmp)
+    means = {key: float(helper.diff_dict[key]["mean"]) for key in comparable}
+
+    _write_reprod_report(helper, log_path, diff_threshold, skipped)
+    for key in skipped:
+        means[key] = 0.0 if skipped[key] == _EMPTY else float("nan")
+    return means
+
+
+def _write_reprod_report(helper, log_path: str, diff_threshold: float, skipped: dict[str, str]) -> None:
+    """Run ``helper.report`` into ``log_path`` atomically, then undo its logging side effects.
+
+    reprod_log 1.0.1's report adds a stdout handler and a file handler to
+    the root logger on every call and never removes them: left alone, every
+    later log record of the process (including the next stage's report)
+    would be appended to this stage's log file.
+    """
+    root = logging.getLogger("root")
+    handlers_before, level_before = list(root.handlers), root.level
+    tmp = f"{log_path}.tmp{os.getpid()}"
+    try:
+        helper.report(diff_method="mean", diff_threshold=diff_threshold, path=tmp)
+    finally:
+        for handler in [h for h in root.handlers if h not in handlers_before]:
+            root.removeHandler(handler)
+            handler.close()
+        root.setLevel(level_before)
+    try:
+        if skipped:
+            with open(tmp, "a", encoding="utf-8") as handle:
+                for key, why in skipped.items():
+                    handle.write(f"{key}: {why}\n")
+        os.replace(tmp, log_path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -1,0 +1,465 @@
+"""Tests of the model-agnostic alignment engine (align.compare, align.capture, align.report)."""
+from __future__ import annotations
+
+import base64
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+
+from align.compare import diff_arrays, first_failure, reprod_log_diff, reprod_log_passed
+from align.report import StageResult, environment_info, sha256_of, write_index, write_stage_report
+
+
+# ---------------------------------------------------------------- diff_arrays
+
+
+def test_equal_arrays_pass():
+    a = np.random.default_rng(0).normal(size=(2, 3, 4)).astype(np.float32)
+    row = diff_arrays("x", a, a.copy())
+    assert row.passed and row.reason == ""
+    assert row.max_abs == 0.0 and row.mean_abs == 0.0 and row.rel_max == 0.0
+    assert row.ref_shape == row.test_shape == (2, 3, 4)
+    assert row.finite
+
+
+def test_tiny_difference_passes_and_reports_figures():
+    ref = np.full((4, 5), 10.0)
+    test = ref + 1e-6
+    row = diff_arrays("x", ref, test, rel_tol=1e-5, mean_tol=1e-5)
+    assert row.passed
+    assert row.max_abs == pytest.approx(1e-6)
+    assert row.rel_max == pytest.approx(1e-7)
+    assert row.ref_max_abs == 10.0
+
+
+def test_difference_above_rel_tol_fails():
+    ref = np.ones(100)
+    test = ref.copy()
+    test[7] += 1e-3  # mean diff 1e-5 (within), rel 1e-3 (not)
+    row = diff_arrays("x", ref, test, rel_tol=1e-5, mean_tol=1e-4)
+    assert not row.passed
+    assert row.reason.startswith("rel 1.0e-03 > 1e-05")
+
+
+def test_mean_above_mean_tol_fails():
+    ref = np.full(10, 1e3)
+    test = ref + 1e-3  # rel 1e-6 passes, mean 1e-3 does not
+    row = diff_arrays("x", ref, test, rel_tol=1e-5, mean_tol=1e-5)
+    assert not row.passed
+    assert "mean" in row.reason and "rel" not in row.reason
+
+
+@pytest.mark.parametrize("side", ["reference", "paddle", "both"])
+def test_nan_fails_on_either_side(side):
+    ref = np.ones(6, dtype=np.float32)
+    test = ref.copy()
+    if side in ("reference", "both"):
+        ref[2] = np.nan
+    if side in ("paddle", "both"):
+        test[2] = np.nan  # same position on both sides: equal_nan must not hide it
+    row = diff_arrays("x", ref, test, rel_tol=1e9, mean_tol=1e9)
+    assert not row.passed and not row.finite
+    if side == "both":
+        assert "NaN in reference" in row.reason and "NaN in paddle" in row.reason
+    else:
+        assert f"NaN in {side}" in row.reason
+    assert row.to_dict()["max_abs"] == "nan"
+    json.dumps(row.to_dict(), allow_nan=False)
+
+
+@pytest.mark.parametrize("value", [np.inf, -np.inf])
+def test_inf_fails(value):
+    ref = np.ones(3)
+    for a, b, label in ((ref, np.array([1.0, value, 1.0]), "paddle"), (np.array([value, 1.0, 1.0]), ref, "reference")):
+        row = diff_arrays("x", a, b, rel_tol=1e9, mean_tol=1e9)
+        assert not row.passed and f"Inf in {label}" in row.reason
+    both = np.array([value, 1.0, 1.0])
+    assert not diff_arrays("x", both, both.copy(), rel_tol=1e9, mean_tol=1e9).passed
+
+
+def test_shape_mismatch_fails_with_shapes_in_reason():
+    row = diff_arrays("x", np.zeros((2, 3)), np.zeros((2, 4)))
+    assert not row.passed
+    assert row.reason == "shape mismatch (2, 3) vs (2, 4)"
+    assert math.isnan(row.max_abs)
+    # Broadcastable shapes must not be compared by broadcasting.
+    assert not diff_arrays("y", np.zeros((1, 3)), np.zeros((3,))).passed
+
+
+def test_all_zero_reference():
+    zeros = np.zeros((3, 3))
+    same = diff_arrays("z", zeros, zeros.copy())
+    assert same.passed and same.rel_max == 0.0
+    off = diff_arrays("z", zeros, zeros + 1e-9, rel_tol=1e-5, mean_tol=1.0)
+    assert not off.passed and off.rel_max == math.inf
+    assert off.to_dict()["rel_max"] == "inf"
+
+
+def test_integer_bool_and_scalar_inputs():
+    labels = np.array([3, 7, 79, 0], dtype=np.int64)
+    assert diff_arrays("labels", labels, labels.copy()).passed
+    wrong = labels.copy()
+    wrong[1] = 8
+    assert not diff_arrays("labels", labels, wrong).passed
+    mask = np.array([True, False, True])
+    assert diff_arrays("mask", mask, mask.copy()).passed
+    assert not diff_arrays("mask", mask, ~mask).passed
+    unsigned = np.array([0, 5], dtype=np.uint8)  # unsigned subtraction must not wrap
+    row = diff_arrays("u", unsigned, np.array([1, 5], dtype=np.uint8), rel_tol=1.0, mean_tol=1.0)
+    assert row.max_abs == 1.0
+    big = np.array([2**60], dtype=np.int64)  # identical as float64, different as int64
+    assert not diff_arrays("big", big, big + 1).passed
+    assert diff_arrays("loss", 0.5, 0.5).passed
+    assert not diff_arrays("loss", 0.5, 0.6).passed
+    assert diff_arrays("loss", 0.5, 0.6).ref_shape == ()
+
+
+def test_first_failure_in_order():
+    ok = diff_arrays("a", 1.0, 1.0)
+    bad = diff_arrays("b", 1.0, 2.0)
+    assert first_failure([ok, ok]) is None
+    assert first_failure([ok, bad, ok, bad]) == 1
+    assert first_failure([]) is None
+
+
+# ---------------------------------------------------------------- reprod_log
+
+
+def test_reprod_log_diff_writes_three_files_and_returns_means(tmp_path):
+    paddle = {"logits": np.ones((2, 3), np.float32), "loss": np.array(0.5, np.float32)}
+    torch = {"logits": np.full((2, 3), 1.5, np.float32), "loss": np.array(0.5, np.float32)}
+    means = reprod_log_diff(paddle, torch, tmp_path, "forward", diff_threshold=1e-5)
+    assert means == {"logits": pytest.approx(0.5), "loss": 0.0}
+    for suffix in ("paddle.npy", "torch.npy", "diff.log"):
+        assert (tmp_path / f"forward_{suffix}").is_file()
+    assert not [p for p in tmp_path.iterdir() if "tmp" in p.name]
+    saved = np.load(tmp_path / "forward_paddle.npy", allow_pickle=True).tolist()
+    np.testing.assert_array_equal(saved["logits"], paddle["logits"])
+    log = (tmp_path / "forward_diff.log").read_text()
+    assert "logits" in log and "failed" in log
+    assert not reprod_log_passed(means, 1e-5)
+
+    # A second stage in the same process gets its own log and leaves the first one alone
+    # (reprod_log's report leaves its file handler on the root logger).
+    reprod_log_diff(paddle, paddle, tmp_path, "loss", diff_threshold=1e-5)
+    second = (tmp_path / "loss_diff.log").read_text()
+    assert "logits" in second and "diff check passed" in second and "failed" not in second
+    assert (tmp_path / "forward_diff.log").read_text() == log
+
+
+def test_reprod_log_nan_does_not_pass_our_verdict(tmp_path):
+    paddle = {"out": np.array([np.nan, 1.0], np.float32)}
+    torch = {"out": np.array([1.0, 1.0], np.float32)}
+    means = reprod_log_diff(paddle, torch, tmp_path, "nan", diff_threshold=1e-5)
+    assert math.isnan(means["out"])
+    assert not reprod_log_passed(means, 1e-5)
+    assert not diff_arrays("out", torch["out"], paddle["out"]).passed
+
+
+def test_reprod_log_diff_reports_shape_mismatch_and_missing_keys(tmp_path):
+    paddle = {"a": np.zeros((2, 3)), "only_paddle": np.zeros(1)}
+    torch = {"a": np.zeros((3, 2)), "only_torch": np.zeros(1)}
+    means = reprod_log_diff(paddle, torch, tmp_path, "shapes", diff_threshold=1e-5)
+    assert set(means) == {"a", "only_paddle", "only_torch"}
+    assert all(math.isnan(v) for v in means.values())
+    log = (tmp_path / "shapes_diff.log").read_text()
+    assert "shape mismatch" in log and "missing in torch" in log and "missing in paddle" in log
+
+
+# ---------------------------------------------------------------- capture
+
+
+def _torch_net():
+    import torch
+    from torch import nn
+
+    class Split(nn.Module):
+        def forward(self, x):
+            return x[:, :2], x[:, 2:]
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+            self.bn = nn.BatchNorm2d(4)
+            self.relu = nn.ReLU(inplace=True)  # reused; in-place, so records must be copies
+            self.conv2 = nn.Conv2d(4, 4, 1)
+            self.split = Split()
+            self.head = nn.Sequential(nn.Conv2d(2, 2, 1), nn.Conv2d(2, 1, 1))
+
+        def forward(self, x):
+            x = self.relu(self.bn(self.conv1(x)))
+            x = self.relu(self.conv2(x))
+            left, right = self.split(x)
+            return self.head(left) + right.sum(1, keepdim=True)
+
+    torch.manual_seed(0)
+    net = Net()
+    with torch.no_grad():
+        net.bn.running_mean.uniform_(-0.5, 0.5)
+        net.bn.running_var.uniform_(0.5, 2.0)
+        net.bn.weight.uniform_(0.5, 1.5)
+        net.bn.bias.uniform_(-0.2, 0.2)
+    return net.eval()
+
+
+def _paddle_net(torch_net, extra_layer=False):
+    import paddle
+    from paddle import nn
+
+    class Split(nn.Layer):
+        def forward(self, x):
+            return x[:, :2], x[:, 2:]
+
+    class Net(nn.Layer):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2D(3, 4, 3, padding=1)
+            self.bn = nn.BatchNorm2D(4)
+            self.relu = nn.ReLU()
+            self.conv2 = nn.Conv2D(4, 4, 1)
+            self.split = Split()
+            self.head = nn.Sequential(nn.Conv2D(2, 2, 1), nn.Conv2D(2, 1, 1))
+            self.extra = nn.Identity() if extra_layer else None
+
+        def forward(self, x):
+            x = self.relu(self.bn(self.conv1(x)))
+            x = self.relu(self.conv2(x))
+            if self.extra is not None:
+                x = self.extra(x)
+            left, right = self.split(x)
+            return self.head(left) + right.sum(1, keepdim=True)
+
+    net = Net()
+    names = {"running_mean": "_mean", "running_var": "_variance"}
+    params = dict(net.state_dict())
+    for key, value in torch_net.state_dict().items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        prefix, _, leaf = key.rpartition(".")
+        params[f"{prefix}.{names.get(leaf, leaf)}"].set_value(value.numpy())
+    net.eval()
+    return net, paddle
+
+
+def _input():
+    return np.random.default_rng(1).normal(size=(2, 3, 6, 6)).astype(np.float32)
+
+
+def _record_torch():
+    import torch
+
+    from align.capture import TorchRecorder
+
+    net = _torch_net()
+    with TorchRecorder(net) as recorder, torch.no_grad():
+        net(torch.from_numpy(_input()))
+    return recorder.records
+
+
+def test_torch_recorder_keys_in_execution_order_with_repeat_suffix():
+    records = _record_torch()
+    assert list(records) == [
+        "conv1", "bn", "relu", "conv2", "relu#1", "split[0]", "split[1]", "head.0", "head.1",
+    ]
+    # The in-place ReLU ran after BN; the BN record must still hold negative values.
+    assert (records["bn"] < 0).any()
+    assert (records["relu"] >= 0).all()
+
+
+def test_torch_recorder_removes_hooks_even_on_error():
+    import torch
+
+    from align.capture import TorchRecorder
+
+    net = _torch_net()
+    with pytest.raises(RuntimeError):
+        with TorchRecorder(net):
+            net(torch.zeros(1, 5, 6, 6))  # wrong channel count
+    assert all(not m._forward_hooks for m in net.modules())
+    with pytest.raises(KeyError, match="conv_1"):
+        TorchRecorder(net, names=["conv_1"])
+
+
+def test_paddle_comparer_all_rows_pass_on_equal_models():
+    from align.capture import PaddleComparer
+
+    torch_net = _torch_net()
+    reference = _record_torch()
+    net, paddle = _paddle_net(torch_net)
+    with PaddleComparer(net, reference, rel_tol=1e-5, mean_tol=1e-5) as comparer:
+        net(paddle.to_tensor(_input()))
+    assert [r.name for r in comparer.rows] == list(reference)
+    assert all(r.passed for r in comparer.rows), [r.reason for r in comparer.rows if not r.passed]
+    assert all(not layer._forward_post_hooks for layer in net.sublayers())
+
+
+def test_perturbed_parameter_is_the_first_failing_layer():
+    from align.capture import PaddleComparer, perturb_parameter
+
+    torch_net = _torch_net()
+    reference = _record_torch()
+    net, paddle = _paddle_net(torch_net)
+    before = net.conv2.weight.numpy().copy()
+    sigma = perturb_parameter(net, "conv2.weight", scale=1e-2, seed=0)
+    assert sigma > 0 and not np.array_equal(before, net.conv2.weight.numpy())
+    with PaddleComparer(net, reference, rel_tol=1e-5, mean_tol=1e-5) as comparer:
+        net(paddle.to_tensor(_input()))
+    index = first_failure(comparer.rows)
+    assert comparer.rows[index].name == "conv2"
+    assert all(r.passed for r in comparer.rows[:index])
+    with pytest.raises(KeyError, match=r"conv2\.weight"):
+        perturb_parameter(net, "conv2.wieght")
+
+
+def test_perturb_all_zero_parameter_changes_it():
+    from align.capture import perturb_parameter
+
+    net, _ = _paddle_net(_torch_net())
+    net.head[0].bias.set_value(np.zeros(2, np.float32))
+    perturb_parameter(net, "head.0.bias", scale=1e-3, seed=3)
+    assert np.abs(net.head[0].bias.numpy()).max() > 0
+
+
+def test_paddle_comparer_reports_missing_layers_on_both_sides():
+    from align.capture import PaddleComparer
+
+    torch_net = _torch_net()
+    reference = {}
+    for key, value in _record_torch().items():
+        if key != "conv2":  # paddle produces it: "missing in reference"
+            reference[key] = value
+        if key == "relu":  # paddle never produces it: "missing in paddle"
+            reference["ghost"] = np.zeros(1)
+    net, paddle = _paddle_net(torch_net, extra_layer=True)
+    with PaddleComparer(net, reference) as comparer:
+        net(paddle.to_tensor(_input()))
+    reasons = {r.name: r.reason for r in comparer.rows if not r.passed}
+    assert reasons == {
+        "ghost": "missing in paddle",
+        "conv2": "missing in reference",
+        "extra": "missing in reference",
+    }
+    names = [r.name for r in comparer.rows]
+    assert names.index("ghost") == names.index("relu") + 1  # placed where the reference had it
+    assert comparer.rows[first_failure(comparer.rows)].name == "ghost"
+
+
+def test_paddle_comparer_removes_hooks_on_error():
+    from align.capture import PaddleComparer
+
+    net, paddle = _paddle_net(_torch_net())
+    with pytest.raises(Exception):
+        with PaddleComparer(net, {}):
+            net(paddle.zeros([1, 5, 6, 6]))
+    assert all(not layer._forward_post_hooks for layer in net.sublayers())
+
+
+# ---------------------------------------------------------------- report
+
+EVIL = "<script>alert(1)</script>"
+
+
+def _result(passed_layers=True):
+    ok = diff_arrays(EVIL, np.ones(3), np.ones(3))
+    layers = [diff_arrays("backbone.conv1", np.ones(2), np.ones(2))]
+    layers.append(diff_arrays("backbone.relu", np.ones(2), np.ones(2) * (1 if passed_layers else 2)))
+    layers.append(diff_arrays("backbone.relu#1", np.ones(2), np.array([np.nan, 1.0])))
+    if passed_layers:
+        layers = layers[:2]
+    return StageResult(
+        stage="forward",
+        title="Forward " + EVIL,
+        passed=passed_layers,
+        tensors=[ok],
+        layers=layers,
+        thresholds={"rel_tol": 1e-5, "mean_tol": 1e-5},
+        meta={"seed": 0, "input_shape": (2, 3, 64, 64), "note": EVIL, "mean": np.float32(0.25)},
+        env={"python": "3.11"},
+        extra_tables=[("Extra " + EVIL, ["key", "value"], [[EVIL, 1.5e-7]])],
+        figures=[("figure " + EVIL, b"\x89PNG fake bytes")],
+        reprod_log={"cls": 1e-7, "loss": 0.0},
+        reprod_log_threshold=1e-5,
+    )
+
+
+def test_report_escapes_names_and_is_self_contained(tmp_path):
+    json_path, html_path = write_stage_report(_result(passed_layers=True), tmp_path)
+    html = html_path.read_text()
+    assert EVIL not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "http://" not in html and "https://" not in html
+    assert not re.search(r"""(src|href)=["'](?!#|data:|[\w.-]+\.html)""", html)
+    assert "data:image/png;base64," in html
+    for payload in re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", html):
+        assert b"http" not in base64.b64decode(payload)  # matplotlib's PNG "Software" chunk has a URL
+    assert "1.500e-07" in html  # scientific notation
+    assert "PASS" in html and "banner pass" in html
+    assert 'id="first-divergence"' not in html
+    document = json.loads(json_path.read_text())
+    assert document["passed"] is True and document["first_divergence"] is None
+    assert document["tensors"][0]["name"] == EVIL
+    assert document["reprod_log"] == {"cls": 1e-7, "loss": 0.0}
+    assert document["meta"]["input_shape"] == [2, 3, 64, 64] and document["meta"]["mean"] == 0.25
+
+
+def test_failing_report_links_first_divergence(tmp_path):
+    json_path, html_path = write_stage_report(_result(passed_layers=False), tmp_path)
+    html = html_path.read_text()
+    assert "banner fail" in html and "FAIL" in html
+    assert '<a href="#first-divergence">backbone.relu</a>' in html
+    assert html.count('id="first-divergence"') == 1
+    row = re.search(r'<tr class="([^"]*)" id="first-divergence">\s*<td class="num">(\d+)</td>\s*<td class="name">([^<]*)<', html)
+    assert row and "fail" in row.group(1) and row.group(2) == "1" and row.group(3) == "backbone.relu"
+    document = json.loads(json_path.read_text())
+    assert document["passed"] is False
+    assert document["first_diverging_layer"] == "backbone.relu"
+    assert document["layers"][2]["max_abs"] == "nan"
+
+
+def test_report_verdict_fails_on_failing_row_or_nan_reprod_log(tmp_path):
+    result = _result(passed_layers=False)
+    result.passed = True
+    json_path, _ = write_stage_report(result, tmp_path)
+    assert json.loads(json_path.read_text())["passed"] is False
+
+    result = _result(passed_layers=True)
+    result.reprod_log["nan_key"] = float("nan")  # reprod_log itself would call this a pass
+    json_path, html_path = write_stage_report(result, tmp_path)
+    document = json.loads(json_path.read_text())
+    assert document["passed"] is False and document["reprod_log"]["nan_key"] == "nan"
+    assert "banner fail" in html_path.read_text()
+
+
+def test_index_lists_stages_with_verdicts(tmp_path):
+    write_stage_report(_result(passed_layers=True), tmp_path)
+    failing = _result(passed_layers=False)
+    failing.stage = "loss"
+    failing.title = "Loss"
+    write_stage_report(failing, tmp_path)
+    (tmp_path / "orphan.json").write_text(json.dumps({"stage": "orphan", "passed": True}))
+    (tmp_path / "unrelated.json").write_text("[1, 2]")
+    (tmp_path / "unrelated.html").write_text("x")
+    index = write_index(tmp_path).read_text()
+    assert 'href="forward.html"' in index and 'href="loss.html"' in index
+    assert "orphan" not in index and "unrelated" not in index
+    assert index.index("forward.html") < index.index("loss.html")
+    assert re.search(r'<tr class="fail">\s*<td><a href="loss.html">', index)
+    assert re.search(r'<tr class="pass">\s*<td><a href="forward.html">', index)
+    assert EVIL not in index
+    assert "http://" not in index and "https://" not in index
+
+
+def test_environment_info_and_sha256(tmp_path):
+    info = environment_info()
+    for key in ("python", "platform", "cpu_count", "torch", "paddle", "mmdet", "mmcv", "mmengine",
+                "numpy", "reprod_log", "git_commit", "timestamp_utc"):
+        assert key in info
+    assert info["numpy"] == np.__version__
+    assert info["timestamp_utc"].endswith("+00:00")
+    path = tmp_path / "blob.bin"
+    path.write_bytes(b"abc")
+    assert sha256_of(path) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
