@@ -1,0 +1,1 @@
+"""Forward stage: identical input through mmdet's model and ours, every output diffed."""

@@ -1,0 +1,146 @@
+"""Forward alignment of the GHM RetinaNet.
+
+The same seeded, normalized images go through mmdet's model and ours in eval
+mode. Compared outputs: backbone C2..C5, FPN P3..P7, and per level the head's
+``cls_score`` ``(N, A*C, H, W)`` and ``bbox_pred`` ``(N, A*4, H, W)``. Every
+leaf layer's output is also diffed, matched by name, to locate the first
+divergence.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from align.capture import PaddleComparer, TorchRecorder, perturb_parameter
+from align.compare import TensorDiff, diff_arrays, first_failure, reprod_log_diff
+from align.ghm_pair import (BUILD_DIR, build_paddle_model, build_torch_model, parse_shape,
+                            prepare_checkpoints, seeded_images)
+from align.report import StageResult, environment_info, write_stage_report
+
+DEFAULT_SHAPE = "2x3x800x1344"
+BACKBONE_NAMES = ["C2", "C3", "C4", "C5"]
+FPN_NAMES = ["P3", "P4", "P5", "P6", "P7"]
+
+
+@dataclass
+class ForwardOptions:
+    ckpt: str | None = None
+    shape: str = DEFAULT_SHAPE
+    seed: int = 0
+    perturb: str | None = None
+    perturb_scale: float = 1e-3
+    rel_tol: float = 1e-5
+    mean_tol: float = 1e-5
+    reports: Path = Path("reports")
+    layers: bool = True
+    build_dir: Path = BUILD_DIR
+
+
+def named_outputs(backbone_outs, fpn_outs, cls_scores, bbox_preds, to_numpy) -> dict[str, np.ndarray]:
+    """The compared outputs under stable names, in execution order."""
+    out = {}
+    for name, t in zip(BACKBONE_NAMES, backbone_outs):
+        out[f"backbone.{name}"] = to_numpy(t)
+    for name, t in zip(FPN_NAMES, fpn_outs):
+        out[f"neck.{name}"] = to_numpy(t)
+    for name, c, b in zip(FPN_NAMES, cls_scores, bbox_preds):
+        out[f"head.cls_score.{name}"] = to_numpy(c)
+        out[f"head.bbox_pred.{name}"] = to_numpy(b)
+    return out
+
+
+def run_torch(model, images: np.ndarray, record_layers: bool):
+    """mmdet forward, piece by piece so intermediate outputs are kept."""
+    import torch
+
+    x = torch.from_numpy(images)
+    recorder = TorchRecorder(model)
+    with torch.no_grad(), (recorder if record_layers else nullcontext()):
+        c = model.backbone(x)
+        p = model.neck(c)
+        cls_scores, bbox_preds = model.bbox_head(p)
+    outputs = named_outputs(c, p, cls_scores, bbox_preds, lambda t: t.detach().numpy().copy())
+    return outputs, recorder.records
+
+
+def run_paddle(model, images: np.ndarray, reference_layers: dict, opts: ForwardOptions):
+    import paddle
+
+    x = paddle.to_tensor(images)
+    comparer = PaddleComparer(model, reference_layers, rel_tol=opts.rel_tol, mean_tol=opts.mean_tol)
+    with paddle.no_grad(), (comparer if opts.layers else nullcontext()):
+        c = model.backbone(x)
+        p = model.neck(c)
+        cls_scores, bbox_preds = model.bbox_head(p)
+    outputs = named_outputs(c, p, cls_scores, bbox_preds, lambda t: np.array(t.numpy(), copy=True))
+    return outputs, comparer.rows if opts.layers else []
+
+
+def run_forward(opts: ForwardOptions) -> StageResult:
+    """Run both models, diff, write ``forward*`` files into ``opts.reports``."""
+    shape = parse_shape(opts.shape)
+    t0 = time.perf_counter()
+    ckpts = prepare_checkpoints(opts.ckpt, opts.seed, opts.build_dir)
+    torch_model = build_torch_model(ckpts)
+    paddle_model = build_paddle_model(ckpts)
+    perturb_sigma = None
+    if opts.perturb:
+        perturb_sigma = perturb_parameter(paddle_model, opts.perturb, scale=opts.perturb_scale,
+                                          seed=opts.seed)
+    images = seeded_images(shape, opts.seed)
+    timings = {"setup_s": time.perf_counter() - t0}
+
+    t0 = time.perf_counter()
+    torch_out, torch_layers = run_torch(torch_model, images, opts.layers)
+    timings["torch_forward_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    paddle_out, layer_rows = run_paddle(paddle_model, images, torch_layers, opts)
+    timings["paddle_forward_s"] = time.perf_counter() - t0
+    del torch_layers
+
+    tensors: list[TensorDiff] = [
+        diff_arrays(name, torch_out[name], paddle_out[name], rel_tol=opts.rel_tol, mean_tol=opts.mean_tol)
+        for name in torch_out
+    ]
+    reprod = reprod_log_diff(paddle_out, torch_out, opts.reports, "forward", opts.mean_tol)
+    passed = all(t.passed for t in tensors) and all(r.passed for r in layer_rows)
+
+    meta = {
+        "seed": opts.seed,
+        "input_shape": list(shape),
+        "input": "seeded 8-bit RGB pixels normalized with the reference mean/std",
+        "checkpoint": str(ckpts.torch_path),
+        "checkpoint_sha256": ckpts.sha256,
+        "checkpoint_synthetic": ckpts.synthetic,
+        "paddle_weights": str(ckpts.paddle_path),
+        "perturbed_parameter": opts.perturb,
+        "perturbation_std": perturb_sigma,
+        "layers_compared": len(layer_rows),
+        **{k: round(v, 3) for k, v in timings.items()},
+    }
+    result = StageResult(
+        stage="forward",
+        title="Forward: mmdet GHM RetinaNet vs Paddle",
+        passed=passed,
+        tensors=tensors,
+        layers=layer_rows,
+        thresholds={"rel_max": opts.rel_tol, "mean_abs": opts.mean_tol},
+        meta=meta,
+        env=environment_info(),
+        reprod_log=reprod,
+    )
+    write_stage_report(result, opts.reports)
+    return result
+
+
+def first_divergence(result: StageResult) -> str | None:
+    """Name of the first failing layer (or compared output) in execution order."""
+    for rows in (result.layers, result.tensors):
+        index = first_failure(rows)
+        if index is not None:
+            return rows[index].name
+    return None

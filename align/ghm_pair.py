@@ -1,0 +1,106 @@
+"""The GHM RetinaNet pair every stage aligns: mmdet's model and ours, same weights.
+
+This is the toolkit's first client of the model-agnostic engine in ``align``:
+it prepares the checkpoint (the seeded default, or ``--ckpt``), converts it,
+and builds both models. Stages share it so they all start from one place.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BUILD_DIR = REPO_ROOT / "build"
+
+
+@dataclass
+class Checkpoints:
+    """An mmdet checkpoint and its Paddle conversion."""
+
+    torch_path: Path
+    paddle_path: Path
+    sha256: str
+    synthetic: bool
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def prepare_checkpoints(ckpt: str | None, seed: int, build_dir: Path = BUILD_DIR) -> Checkpoints:
+    """Resolve the mmdet checkpoint (synthesizing the default) and convert it once.
+
+    Conversions are cached under ``build_dir`` by the checkpoint's sha256.
+    """
+    from torch_ref.reference import synthesize_checkpoint
+    from weights_convert.convert import mmdet_to_paddle
+
+    synthetic = ckpt is None
+    if synthetic:
+        torch_path = build_dir / "default" / f"ghm_retinanet_seed{seed}.pth"
+        if not torch_path.is_file():
+            synthesize_checkpoint(torch_path, seed=seed)
+    else:
+        torch_path = Path(ckpt)
+        if not torch_path.is_file():
+            raise FileNotFoundError(f"CKPT not found: {torch_path}")
+    sha = file_sha256(torch_path)
+    paddle_path = build_dir / "converted" / f"{torch_path.stem}-{sha[:12]}.pdparams"
+    if not paddle_path.is_file():
+        mmdet_to_paddle(torch_path, paddle_path)
+    return Checkpoints(torch_path, paddle_path, sha, synthetic)
+
+
+def build_torch_model(ckpts: Checkpoints):
+    """mmdet's GHM RetinaNet with the checkpoint loaded, eval mode."""
+    from torch_ref.reference import build_reference
+
+    return build_reference(ckpts.torch_path)
+
+
+def build_paddle_model(ckpts: Checkpoints):
+    """Our RetinaNet with the converted checkpoint loaded strictly, eval mode."""
+    import paddle
+
+    from paddle_impl.detector import RetinaNet
+
+    model = RetinaNet()
+    state = paddle.load(str(ckpts.paddle_path))
+    expected = set(model.state_dict())
+    if set(state) != expected:
+        raise KeyError(f"{ckpts.paddle_path}: keys differ from the model: "
+                       f"missing {sorted(expected - set(state))}, unexpected {sorted(set(state) - expected)}")
+    model.set_state_dict(state)
+    model.eval()
+    return model
+
+
+def parse_shape(text: str) -> tuple[int, int, int, int]:
+    """``"2x3x800x1344"`` -> ``(2, 3, 800, 1344)``."""
+    try:
+        shape = tuple(int(v) for v in text.lower().split("x"))
+    except ValueError:
+        shape = ()
+    if len(shape) != 4 or shape[1] != 3 or min(shape) < 1:
+        raise ValueError(f"SHAPE must be NxCxHxW with C = 3, got {text!r}")
+    return shape  # type: ignore[return-value]
+
+
+def seeded_images(shape: tuple[int, int, int, int], seed: int) -> np.ndarray:
+    """Normalized RGB images ``(N, 3, H, W)`` float32, as mmdet's data preprocessor
+    makes them from seeded 8-bit pixels."""
+    from paddle_impl.config import get_config
+
+    pre = get_config()["data_preprocessor"]
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, size=shape).astype(np.float32)
+    mean = np.asarray(pre["mean"], np.float32).reshape(1, 3, 1, 1)
+    std = np.asarray(pre["std"], np.float32).reshape(1, 3, 1, 1)
+    return (pixels - mean) / std
