@@ -30,7 +30,9 @@ def test_forward_stage_passes_and_writes_every_file(build_dir, tmp_path):
     assert names[:4] == ["backbone.C2", "backbone.C3", "backbone.C4", "backbone.C5"]
     assert "neck.P7" in names and "head.cls_score.P3" in names and "head.bbox_pred.P7" in names
     assert len(names) == 4 + 5 + 10
-    assert len(result.layers) > 300
+    # backbone: stem 4 + 16 blocks x 9 calls + 4 shortcuts x 2; neck: 3 + 5;
+    # head: 18 calls x 5 levels
+    assert len(result.layers) == 4 + 16 * 9 + 8 + 8 + 18 * 5
     for name in ("forward_paddle.npy", "forward_torch.npy", "forward_diff.log",
                  "forward.json", "forward.html", "index.html"):
         assert (tmp_path / name).is_file(), name
