@@ -54,10 +54,11 @@ class Bottleneck(nn.Layer):
             self.downsample = None
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
+        # The shortcut runs last, as in mmdet, so layer tables list the same order.
+        identity = x if self.downsample is None else self.downsample(x)
         return self.relu(out + identity)
 
 
