@@ -27,6 +27,8 @@ def aligned_run(torch_module, paddle_layer, torch_call, paddle_call):
         t_out = torch_call()
     with paddle.no_grad(), PaddleComparer(paddle_layer, rec.records, **TOL) as cmp:
         p_out = paddle_call()
+    # Same layers called in the same order, so a first divergence means the same on both sides.
+    assert [r.name for r in cmp.rows] == list(rec.records)
     return t_out, p_out, cmp.rows
 
 
