@@ -84,6 +84,10 @@ GHM_RETINANET: dict[str, Any] = dict(
         filter_empty_gt=True,
         min_size=32,
         batch_size_per_device=2,
+        num_workers=2,
+        test_scale=(1333, 800),  # test pipeline's Resize (keep_ratio, no flip)
+        test_batch_size=1,
+        pad_value=0.0,  # DetDataPreprocessor's default, applied after normalisation
     ),
 )
 
