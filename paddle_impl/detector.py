@@ -7,7 +7,7 @@ mmdet's except BN statistics (``_mean``/``_variance`` for
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import paddle
 from paddle import nn
@@ -17,6 +17,7 @@ from paddle_impl.fpn import FPN
 from paddle_impl.ghm_loss import GHMC, GHMR
 from paddle_impl.resnet import ResNet
 from paddle_impl.retina_head import RetinaHead
+from paddle_impl.targets import AnchorTargetBuilder
 
 
 class RetinaNet(nn.Layer):
@@ -44,6 +45,7 @@ class RetinaNet(nn.Layer):
             stacked_convs=h["stacked_convs"], feat_channels=h["feat_channels"],
             init_std=h["init_std"], prior_prob=h["prior_prob"],
             loss_cls=GHMC(**h["loss_cls"]), loss_bbox=GHMR(**h["loss_bbox"]))
+        self.target_builder = AnchorTargetBuilder.from_config(cfg)
 
     def train(self):
         """Training mode; the backbone keeps its frozen stages and BN statistics."""
@@ -54,6 +56,18 @@ class RetinaNet(nn.Layer):
     def extract_feat(self, images: paddle.Tensor) -> tuple[paddle.Tensor, ...]:
         """FPN levels P3..P7, each ``(N, 256, H_l, W_l)``."""
         return self.neck(self.backbone(images))
+
+    def loss(self, images: paddle.Tensor, gt_bboxes: Sequence, gt_labels: Sequence,
+             pad_shapes: Sequence[Sequence[int]]) -> dict[str, list[paddle.Tensor]]:
+        """Training losses per level (see :meth:`RetinaHead.loss`) for a batch.
+
+        ``gt_bboxes`` / ``gt_labels``: per image ``(G_i, 4)`` / ``(G_i,)``;
+        ``pad_shapes``: per image its own padded ``(h, w)``.
+        """
+        cls_scores, bbox_preds = self(images)
+        targets = self.target_builder([s.shape[-2:] for s in cls_scores], gt_bboxes,
+                                      gt_labels, pad_shapes)
+        return self.bbox_head.loss(cls_scores, bbox_preds, targets)
 
     def forward(self, images: paddle.Tensor) -> tuple[list[paddle.Tensor], list[paddle.Tensor]]:
         return self.bbox_head(self.extract_feat(images))

@@ -13,12 +13,15 @@ model's state and so of every checkpoint.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import paddle
 from paddle import nn
 
 from paddle_impl.conv_module import ConvModule
+
+if TYPE_CHECKING:
+    from paddle_impl.targets import BatchTargets
 
 
 class RetinaHead(nn.Layer):
@@ -62,6 +65,34 @@ class RetinaHead(nn.Layer):
         for conv in self.reg_convs:
             reg_feat = conv(reg_feat)
         return self.retina_cls(cls_feat), self.retina_reg(reg_feat)
+
+    def loss(self, cls_scores: Sequence[paddle.Tensor], bbox_preds: Sequence[paddle.Tensor],
+             targets: "BatchTargets") -> dict[str, list[paddle.Tensor]]:
+        """GHM-C and GHM-R losses, one call of each per FPN level in level order.
+
+        The per-level calls matter: each GHM call computes its gradient-density
+        statistics over that level of the whole batch and updates the one
+        momentum buffer its module keeps for all levels, as mmdet does.
+
+        Args:
+            cls_scores: per level ``(N, A*C, H, W)``.
+            bbox_preds: per level ``(N, A*4, H, W)``.
+            targets: from :class:`paddle_impl.targets.AnchorTargetBuilder`.
+
+        Returns:
+            ``{'loss_cls': [5 scalars], 'loss_bbox': [5 scalars]}``.
+        """
+        losses_cls, losses_bbox = [], []
+        for cls_score, bbox_pred, t in zip(cls_scores, bbox_preds, targets.levels):
+            # (N, A*C, H, W) -> (N*H*W*A, C): image, then location, then anchor,
+            # the order the anchors and targets are laid out in.
+            cls_flat = cls_score.transpose([0, 2, 3, 1]).reshape([-1, self.num_classes])
+            box_flat = bbox_pred.transpose([0, 2, 3, 1]).reshape([-1, 4])
+            losses_cls.append(self.loss_cls(cls_flat, t.labels.reshape([-1]),
+                                            t.label_weights.reshape([-1])))
+            losses_bbox.append(self.loss_bbox(box_flat, t.bbox_targets.reshape([-1, 4]),
+                                              t.bbox_weights.reshape([-1, 4])))
+        return {"loss_cls": losses_cls, "loss_bbox": losses_bbox}
 
     def forward(self, feats: Sequence[paddle.Tensor]) -> tuple[list[paddle.Tensor], list[paddle.Tensor]]:
         """Per-level lists ``cls_scores`` and ``bbox_preds`` in level order."""

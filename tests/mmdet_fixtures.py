@@ -34,3 +34,11 @@ def port_weights(torch_module, paddle_layer) -> None:
 
 def seeded(shape, seed=0, scale=1.0) -> np.ndarray:
     return (scale * np.random.default_rng(seed).standard_normal(shape)).astype(np.float32)
+
+
+def build_mmdet_head():
+    """mmdet's RetinaHead with the model's train and test configs, as RetinaNet builds it."""
+    cfg = mmdet_model_cfg()
+    head_cfg = cfg.bbox_head.copy()
+    head_cfg.update(train_cfg=cfg.train_cfg, test_cfg=cfg.test_cfg)
+    return build_mmdet(head_cfg)

@@ -1,0 +1,1 @@
+"""Loss stage: the same head outputs and ground truth through mmdet's loss and ours."""

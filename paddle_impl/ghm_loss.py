@@ -1,0 +1,451 @@
+"""Gradient Harmonizing Mechanism losses: GHM-C and GHM-R.
+
+Li, Liu and Wang, "Gradient Harmonized Single-stage Detector" (AAAI 2019,
+arXiv:1811.05181). Every element gets a gradient norm ``g`` in [0, 1], the
+magnitude of its loss's derivative with respect to the prediction. The range
+is cut into ``bins`` unit regions and an element is weighted by
+``tot / (number of elements in its region)``, divided by the number of
+non-empty regions, so that the many easy elements (and the few outliers) stop
+dominating the loss.
+
+The numerical semantics are those of mmdet 3.3.0's ``GHMC`` and ``GHMR``
+(``mmdet/models/losses/ghm_loss.py``), which the tests compare against:
+
+* edges are ``arange(bins + 1) / bins`` in float32; GHM-C raises the last edge
+  by 1e-6, GHM-R sets it to 1e3; an element is in region ``i`` when
+  ``edges[i] <= g < edges[i + 1]`` and its label weight is positive;
+* GHM-C: binary cross-entropy on logits, ``g = |sigmoid(pred) - target|``,
+  ``tot = max(#valid elements, 1)``;
+  GHM-R: the authentic smooth L1 loss ``sqrt(d^2 + mu^2) - mu`` with
+  ``d = pred - target``, ``g = |d| / sqrt(d^2 + mu^2)``,
+  ``tot = max(sum(label_weight), 1)``;
+* with ``momentum > 0`` a per-region running count ``acc_sum`` replaces the
+  count, and only non-empty regions are updated (empty ones are not decayed);
+* the reduction is ``sum(weight * loss) / (tot + eps)`` for ``'mean'`` and the
+  weighted element-wise loss for ``'none'``, both times ``loss_weight``.
+  ``'sum'`` is rejected with a ValueError, as mmdet's ``weight_reduce_loss``
+  rejects it with the average factor ``tot`` these losses always pass; the
+  check comes before any work, so unlike mmdet a rejected call leaves
+  ``acc_sum`` untouched. An ``avg_factor`` argument is accepted and ignored.
+
+mmdet loops over the regions with a host synchronisation in each. Here one
+bucketing pass turns ``g`` into integer region ids, one ``bincount`` counts
+them and one look-up in a (bins + 2,) table gives every element its weight;
+the per-region arithmetic runs on tensors of ``bins`` elements. No value is
+read back to the host (on a GPU ``paddle.bincount`` synchronises once to size
+its output). At the reference scale (24M elements per call) fresh
+full-size tensors cost as much as the arithmetic, so the work is done in
+place wherever the gradient does not need the old values, and the gradient
+itself is written by hand (`_HarmonizedLoss`): ``weight * dloss/dpred`` from
+tensors the forward pass computes anyway.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+from paddle.autograd import PyLayer
+
+from .config import get_config
+
+__all__ = ["GHMC", "GHMR", "build_ghmc", "build_ghmr"]
+
+# mmdet divides by ``tot + torch.finfo(torch.float32).eps``.
+_FLOAT32_EPS = float(np.finfo(np.float32).eps)
+
+# How far around each edge (in float32 units in the last place) the fast
+# bucketing is checked against the exact comparisons; see `_truncation_is_exact`.
+_EDGE_CHECK_ULPS = 16
+
+
+def _bin_edges(bins: int, last_edge: Optional[float]) -> np.ndarray:
+    """The (bins + 1,) float32 edges, rounded exactly as mmdet computes them.
+
+    ``arange(bins + 1).float() / bins`` is a correctly rounded float32
+    division, which numpy reproduces bit for bit. GHM-C adds 1e-6 to the last
+    edge in float32 (``last_edge=None``); GHM-R replaces it (``1e3``).
+    """
+    edges = np.arange(bins + 1, dtype=np.float32) / np.float32(bins)
+    if last_edge is None:
+        edges[-1] = edges[-1] + np.float32(1e-6)
+    else:
+        edges[-1] = np.float32(last_edge)
+    return edges
+
+
+def _truncation_is_exact(edges: np.ndarray, bins: int) -> bool:
+    """Whether ``int(fl32(g * bins))`` gives the region of every g in [0, 1].
+
+    Far from an edge the rounded product ``fl32(g * bins)`` cannot cross an
+    integer, and both the float32 edge ``fl32(k / bins)`` and the rounding of
+    the product move the boundary by at most about one unit in the last place
+    of ``k / bins``. So the truncation and the exact comparisons can only
+    disagree for g within a few units of some ``k / bins``; checking every
+    float32 within `_EDGE_CHECK_ULPS` of each of them settles the question.
+    Whether it holds depends on ``bins``: it does for 10 and 30 (an exhaustive
+    check over all float32 in [0, 1] agrees), not for 100.
+    """
+    centres = np.arange(bins + 1, dtype=np.float32) / np.float32(bins)
+    offsets = np.arange(-_EDGE_CHECK_ULPS, _EDGE_CHECK_ULPS + 1, dtype=np.int32)
+    g = (centres.view(np.int32)[:, None] + offsets[None, :]).view(np.float32).ravel()
+    g = g[(g >= 0) & (g <= 1)]
+    exact = np.searchsorted(edges, g, side="right") - 1
+    fast = np.minimum((g * np.float32(bins)).astype(np.int32), bins - 1)
+    return bool(np.array_equal(exact, fast))
+
+
+class _HarmonizedLoss(PyLayer):
+    """Reduction of the weighted element-wise loss, with its gradient.
+
+    The forward pass receives everything precomputed without autograd:
+    ``weighted`` = loss * weights and ``derivative`` = d loss / d pred, both
+    shaped like ``pred``, and the per-element ``weights``. The gradient with
+    respect to ``pred`` is ``derivative * weights`` times the reduction's
+    factor, which is what autograd would give (the weights depend on ``pred``
+    only through detached quantities) without keeping a graph of full-size
+    intermediates alive.
+    """
+
+    @staticmethod
+    def forward(ctx, pred, weighted, derivative, weights, denominator, loss_weight, mean):
+        """Args:
+            pred: the prediction, only to attach the gradient to.
+            weighted, derivative, weights: tensors shaped like ``pred``.
+            denominator: () float32, ``tot + eps``.
+            loss_weight: python float.
+            mean: reduce to ``sum / denominator`` (else element-wise).
+        Returns:
+            () for ``mean``, else shaped like ``pred``.
+        """
+        ctx.save_for_backward(derivative, weights, denominator)
+        ctx.loss_weight = loss_weight
+        ctx.mean = mean
+        if mean:
+            # The operation order of mmdet: (sum / (tot + eps)) * loss_weight.
+            # A float64 sum: float32 accumulation over millions of elements
+            # drifts ~1e-6 from torch's cascaded float32 sum.
+            return weighted.sum(dtype="float64").astype("float32") / denominator * loss_weight
+        return weighted * loss_weight
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        derivative, weights, denominator = ctx.saved_tensor()
+        grad = derivative * weights
+        if ctx.mean:
+            grad.multiply_(grad_output * ctx.loss_weight / denominator)
+        else:
+            grad.multiply_(grad_output * ctx.loss_weight)
+        return grad, None, None, None, None
+
+
+class _GHMBase(paddle.nn.Layer):
+    """Region bookkeeping shared by GHM-C and GHM-R.
+
+    Buffers (both persistable, so ``state_dict()`` holds them under the names
+    mmdet uses): ``edges`` (bins + 1,) float32 and ``acc_sum`` (bins,)
+    float32, the running region counts, zero until the first call. After a
+    call, ``last_bin_counts`` (bins,) holds that call's region counts. One
+    ``acc_sum`` serves every call of the module: a detection head calls it
+    once per FPN level and iteration, and each call updates it.
+    """
+
+    def __init__(self, bins: int, momentum: float, loss_weight: float,
+                 reduction: str, last_edge: Optional[float]):
+        super().__init__()
+        if bins < 1:
+            raise ValueError(f"bins must be a positive integer, got {bins}")
+        self.bins = int(bins)
+        self.momentum = momentum
+        self.loss_weight = loss_weight
+        self.reduction = reduction
+        edges = _bin_edges(self.bins, last_edge)
+        self.register_buffer("edges", paddle.to_tensor(edges), persistable=True)
+        self.register_buffer(
+            "acc_sum", paddle.zeros([self.bins], dtype="float32"), persistable=True)
+        self._fast_bucketing = _truncation_is_exact(edges, self.bins)
+
+    # Region ids: 0 .. bins-1 are the regions; ``bins`` is an alias of the
+    # last region (the fast path puts g == 1 there), ``bins + 1`` collects the
+    # elements that are in no region (label weight <= 0, NaN, g >= last edge).
+
+    def _region_ids(self, g: paddle.Tensor, valid: paddle.Tensor) -> paddle.Tensor:
+        """Region id of every element; overwrites ``g``.
+
+        Args:
+            g: (...) float32 gradient norms in [0, 1] (or NaN), a scratch
+                tensor this call may modify.
+            valid: bool tensor broadcastable to ``g``: label weight > 0.
+        Returns:
+            (...) int32 ids in [0, bins + 1], see above.
+        """
+        bins = self.bins
+        excluded = float(bins + 1)
+        if self._fast_bucketing:
+            # Invalid elements get a NaN scale; NaN (from there or from the
+            # input) and anything past the range then land on the excluded id.
+            scale = paddle.where(valid,
+                                 paddle.full([1], float(bins), dtype=g.dtype),
+                                 paddle.full([1], float("nan"), dtype=g.dtype))
+            g.multiply_(scale)
+            g.clip_(max=excluded)
+            g.masked_fill_(paddle.isnan(g), excluded)
+            return g.astype("int32")
+        # Exact comparisons with the edges where the truncation is not exact:
+        # searchsorted (right side) returns i + 1 for edges[i] <= g <
+        # edges[i + 1], and bins + 1 for NaN or g >= the last edge.
+        masked = paddle.where(valid, g, paddle.full([1], float("inf"), dtype=g.dtype))
+        ids = paddle.searchsorted(self.edges, masked, right=True, out_int32=True) - 1
+        return ids + (ids == bins).astype("int32")
+
+    def _element_weights(self, ids: paddle.Tensor, tot: paddle.Tensor) -> paddle.Tensor:
+        """Per-element GHM weights, updating ``acc_sum`` when momentum > 0.
+
+        Args:
+            ids: (...) int32 region ids from `_region_ids`.
+            tot: () float32, the normaliser ``tot`` of the call.
+        Returns:
+            (...) float32 weights, zero for excluded elements.
+        """
+        bins = self.bins
+        counts = paddle.bincount(ids.reshape([-1]), minlength=bins + 2)
+        # Fold the alias of the last region into it; drop the excluded id.
+        counts = paddle.concat([counts[:bins - 1], counts[bins - 1:bins + 1].sum(keepdim=True)])
+        # Kept for inspection (alignment reports compare them with mmdet's).
+        self.last_bin_counts = counts
+        nonempty = counts > 0
+        counts64 = counts.astype("float64")
+        mmt = self.momentum
+        if mmt > 0:
+            # mmdet: acc = mmt * acc + (1 - mmt) * num with the first product
+            # in float32 and the second in double, then tot / acc evaluated
+            # as reciprocal(acc) * tot in float32.
+            decayed = self.acc_sum * paddle.full([1], mmt, dtype="float32")
+            fresh = (counts64 * (1.0 - mmt)).astype("float32")
+            acc = paddle.where(nonempty, decayed + fresh, self.acc_sum)
+            paddle.assign(acc, output=self.acc_sum)
+            per_region = paddle.reciprocal(acc) * tot
+        else:
+            # mmdet: tot / num in double, stored into a float32 tensor.
+            per_region = (tot.astype("float64") / counts64).astype("float32")
+        per_region = paddle.where(nonempty, per_region, paddle.zeros_like(per_region))
+        # Divide by the number of non-empty regions; with none, every weight
+        # is already zero and the division by one changes nothing.
+        num_nonempty = nonempty.astype("float32").sum()
+        per_region = per_region / paddle.maximum(num_nonempty, paddle.ones_like(num_nonempty))
+        table = paddle.concat([per_region, per_region[bins - 1:], paddle.zeros([1], dtype="float32")])
+        return paddle.gather(table, ids.reshape([-1])).reshape(ids.shape)
+
+    def _resolve_reduction(self, reduction_override: Optional[str]) -> str:
+        if reduction_override not in (None, "none", "mean", "sum"):
+            raise ValueError(f"unknown reduction_override {reduction_override!r}")
+        reduction = reduction_override if reduction_override else self.reduction
+        if reduction not in ("none", "mean"):
+            raise ValueError('avg_factor can not be used with reduction="sum"')
+        return reduction
+
+    def _weights(self, derivative: paddle.Tensor, valid: paddle.Tensor,
+                 tot: paddle.Tensor) -> paddle.Tensor:
+        """Per-element weights from the loss derivative (updates ``acc_sum``).
+
+        Args:
+            derivative: d loss / d pred, without autograd; g is its magnitude.
+            valid: bool, broadcastable to ``derivative``.
+            tot: () float32 normaliser.
+        Returns:
+            float32 weights shaped like ``derivative``.
+        """
+        with paddle.no_grad():
+            ids = self._region_ids(paddle.abs(derivative), valid)
+            return self._element_weights(ids, tot)
+
+    def _harmonized(self, pred, loss, derivative, valid, tot, reduction):
+        """Weight ``loss`` by region and reduce it.
+
+        Args:
+            pred: the prediction the gradient flows to.
+            loss, derivative: element-wise loss and d loss / d pred, without
+                autograd, shaped like ``pred``; ``loss`` is overwritten.
+            valid: bool, broadcastable to ``pred``.
+            tot: () float32 normaliser.
+            reduction: 'mean' or 'none'.
+        """
+        weights = self._weights(derivative, valid, tot)
+        with paddle.no_grad():
+            weighted = loss.multiply_(weights)
+            denominator = tot + _FLOAT32_EPS
+        return _HarmonizedLoss.apply(pred, weighted, derivative, weights, denominator,
+                                     float(self.loss_weight), reduction == "mean")
+
+    def harmonizing_weights(self, pred: paddle.Tensor, target: paddle.Tensor,
+                            label_weight: paddle.Tensor) -> paddle.Tensor:
+        """The per-element GHM weights a call with these inputs applies.
+
+        For inspection and alignment (mmdet's weights are the ``weights``
+        tensor inside its forward). Takes the inputs of ``forward`` and, like
+        a call, advances ``acc_sum`` when momentum > 0.
+
+        Returns:
+            float32 weights shaped like ``pred``, zero for excluded elements,
+            without ``loss_weight``.
+        """
+        _, derivative, valid, tot = self._elementwise(pred, target, label_weight)
+        return self._weights(derivative, valid, tot)
+
+    def extra_repr(self) -> str:
+        return (f"bins={self.bins}, momentum={self.momentum}, "
+                f"loss_weight={self.loss_weight}, reduction={self.reduction!r}")
+
+
+class GHMC(_GHMBase):
+    """GHM classification loss on sigmoid binary cross-entropy.
+
+    Args:
+        bins: number of unit regions of the gradient norm.
+        momentum: moving-average factor of the region counts (0: none).
+        use_sigmoid: must be True; only the sigmoid form exists.
+        loss_weight: factor on the returned loss.
+        reduction: 'mean' or 'none' (see the module docstring for 'sum').
+    """
+
+    def __init__(self, bins: int = 10, momentum: float = 0, use_sigmoid: bool = True,
+                 loss_weight: float = 1.0, reduction: str = "mean"):
+        super().__init__(bins, momentum, loss_weight, reduction, last_edge=None)
+        if not use_sigmoid:
+            raise NotImplementedError("GHMC only supports use_sigmoid=True")
+        self.use_sigmoid = use_sigmoid
+
+    def forward(self, pred: paddle.Tensor, target: paddle.Tensor, label_weight: paddle.Tensor,
+                reduction_override: Optional[str] = None, **kwargs) -> paddle.Tensor:
+        """The GHM-C loss.
+
+        Args:
+            pred: (N, C) float32 logits.
+            target: (N, C) targets in [0, 1] (binary in practice; a value
+                outside [0, 1] could give g > 1, which mmdet leaves out of
+                every region and this implementation may put in the last), or
+                (N,) integer class indices, where any value outside [0, C)
+                (the background index C, or a negative one) means "no
+                foreground class".
+            label_weight: (N, C), or (N,) with index targets; an element
+                counts when its weight is > 0. Only the sign matters: the
+                weights do not scale the loss.
+            reduction_override: None, 'mean' or 'none'.
+            **kwargs: ignored (the head passes ``avg_factor``).
+        Returns:
+            () loss for 'mean', (N, C) for 'none'.
+        """
+        reduction = self._resolve_reduction(reduction_override)
+        loss, derivative, valid, tot = self._elementwise(pred, target, label_weight)
+        return self._harmonized(pred, loss, derivative, valid, tot, reduction)
+
+    def _elementwise(self, pred, target, label_weight):
+        """Element-wise BCE, its derivative, the validity and ``tot``.
+
+        Returns:
+            loss, derivative: (N, C) float32 without autograd.
+            valid: bool, (N, 1) for index targets, else (N, C).
+            tot: () float32, ``max(#valid elements, 1)``.
+        """
+        num_samples, num_classes = pred.shape
+        with paddle.no_grad():
+            logits = pred.detach()
+            # BCE with logits is softplus(x) - t * x; its derivative is
+            # sigmoid(x) - t, whose magnitude is g.
+            derivative = F.sigmoid(logits)
+            loss = F.softplus(logits)
+            if target.ndim != pred.ndim:
+                # Index targets: subtract t = 1 at each foreground (row,
+                # class) pair in place, instead of building an (N, C) one-hot.
+                # Background rows address column 0 and subtract zero.
+                labels = target.reshape([-1])
+                foreground = (labels >= 0) & (labels < num_classes)
+                cols = paddle.where(foreground, labels, paddle.zeros_like(labels))
+                rows = paddle.arange(num_samples, dtype=cols.dtype)
+                t = foreground.astype(pred.dtype)
+                derivative.index_put_((rows, cols), -t, accumulate=True)
+                loss.index_put_((rows, cols), -(logits[rows, cols] * t), accumulate=True)
+                # mmdet expands per-sample weights to (N, C); an (N, 1)
+                # column broadcasts the same way without the copy.
+                valid = label_weight.reshape([-1, 1]) > 0
+            else:
+                target = target.astype(pred.dtype)
+                derivative.subtract_(target)
+                loss.subtract_(logits * target)
+                valid = label_weight > 0
+            # tot counts the valid elements of the broadcast validity.
+            repeat = (num_samples * num_classes) // max(int(np.prod(valid.shape)), 1)
+            num_valid = valid.astype("int64").sum() * repeat
+            tot = paddle.maximum(num_valid.astype("float32"), paddle.ones([], dtype="float32"))
+        return loss, derivative, valid, tot
+
+
+class GHMR(_GHMBase):
+    """GHM regression loss on the authentic smooth L1 (ASL1) loss.
+
+    Args:
+        mu: the ASL1 parameter; the loss is ``sqrt(d^2 + mu^2) - mu``.
+        bins: number of unit regions of the gradient norm.
+        momentum: moving-average factor of the region counts (0: none).
+        loss_weight: factor on the returned loss.
+        reduction: 'mean' or 'none' (see the module docstring for 'sum').
+    """
+
+    def __init__(self, mu: float = 0.02, bins: int = 10, momentum: float = 0,
+                 loss_weight: float = 1.0, reduction: str = "mean"):
+        super().__init__(bins, momentum, loss_weight, reduction, last_edge=1e3)
+        self.mu = mu
+
+    def forward(self, pred: paddle.Tensor, target: paddle.Tensor, label_weight: paddle.Tensor,
+                avg_factor=None, reduction_override: Optional[str] = None) -> paddle.Tensor:
+        """The GHM-R loss.
+
+        Args:
+            pred: (N, 4) float32 box deltas (any shape works, element-wise).
+            target: (N, 4) regression targets, same shape as ``pred``.
+            label_weight: (N, 4) box weights; an element counts when > 0 and
+                ``tot`` is their sum (so four per positive anchor).
+            avg_factor: ignored, as in mmdet.
+            reduction_override: None, 'mean' or 'none'.
+        Returns:
+            () loss for 'mean', (N, 4) for 'none'.
+        """
+        reduction = self._resolve_reduction(reduction_override)
+        loss, derivative, valid, tot = self._elementwise(pred, target, label_weight)
+        return self._harmonized(pred, loss, derivative, valid, tot, reduction)
+
+    def _elementwise(self, pred, target, label_weight):
+        """Element-wise ASL1 loss, its derivative, the validity and ``tot``.
+
+        Returns:
+            loss, derivative: float32 shaped like ``pred``, without autograd.
+            valid: bool, shaped like ``label_weight``.
+            tot: () float32, ``max(sum(label_weight), 1)``.
+        """
+        mu = self.mu
+        with paddle.no_grad():
+            diff = pred.detach() - target
+            # One float32 root serves the loss and the derivative d / root,
+            # rounded as mmdet rounds both of its expressions.
+            root = paddle.sqrt(diff * diff + mu * mu)
+            loss = root - mu
+            derivative = diff / root
+            label_weight = label_weight.astype("float32")
+            tot = paddle.maximum(label_weight.sum(), paddle.ones([], dtype="float32"))
+            valid = label_weight > 0
+        return loss, derivative, valid, tot
+
+
+def build_ghmc(**overrides) -> GHMC:
+    """GHMC with the reference configuration's ``loss_cls`` options."""
+    options = get_config()["bbox_head"]["loss_cls"]
+    options.update(overrides)
+    return GHMC(**options)
+
+
+def build_ghmr(**overrides) -> GHMR:
+    """GHMR with the reference configuration's ``loss_bbox`` options."""
+    options = get_config()["bbox_head"]["loss_bbox"]
+    options.update(overrides)
+    return GHMR(**options)
