@@ -31,16 +31,21 @@ SEED    ?= 0
 PERTURB ?=
 REPORTS ?= reports
 
-ALIGN_ARGS = --reports $(REPORTS) --seed $(SEED) \
-             $(if $(CKPT),--ckpt $(CKPT)) $(if $(SHAPE),--shape $(SHAPE)) \
-             $(if $(PERTURB),--perturb $(PERTURB))
+ITERS   ?=
+STEPS   ?=
+STAGES  := forward loss
 
-.PHONY: help setup align align-forward test clean distclean
+COMMON_ARGS = --reports $(REPORTS) --seed $(SEED) $(if $(CKPT),--ckpt $(CKPT)) $(if $(SHAPE),--shape $(SHAPE))
+
+.PHONY: help setup align $(addprefix align-,$(STAGES)) bench-ghm test clean distclean
 
 help:
 	@echo "make align          all alignment stages (set-up included)"
 	@echo "make test           the test suite (set-up included)"
 	@echo "make align-forward  forward stage; CKPT=, SHAPE=NxCxHxW, SEED=, PERTURB=param.name"
+	@echo "make align-loss     anchors, targets, GHM losses; CKPT=, SHAPE=2x3xHxW, SEED=, ITERS="
+	@echo "make align-backward training steps; CKPT=, SHAPE=, SEED=, STEPS="
+	@echo "make bench-ghm      GHM-C / GHM-R speed, mmdet vs Paddle"
 	@echo "make setup          create $(VENV) and install the pinned dependencies"
 
 setup: $(STAMP)
@@ -67,10 +72,23 @@ $(STAMP): requirements/build.txt requirements/reference.txt requirements/lock.tx
 	$(PY) -c "import torch, paddle, mmcv, mmdet, mmengine, reprod_log; print('  torch', torch.__version__, '| paddle', paddle.__version__, '| mmcv', mmcv.__version__, '| mmdet', mmdet.__version__)"
 	touch $@
 
-align: align-forward
+# Every stage runs even when an earlier one fails; the exit status reports any failure.
+align: $(STAMP)
+	@status=0; for stage in $(STAGES); do \
+	  $(MAKE) --no-print-directory align-$$stage || status=1; \
+	done; echo "reports: $(REPORTS)/index.html"; exit $$status
 
 align-forward: $(STAMP)
-	$(PY) -m align.forward $(ALIGN_ARGS)
+	$(PY) -m align.forward $(COMMON_ARGS) $(if $(PERTURB),--perturb $(PERTURB))
+
+align-loss: $(STAMP)
+	$(PY) -m align.loss $(COMMON_ARGS) $(if $(ITERS),--iters $(ITERS))
+
+align-backward: $(STAMP)
+	$(PY) -m align.backward $(COMMON_ARGS) $(if $(STEPS),--steps $(STEPS))
+
+bench-ghm: $(STAMP)
+	$(PY) -m bench.bench_ghm --out $(REPORTS)/bench_ghm.json
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

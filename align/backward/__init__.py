@@ -1,0 +1,1 @@
+"""Backward stage: several training steps in both frameworks, compared step by step."""
