@@ -33,11 +33,14 @@ REPORTS ?= reports
 
 ITERS   ?=
 STEPS   ?=
+SCALE       ?=
+TRAIN_ITERS ?=
 STAGES  := forward loss
 
 COMMON_ARGS = --reports $(REPORTS) --seed $(SEED) $(if $(CKPT),--ckpt $(CKPT)) $(if $(SHAPE),--shape $(SHAPE))
 
-.PHONY: help setup align $(addprefix align-,$(STAGES)) bench-ghm test clean distclean
+.PHONY: help setup align $(addprefix align-,$(STAGES)) align-backward align-data align-predict \
+        align-metric align-train bench-ghm test clean distclean
 
 help:
 	@echo "make align          all alignment stages (set-up included)"
@@ -45,6 +48,7 @@ help:
 	@echo "make align-forward  forward stage; CKPT=, SHAPE=NxCxHxW, SEED=, PERTURB=param.name"
 	@echo "make align-loss     anchors, targets, GHM losses; CKPT=, SHAPE=2x3xHxW, SEED=, ITERS="
 	@echo "make align-backward training steps; CKPT=, SHAPE=, SEED=, STEPS="
+	@echo "make align-data | align-predict | align-metric | align-train   data pipeline, detections, COCO metric, K training iterations on the tiny COCO; SCALE=long,short, TRAIN_ITERS="
 	@echo "make bench-ghm      GHM-C / GHM-R speed, mmdet vs Paddle"
 	@echo "make setup          create $(VENV) and install the pinned dependencies"
 
@@ -86,6 +90,19 @@ align-loss: $(STAMP)
 
 align-backward: $(STAMP)
 	$(PY) -m align.backward $(COMMON_ARGS) $(if $(STEPS),--steps $(STEPS))
+
+align-data: $(STAMP)
+	$(PY) -m align.data --reports $(REPORTS) --seed $(SEED) $(if $(SCALE),--scale $(SCALE))
+
+align-predict: $(STAMP)
+	$(PY) -m align.predict --reports $(REPORTS) --seed $(SEED) $(if $(CKPT),--ckpt $(CKPT)) $(if $(SCALE),--scale $(SCALE))
+
+align-metric: $(STAMP)
+	$(PY) -m align.metric --reports $(REPORTS) --seed $(SEED)
+
+align-train: $(STAMP)
+	$(PY) -m align.train --reports $(REPORTS) --seed $(SEED) $(if $(CKPT),--ckpt $(CKPT)) \
+	  $(if $(TRAIN_ITERS),--iters $(TRAIN_ITERS)) $(if $(SCALE),--scale $(SCALE))
 
 bench-ghm: $(STAMP)
 	$(PY) -m bench.bench_ghm --out $(REPORTS)/bench_ghm.json

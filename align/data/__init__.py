@@ -1,0 +1,1 @@
+"""Data-loading alignment stage: ``python -m align.data``."""

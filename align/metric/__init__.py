@@ -1,0 +1,1 @@
+"""Evaluation-metric alignment stage: ``python -m align.metric``."""

@@ -1,0 +1,1 @@
+"""Prediction alignment stage: ``python -m align.predict``."""

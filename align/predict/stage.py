@@ -1,0 +1,285 @@
+"""Prediction alignment: mmdet's ``model.predict`` vs ours on the tiny COCO's val images.
+
+Each side runs its own test pipeline (Resize keep-ratio, no flip) and data
+preprocessor on every val image of the seeded tiny COCO, one image per batch
+as mmdet's val loader does; mmdet then calls ``RetinaNet.predict(...,
+rescale=True)`` and we call ``paddle_impl.postprocess.predict``. Both use the
+same test configuration. Compared per image: the number of detections
+(exactly), the labels (exactly), the boxes in original pixels (absolute,
+default 1e-3 px) and the scores (absolute, default 1e-5).
+
+Pairing. Both sides list detections by descending score. Two detections
+whose scores differ by less than the frameworks' rounding (~1e-7) can come
+out in either order, which says nothing about the post-processing. So each
+mmdet detection, in order, is paired with the first unpaired Paddle detection
+of the same label whose score and box are within the tolerances; the Paddle
+arrays are compared in that paired order (unpaired ones fill the remaining
+positions in their own order, and fail). How many pairs are not at the same
+position is reported as ``reordered``.
+
+Which weights. The seeded default checkpoint is a freshly initialised
+detector: its classifier's prior makes every score about 0.01, below the
+reference ``score_thr`` 0.05, so the reference test_cfg gives no detection on
+either side, which checks little. The stage therefore runs two checkpoints
+with the reference test_cfg:
+
+- ``as_given``: the checkpoint itself (a user's ``--ckpt``, or the default);
+- ``sharpened`` (default checkpoint only): the same weights with the final
+  classification conv ``retina_cls`` rescaled so that its logits on a seeded
+  320x480 image have mean -6 and standard deviation 1.5 (``w' = k w``,
+  ``b' = k (b - mean) + (-6)``, ``k = 1.5 / std``). Scores then spread over
+  (0, 1), hundreds of candidates pass 0.05 per level, and the ``nms_pre``,
+  NMS and ``max_per_img`` steps all act. Lowering ``score_thr`` to 0 on the
+  plain checkpoint instead would leave millions of candidates within a few
+  float32 ulps of 0.01, where the order of near-equal scores (which differ by
+  the frameworks' ~1e-7 rounding) decides the cuts: a comparison of rounding
+  noise, not of the post-processing.
+
+``--score-thr`` overrides the threshold for both sides in every run.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from align.compare import TensorDiff, first_failure, reprod_log_diff
+from align.data.pipelines import (mmdet_batch, mmdet_dataset, mmdet_setup, our_dataset, parse_scale,
+                                  tiny_coco_root)
+from align.data.rows import abs_row, exact_row
+from align.ghm_pair import (BUILD_DIR, Checkpoints, build_paddle_model, build_torch_model,
+                            prepare_checkpoints, seeded_images)
+from align.report import StageResult, environment_info, write_stage_report
+
+DEFAULT_SCALE = (1333, 800)
+SHARPEN_MEAN = -6.0
+SHARPEN_STD = 1.5
+CALIBRATION_SHAPE = (1, 3, 320, 480)
+
+
+@dataclass
+class PredictOptions:
+    ckpt: str | None = None
+    seed: int = 0
+    scale: tuple[int, int] = DEFAULT_SCALE
+    score_thr: float | None = None
+    box_atol: float = 1e-3
+    score_atol: float = 1e-5
+    reports: Path = Path("reports")
+    build_dir: Path = BUILD_DIR
+
+
+def sharpened_checkpoint(ckpts: Checkpoints, seed: int, build_dir: Path) -> Path:
+    """The checkpoint with ``retina_cls`` rescaled (see the module docstring), written once.
+
+    Its name carries the source checkpoint's sha256, so a changed source gives
+    a new file; it is written under a temporary name and renamed into place.
+    """
+    import torch
+
+    from torch_ref.reference import load_mmdet_state_dict
+
+    out = Path(build_dir) / "default" / f"{ckpts.torch_path.stem}-sharpened-{ckpts.sha256[:12]}.pth"
+    if out.is_file():
+        return out
+    model = build_torch_model(ckpts)
+    with torch.no_grad():
+        feats = model.extract_feat(torch.from_numpy(seeded_images(CALIBRATION_SHAPE, seed)))
+        cls_scores, _ = model.bbox_head(feats)
+    logits = torch.cat([c.flatten() for c in cls_scores]).double()
+    mean, std = float(logits.mean()), float(logits.std())
+    k = SHARPEN_STD / std
+    state = load_mmdet_state_dict(ckpts.torch_path)
+    state["bbox_head.retina_cls.weight"] = (state["bbox_head.retina_cls.weight"].double() * k).float()
+    state["bbox_head.retina_cls.bias"] = (
+        (state["bbox_head.retina_cls.bias"].double() - mean) * k + SHARPEN_MEAN).float()
+    checkpoint = {"meta": {"origin": f"{ckpts.torch_path.name} with retina_cls rescaled by {k:.6g} "
+                                     f"(logit mean {mean:.6g} -> {SHARPEN_MEAN}, std {std:.6g} -> {SHARPEN_STD})"},
+                  "state_dict": OrderedDict(state)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return out
+
+
+def mmdet_predictions(model, dataset, score_thr: float | None) -> list[dict[str, np.ndarray]]:
+    """mmdet's detections per image: its test pipeline, data preprocessor and ``predict``."""
+    import torch
+    from mmengine.config import ConfigDict
+
+    original = model.bbox_head.test_cfg
+    test_cfg = ConfigDict(original.to_dict() if hasattr(original, "to_dict") else dict(original))
+    if score_thr is not None:
+        test_cfg.score_thr = score_thr
+    model.bbox_head.test_cfg = test_cfg
+    out = []
+    try:
+        with torch.no_grad():
+            for i in range(len(dataset)):
+                data = model.data_preprocessor(mmdet_batch([dataset[i]]), False)
+                pred = model.predict(data["inputs"], data["data_samples"], rescale=True)[0].pred_instances
+                out.append({"img_id": int(dataset.get_data_info(i)["img_id"]),
+                            "bboxes": pred.bboxes.numpy().reshape(-1, 4),
+                            "scores": pred.scores.numpy(),
+                            "labels": pred.labels.numpy().astype(np.int64)})
+    finally:
+        model.bbox_head.test_cfg = original
+    return out
+
+
+def paddle_predictions(model, dataset, score_thr: float | None) -> list[dict[str, np.ndarray]]:
+    """Our detections per image: our test pipeline, ``Collate`` and ``predict``."""
+    from paddle_impl.config import get_config
+    from paddle_impl.postprocess import predict
+    from paddle_impl.transforms import Collate
+
+    cfg = get_config()["test_cfg"]
+    if score_thr is not None:
+        cfg["score_thr"] = score_thr
+    collate = Collate()
+    out = []
+    for i in range(len(dataset)):
+        batch = collate.batch([dataset[i]])
+        metas = [dict(img_shape=batch["img_shapes"][0], scale_factor=batch["scale_factors"][0])]
+        det = predict(model, batch["images"], metas, cfg=cfg)[0]
+        out.append({"img_id": int(batch["img_ids"][0]),
+                    "bboxes": det.bboxes.numpy().reshape(-1, 4),
+                    "scores": det.scores.numpy(),
+                    "labels": det.labels.numpy().astype(np.int64)})
+    return out
+
+
+def pair_order(ref: dict, got: dict, box_atol: float, score_atol: float) -> tuple[np.ndarray, int]:
+    """Indices into ``got`` in the order of their mmdet partners (see the module docstring),
+    and how many paired detections sit at a different position. Needs equal counts."""
+    n = len(ref["scores"])
+    used = np.zeros(n, bool)
+    order = np.full(n, -1, np.int64)
+    for i in range(n):
+        close = (~used & (got["labels"] == ref["labels"][i])
+                 & (np.abs(got["scores"] - ref["scores"][i]) <= score_atol)
+                 & (np.abs(got["bboxes"] - ref["bboxes"][i]).max(axis=1) <= box_atol))
+        candidates = np.flatnonzero(close)
+        if candidates.size:
+            order[i] = candidates[np.argmin(np.abs(candidates - i))]
+            used[order[i]] = True
+    paired = order >= 0
+    reordered = int((order[paired] != np.arange(n)[paired]).sum())
+    order[~paired] = np.flatnonzero(~used)
+    return order, reordered
+
+
+def compare_run(name: str, ref: list[dict], got: list[dict], opts: PredictOptions,
+                torch_out: dict, paddle_out: dict) -> tuple[list[TensorDiff], list[list]]:
+    """Rows of one run: per image count, labels, boxes, scores."""
+    rows, table = [], []
+    for r, g in zip(ref, got):
+        key = f"{name}.img{r['img_id']}"
+        n_ref, n_got = len(r["scores"]), len(g["scores"])
+        rows.append(exact_row(f"{key}.num_dets", np.int64(n_ref), np.int64(n_got)))
+        reordered = 0
+        if n_ref == n_got:
+            order, reordered = pair_order(r, g, opts.box_atol, opts.score_atol)
+            g = {**g, **{field: g[field][order] for field in ("labels", "bboxes", "scores")}}
+        rows.append(exact_row(f"{key}.labels", r["labels"], g["labels"]))
+        rows.append(abs_row(f"{key}.bboxes", r["bboxes"], g["bboxes"], opts.box_atol))
+        rows.append(abs_row(f"{key}.scores", r["scores"], g["scores"], opts.score_atol))
+        for field in ("labels", "bboxes", "scores"):
+            torch_out[f"{key}.{field}"] = r[field]
+            paddle_out[f"{key}.{field}"] = g[field]
+        box_diff = (float(np.abs(r["bboxes"] - g["bboxes"]).max())
+                    if n_ref == n_got and n_ref else (0.0 if n_ref == n_got else float("nan")))
+        score_diff = (float(np.abs(r["scores"] - g["scores"]).max())
+                      if n_ref == n_got and n_ref else (0.0 if n_ref == n_got else float("nan")))
+        table.append([name, r["img_id"], n_ref, n_got,
+                      float(r["scores"].max()) if n_ref else float("nan"),
+                      float(r["scores"].min()) if n_ref else float("nan"), box_diff, score_diff, reordered])
+    return rows, table
+
+
+def run_predict(opts: PredictOptions) -> StageResult:
+    """Predict on both sides, diff, write ``predict*`` files into ``opts.reports``."""
+    from paddle_impl.config import get_config
+
+    root = tiny_coco_root(opts.build_dir, opts.seed)
+    cfg = mmdet_setup()
+    mm_ds = mmdet_dataset(cfg, root, train=False, scale=opts.scale)
+    our_ds = our_dataset(root, train=False, scale=opts.scale)
+    if [mm_ds.get_data_info(i)["img_id"] for i in range(len(mm_ds))] != our_ds.img_ids:
+        raise ValueError("the two test sets list different images; run python -m align.data first")
+
+    given = prepare_checkpoints(opts.ckpt, opts.seed, opts.build_dir)
+    runs = [("as_given", given)]
+    if given.synthetic:
+        sharp = sharpened_checkpoint(given, opts.seed, opts.build_dir)
+        runs.append(("sharpened", prepare_checkpoints(str(sharp), opts.seed, opts.build_dir)))
+
+    rows: list[TensorDiff] = []
+    table: list[list] = []
+    torch_out: dict[str, np.ndarray] = {}
+    paddle_out: dict[str, np.ndarray] = {}
+    seconds = {"mmdet_s": 0.0, "paddle_s": 0.0}
+    for name, ckpts in runs:
+        t0 = time.perf_counter()
+        ref = mmdet_predictions(build_torch_model(ckpts), mm_ds, opts.score_thr)
+        seconds["mmdet_s"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        got = paddle_predictions(build_paddle_model(ckpts), our_ds, opts.score_thr)
+        seconds["paddle_s"] += time.perf_counter() - t0
+        r, t = compare_run(name, ref, got, opts, torch_out, paddle_out)
+        rows += r
+        table += t
+
+    reprod = reprod_log_diff(paddle_out, torch_out, opts.reports, "predict", opts.score_atol)
+    test_cfg = get_config()["test_cfg"]
+    if opts.score_thr is not None:
+        test_cfg["score_thr"] = opts.score_thr
+    meta = {
+        "seed": opts.seed,
+        "tiny_coco": str(root),
+        "resize_scale": list(opts.scale),
+        "test_cfg": test_cfg,
+        "score_thr_overridden": opts.score_thr is not None,
+        "detections_per_run": {name: int(sum(row[2] for row in table if row[0] == name)) for name, _ in runs},
+        "reordered_pairs": int(sum(row[8] for row in table)),
+        "worst_box_abs_diff_px": max((row.max_abs for row in rows if row.name.endswith(".bboxes")),
+                                     default=float("nan")),
+        "worst_score_abs_diff": max((row.max_abs for row in rows if row.name.endswith(".scores")),
+                                    default=float("nan")),
+        "checkpoints": {name: {"path": str(c.torch_path), "sha256": c.sha256} for name, c in runs},
+        "checkpoint_synthetic": given.synthetic,
+        **{k: round(v, 2) for k, v in seconds.items()},
+    }
+    result = StageResult(
+        stage="predict",
+        title="Predict: mmdet's model.predict vs Paddle's predict on tiny-COCO val images",
+        passed=all(row.passed for row in rows),
+        tensors=rows,
+        thresholds={"boxes (abs px)": opts.box_atol, "scores (abs)": opts.score_atol,
+                    "detection counts, labels": "exact"},
+        meta=meta,
+        env=environment_info(),
+        extra_tables=[("Detections per run and image",
+                       ["run", "img_id", "mmdet dets", "paddle dets", "max score", "min score",
+                        "max |box diff| px", "max |score diff|", "reordered"], table)],
+        reprod_log=reprod,
+        reprod_log_threshold=opts.score_atol,
+    )
+    write_stage_report(result, opts.reports)
+    return result
+
+
+def first_divergence(result: StageResult) -> str | None:
+    index = first_failure(result.tensors)
+    return None if index is None else result.tensors[index].name

@@ -1,0 +1,1 @@
+"""Training alignment stage on the tiny COCO: ``python -m align.train``."""
