@@ -33,6 +33,15 @@ REPORTS ?= reports
 
 ITERS   ?=
 STEPS   ?=
+# Training: COCO=/path/to/coco (train2017/, val2017/, annotations/); GPUS=0,1,2,3 launches
+# one process per GPU (needs PADDLE_PKG=paddlepaddle-gpu); lr = 0.01 x total batch / 16.
+COCO      ?=
+GPUS      ?=
+RESUME    ?=
+MMDET_LOG ?=
+R50       ?=
+WORK_DIR  ?= work_dirs/ghm_retinanet
+TINY_COCO ?= build/tiny_coco
 SCALE       ?=
 TRAIN_ITERS ?=
 STAGES  := forward loss
@@ -40,7 +49,7 @@ STAGES  := forward loss
 COMMON_ARGS = --reports $(REPORTS) --seed $(SEED) $(if $(CKPT),--ckpt $(CKPT)) $(if $(SHAPE),--shape $(SHAPE))
 
 .PHONY: help setup align $(addprefix align-,$(STAGES)) align-backward align-data align-predict \
-        align-metric align-train bench-ghm test clean distclean
+        align-metric align-train bench-ghm train-full tiny-coco test clean distclean
 
 help:
 	@echo "make align          all alignment stages (set-up included)"
@@ -49,6 +58,8 @@ help:
 	@echo "make align-loss     anchors, targets, GHM losses; CKPT=, SHAPE=2x3xHxW, SEED=, ITERS="
 	@echo "make align-backward training steps; CKPT=, SHAPE=, SEED=, STEPS="
 	@echo "make align-data | align-predict | align-metric | align-train   data pipeline, detections, COCO metric, K training iterations on the tiny COCO; SCALE=long,short, TRAIN_ITERS="
+	@echo "make train-full     COCO=/path GPUS=0,1 RESUME=1 MMDET_LOG=scalars.json R50=backbone.pdparams (no COCO: smoke run on the tiny COCO)"
+	@echo "make tiny-coco      write the tiny synthetic COCO to $(TINY_COCO)"
 	@echo "make bench-ghm      GHM-C / GHM-R speed, mmdet vs Paddle"
 	@echo "make setup          create $(VENV) and install the pinned dependencies"
 
@@ -103,6 +114,16 @@ align-metric: $(STAMP)
 align-train: $(STAMP)
 	$(PY) -m align.train --reports $(REPORTS) --seed $(SEED) $(if $(CKPT),--ckpt $(CKPT)) \
 	  $(if $(TRAIN_ITERS),--iters $(TRAIN_ITERS)) $(if $(SCALE),--scale $(SCALE))
+
+TRAIN_ARGS = --work-dir $(WORK_DIR) --reports $(REPORTS) $(if $(COCO),--coco $(COCO)) \
+  $(if $(R50),--init-backbone $(R50)) $(if $(RESUME),--resume) $(if $(MMDET_LOG),--mmdet-log $(MMDET_LOG))
+
+# Without COCO= this is a short smoke schedule on the tiny synthetic COCO, labelled as such.
+train-full: $(STAMP)
+	$(if $(GPUS),$(PY) -m paddle.distributed.launch --gpus $(GPUS) --log_dir $(WORK_DIR)/launch paddle_impl/train.py,$(PY) -m paddle_impl.train) $(TRAIN_ARGS)
+
+tiny-coco: $(STAMP)
+	$(PY) -m paddle_impl.tiny_coco $(TINY_COCO) --force
 
 bench-ghm: $(STAMP)
 	$(PY) -m bench.bench_ghm --out $(REPORTS)/bench_ghm.json

@@ -1,0 +1,165 @@
+"""Detect objects in images with trained GHM RetinaNet weights; COCO results json and drawings.
+
+Usage::
+
+    python -m paddle_impl.predict --weights W.pdparams --images IMG [IMG ...] --out results.json
+        [--ann-file instances.json --img-prefix DIR] [--draw-dir DIR] [--draw-thr 0.3] [--scale WxH]
+
+``--weights``: model weights saved by ``paddle_impl.train`` (``epoch_E.pdparams``,
+``model_final.pdparams``), a training checkpoint (``latest.ckpt``), or the
+output of ``python -m weights_convert``.
+
+Images go through mmdet's test pipeline (resize to fit ``--scale``, default
+1333x800, keeping the ratio; normalise; pad to 32) one at a time, and the
+detections (score > 0.05, class-wise NMS 0.5, at most 100) are mapped back to
+original pixels. Image ids and category ids of the results json:
+
+- with ``--ann-file`` and ``--img-prefix``: the images are that file's (all of
+  them, or those whose ``file_name`` or path is among ``--images``), with their
+  ids; categories are the file's ids of the 80 COCO classes; the 12 COCO box
+  metrics are printed and written to ``OUT`` with ``.metrics.json`` in place of
+  ``.json``;
+- otherwise: image ids 1, 2, ... in the order of ``--images``; categories are
+  COCO's ids (``paddle_impl.coco_classes.COCO_CATEGORY_IDS``).
+
+``--draw-dir`` gets one PNG per image (``<stem>.png``) with the boxes scoring at
+least ``--draw-thr``, labelled with the COCO class name and score.
+Exit status 0, or 2 on bad input (the message names the file); the results json
+is written atomically, and only after every image was processed.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+os.environ.setdefault("GLOG_minloglevel", "2")
+
+import numpy as np  # noqa: E402
+
+from paddle_impl.coco_classes import COCO_CATEGORY_IDS, COCO_CLASSES  # noqa: E402
+from paddle_impl.coco_eval import detections_to_coco_json, evaluate_bbox, save_json_atomic  # noqa: E402
+from paddle_impl.config import get_config  # noqa: E402
+from paddle_impl.detector import RetinaNet  # noqa: E402
+from paddle_impl.postprocess import Detections, predict  # noqa: E402
+from paddle_impl.train import InputError, load_weights_file, parse_scale, load_weights  # noqa: E402
+from paddle_impl.transforms import Collate, load_image, test_pipeline  # noqa: E402
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m paddle_impl.predict", description=__doc__.split("\n\n")[0])
+    p.add_argument("--weights", required=True, help=".pdparams weights or a training checkpoint")
+    p.add_argument("--images", nargs="+", default=[], help="image files (with --ann-file: a subset)")
+    p.add_argument("--ann-file", help="COCO instances json giving image ids (and ground truth to evaluate)")
+    p.add_argument("--img-prefix", help="folder of the --ann-file images")
+    p.add_argument("--out", required=True, help="COCO results json to write")
+    p.add_argument("--draw-dir", help="write one PNG per image with the boxes drawn")
+    p.add_argument("--draw-thr", type=float, default=0.3, help="lowest score drawn (default 0.3)")
+    p.add_argument("--scale", type=parse_scale, help="test resize scale WxH (default 1333x800)")
+    return p.parse_args(argv)
+
+
+def _select_images(args: argparse.Namespace) -> tuple[list[tuple[int, str]], list[int], str | None]:
+    """``[(image_id, path)]``, the category id of each label, and the annotation file (or None)."""
+    if bool(args.ann_file) != bool(args.img_prefix):
+        raise InputError("--ann-file and --img-prefix go together")
+    if not args.ann_file:
+        if not args.images:
+            raise InputError("give --images, or --ann-file with --img-prefix")
+        for path in args.images:
+            if not Path(path).is_file():
+                raise InputError(f"--images: file not found: {path}")
+        return list(enumerate(args.images, 1)), list(COCO_CATEGORY_IDS), None
+    from paddle_impl.dataset import CocoDetection
+    if not Path(args.img_prefix).is_dir():
+        raise InputError(f"--img-prefix {args.img_prefix}: folder not found")
+    dataset = CocoDetection(args.ann_file, args.img_prefix, train=False)
+    chosen = [(r.img_id, r.path) for r in dataset.records]
+    if args.images:
+        wanted = {os.path.normpath(p) for p in args.images} | {Path(p).name for p in args.images}
+        chosen = [(i, p) for i, p in chosen
+                  if os.path.normpath(p) in wanted or Path(p).name in wanted]
+        known = {os.path.normpath(p) for _, p in chosen} | {Path(p).name for _, p in chosen}
+        unknown = [p for p in args.images if os.path.normpath(p) not in known and Path(p).name not in known]
+        if unknown:
+            raise InputError(f"--images not in --ann-file {args.ann_file}: {unknown[:5]}")
+    return chosen, list(dataset.cat_ids), args.ann_file
+
+
+def draw(path: str, det: Detections, out_png: Path, threshold: float) -> None:
+    """Save the image at ``path`` with the detections scoring >= ``threshold`` drawn on it."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    img = load_image(path, -1)[:, :, ::-1]  # BGR -> RGB for display
+    h, w = img.shape[:2]
+    fig = plt.figure(figsize=(w / 100, h / 100), dpi=100)
+    ax = fig.add_axes([0, 0, 1, 1])
+    ax.imshow(img)
+    ax.axis("off")
+    colours = plt.get_cmap("tab20")
+    boxes, scores, labels = det.bboxes.numpy(), det.scores.numpy(), det.labels.numpy()
+    for (x1, y1, x2, y2), score, label in zip(boxes, scores, labels):
+        if score < threshold:
+            continue
+        colour = colours(int(label) % 20)
+        ax.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=colour, linewidth=1.5))
+        ax.text(x1, y1, f"{COCO_CLASSES[int(label)]} {score:.2f}", fontsize=7, color="white",
+                va="bottom", bbox=dict(facecolor=colour, alpha=0.8, pad=1, edgecolor="none"))
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_png.with_name(f".{out_png.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out_png)
+
+
+def run(args: argparse.Namespace) -> dict[str, float] | None:
+    """Predict every selected image; returns the box metrics when an annotation file was given."""
+    if not Path(args.weights).is_file():
+        raise InputError(f"--weights {args.weights}: file not found")
+    images, cat_ids, ann_file = _select_images(args)
+    model = RetinaNet()
+    load_weights(model, load_weights_file(args.weights, "--weights", model), f"--weights {args.weights}")
+    model.eval()
+    scale = args.scale or get_config()["data"]["test_scale"]
+    collate = Collate()
+    results = []
+    for img_id, path in images:
+        img = load_image(path, img_id)
+        empty = np.zeros((0, 4), np.float32)
+        sample = test_pipeline(img, empty, np.zeros((0,), np.int64), np.zeros((0,), bool), scale)
+        sample.update(img_id=img_id, img_path=path, key=(0, 0, -1))
+        batch = collate.batch([sample])
+        metas = [{"img_shape": batch["img_shapes"][0], "scale_factor": batch["scale_factors"][0]}]
+        results.append(predict(model, batch["images"], metas)[0])
+    records = detections_to_coco_json(results, [i for i, _ in images], cat_ids, out_file=args.out)
+    print(f"{len(records)} detections on {len(images)} images -> {args.out}")
+    if args.draw_dir:
+        for (img_id, path), det in zip(images, results):
+            draw(path, det, Path(args.draw_dir) / f"{Path(path).stem}.png", args.draw_thr)
+        print(f"drawings -> {args.draw_dir}")
+    if ann_file is None:
+        return None
+    metrics = evaluate_bbox(ann_file, records)
+    out = Path(args.out)
+    save_json_atomic(metrics, out.with_name(out.stem + ".metrics.json"))
+    for name, value in metrics.items():
+        print(f"{name}: {value:.4f}")
+    return metrics
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (InputError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
