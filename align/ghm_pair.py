@@ -58,19 +58,40 @@ def prepare_checkpoints(ckpt: str | None, seed: int, build_dir: Path = BUILD_DIR
     return Checkpoints(torch_path, paddle_path, sha, synthetic)
 
 
-def build_torch_model(ckpts: Checkpoints):
-    """mmdet's GHM RetinaNet with the checkpoint loaded, eval mode."""
+MODEL_DTYPES = ("float32", "float64")
+
+
+def _check_dtype(dtype: str) -> None:
+    if dtype not in MODEL_DTYPES:
+        raise ValueError(f"dtype must be one of {MODEL_DTYPES}, got {dtype!r}")
+
+
+def build_torch_model(ckpts: Checkpoints, dtype: str = "float32"):
+    """mmdet's GHM RetinaNet with the checkpoint loaded, eval mode.
+
+    ``dtype="float64"`` applies ``module.double()`` after loading: parameters
+    and floating buffers (BN statistics, the GHM ``edges`` and ``acc_sum``)
+    become float64; anchors and training targets stay float32 in mmdet.
+    """
     from torch_ref.reference import build_reference
 
-    return build_reference(ckpts.torch_path)
+    _check_dtype(dtype)
+    model = build_reference(ckpts.torch_path)
+    return model.double() if dtype == "float64" else model
 
 
-def build_paddle_model(ckpts: Checkpoints):
-    """Our RetinaNet with the converted checkpoint loaded strictly, eval mode."""
+def build_paddle_model(ckpts: Checkpoints, dtype: str = "float32"):
+    """Our RetinaNet with the converted checkpoint loaded strictly, eval mode.
+
+    ``dtype="float64"`` casts parameters and buffers after loading, as
+    `build_torch_model` does (``Layer.to(dtype=...)`` keeps the parameter
+    objects and their ``stop_gradient`` flags).
+    """
     import paddle
 
     from paddle_impl.detector import RetinaNet
 
+    _check_dtype(dtype)
     model = RetinaNet()
     state = paddle.load(str(ckpts.paddle_path))
     expected = set(model.state_dict())
@@ -78,6 +99,8 @@ def build_paddle_model(ckpts: Checkpoints):
         raise KeyError(f"{ckpts.paddle_path}: keys differ from the model: "
                        f"missing {sorted(expected - set(state))}, unexpected {sorted(set(state) - expected)}")
     model.set_state_dict(state)
+    if dtype != "float32":
+        model.to(dtype=dtype)
     model.eval()
     return model
 

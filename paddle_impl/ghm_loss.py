@@ -28,6 +28,17 @@ The numerical semantics are those of mmdet 3.3.0's ``GHMC`` and ``GHMR``
   check comes before any work, so unlike mmdet a rejected call leaves
   ``acc_sum`` untouched. An ``avg_factor`` argument is accepted and ignored.
 
+Precision. Predictions are float32 in training; float64 predictions are
+supported for alignment runs in double precision. Then, as in mmdet, the
+losses, gradient norms and weights are in the prediction's dtype and the
+targets may stay float32. The buffers keep the dtype the module was given:
+``layer.to(dtype='float64')`` widens them like torch's ``module.double()``
+(the edges keep their float32 values), and the region arithmetic runs in the
+dtype of ``acc_sum``, as mmdet's runs in its buffer's. One rounding of mmdet's
+is not copied: its GHM-C casts the targets to float32, and torch's
+BCE-with-logits then computes the element-wise loss, and the gradient flowing
+into it, in that dtype; here they stay in the prediction's.
+
 mmdet loops over the regions with a host synchronisation in each. Here one
 bucketing pass turns ``g`` into integer region ids, one ``bincount`` counts
 them and one look-up in a (bins + 2,) table gives every element its weight;
@@ -113,7 +124,7 @@ class _HarmonizedLoss(PyLayer):
         """Args:
             pred: the prediction, only to attach the gradient to.
             weighted, derivative, weights: tensors shaped like ``pred``.
-            denominator: () float32, ``tot + eps``.
+            denominator: () ``tot + eps`` in ``pred``'s dtype.
             loss_weight: python float.
             mean: reduce to ``sum / denominator`` (else element-wise).
         Returns:
@@ -126,7 +137,8 @@ class _HarmonizedLoss(PyLayer):
             # The operation order of mmdet: (sum / (tot + eps)) * loss_weight.
             # A float64 sum: float32 accumulation over millions of elements
             # drifts ~1e-6 from torch's cascaded float32 sum.
-            return weighted.sum(dtype="float64").astype("float32") / denominator * loss_weight
+            total = weighted.sum(dtype="float64").astype(weighted.dtype)
+            return total / denominator * loss_weight
         return weighted * loss_weight
 
     @staticmethod
@@ -145,7 +157,8 @@ class _GHMBase(paddle.nn.Layer):
 
     Buffers (both persistable, so ``state_dict()`` holds them under the names
     mmdet uses): ``edges`` (bins + 1,) float32 and ``acc_sum`` (bins,)
-    float32, the running region counts, zero until the first call. After a
+    float32, the running region counts, zero until the first call (float64
+    after ``to(dtype='float64')``, see the module docstring). After a
     call, ``last_bin_counts`` (bins,) holds that call's region counts. One
     ``acc_sum`` serves every call of the module: a detection head calls it
     once per FPN level and iteration, and each call updates it.
@@ -174,15 +187,17 @@ class _GHMBase(paddle.nn.Layer):
         """Region id of every element; overwrites ``g``.
 
         Args:
-            g: (...) float32 gradient norms in [0, 1] (or NaN), a scratch
-                tensor this call may modify.
+            g: (...) float32 or float64 gradient norms in [0, 1] (or NaN), a
+                scratch tensor this call may modify.
             valid: bool tensor broadcastable to ``g``: label weight > 0.
         Returns:
             (...) int32 ids in [0, bins + 1], see above.
         """
         bins = self.bins
         excluded = float(bins + 1)
-        if self._fast_bucketing:
+        # The truncation was checked against the edges for float32 g only: a
+        # float64 g can fall between k / bins and its float32 edge.
+        if self._fast_bucketing and g.dtype == paddle.float32:
             # Invalid elements get a NaN scale; NaN (from there or from the
             # input) and anything past the range then land on the excluded id.
             scale = paddle.where(valid,
@@ -196,7 +211,10 @@ class _GHMBase(paddle.nn.Layer):
         # searchsorted (right side) returns i + 1 for edges[i] <= g <
         # edges[i + 1], and bins + 1 for NaN or g >= the last edge.
         masked = paddle.where(valid, g, paddle.full([1], float("inf"), dtype=g.dtype))
-        ids = paddle.searchsorted(self.edges, masked, right=True, out_int32=True) - 1
+        # Widening the edges to g's dtype is exact, so the comparisons are
+        # those of torch, which promotes the float32 edges the same way.
+        edges = self.edges.astype(g.dtype) if self.edges.dtype != g.dtype else self.edges
+        ids = paddle.searchsorted(edges, masked, right=True, out_int32=True) - 1
         return ids + (ids == bins).astype("int32")
 
     def _element_weights(self, ids: paddle.Tensor, tot: paddle.Tensor) -> paddle.Tensor:
@@ -204,9 +222,10 @@ class _GHMBase(paddle.nn.Layer):
 
         Args:
             ids: (...) int32 region ids from `_region_ids`.
-            tot: () float32, the normaliser ``tot`` of the call.
+            tot: () the normaliser ``tot`` of the call, in the dtype of the
+                weights to return (the prediction's).
         Returns:
-            (...) float32 weights, zero for excluded elements.
+            (...) weights in ``tot``'s dtype, zero for excluded elements.
         """
         bins = self.bins
         counts = paddle.bincount(ids.reshape([-1]), minlength=bins + 2)
@@ -217,24 +236,27 @@ class _GHMBase(paddle.nn.Layer):
         nonempty = counts > 0
         counts64 = counts.astype("float64")
         mmt = self.momentum
+        dtype = tot.dtype
         if mmt > 0:
             # mmdet: acc = mmt * acc + (1 - mmt) * num with the first product
-            # in float32 and the second in double, then tot / acc evaluated
-            # as reciprocal(acc) * tot in float32.
-            decayed = self.acc_sum * paddle.full([1], mmt, dtype="float32")
-            fresh = (counts64 * (1.0 - mmt)).astype("float32")
+            # in the buffer's dtype and the second in double, then tot / acc
+            # evaluated as reciprocal(acc) * tot in the buffer's dtype; the
+            # result is stored into the weights (the prediction's dtype).
+            acc_dtype = self.acc_sum.dtype
+            decayed = self.acc_sum * paddle.full([1], mmt, dtype=acc_dtype)
+            fresh = (counts64 * (1.0 - mmt)).astype(acc_dtype)
             acc = paddle.where(nonempty, decayed + fresh, self.acc_sum)
             paddle.assign(acc, output=self.acc_sum)
-            per_region = paddle.reciprocal(acc) * tot
+            per_region = (paddle.reciprocal(acc) * tot.astype(acc_dtype)).astype(dtype)
         else:
-            # mmdet: tot / num in double, stored into a float32 tensor.
-            per_region = (tot.astype("float64") / counts64).astype("float32")
+            # mmdet: tot / num in double, stored into the weights.
+            per_region = (tot.astype("float64") / counts64).astype(dtype)
         per_region = paddle.where(nonempty, per_region, paddle.zeros_like(per_region))
         # Divide by the number of non-empty regions; with none, every weight
         # is already zero and the division by one changes nothing.
-        num_nonempty = nonempty.astype("float32").sum()
+        num_nonempty = nonempty.astype(dtype).sum()
         per_region = per_region / paddle.maximum(num_nonempty, paddle.ones_like(num_nonempty))
-        table = paddle.concat([per_region, per_region[bins - 1:], paddle.zeros([1], dtype="float32")])
+        table = paddle.concat([per_region, per_region[bins - 1:], paddle.zeros([1], dtype=dtype)])
         return paddle.gather(table, ids.reshape([-1])).reshape(ids.shape)
 
     def _resolve_reduction(self, reduction_override: Optional[str]) -> str:
@@ -252,9 +274,9 @@ class _GHMBase(paddle.nn.Layer):
         Args:
             derivative: d loss / d pred, without autograd; g is its magnitude.
             valid: bool, broadcastable to ``derivative``.
-            tot: () float32 normaliser.
+            tot: () normaliser in ``derivative``'s dtype.
         Returns:
-            float32 weights shaped like ``derivative``.
+            weights shaped like ``derivative``, in its dtype.
         """
         with paddle.no_grad():
             ids = self._region_ids(paddle.abs(derivative), valid)
@@ -268,7 +290,7 @@ class _GHMBase(paddle.nn.Layer):
             loss, derivative: element-wise loss and d loss / d pred, without
                 autograd, shaped like ``pred``; ``loss`` is overwritten.
             valid: bool, broadcastable to ``pred``.
-            tot: () float32 normaliser.
+            tot: () normaliser in ``pred``'s dtype.
             reduction: 'mean' or 'none'.
         """
         weights = self._weights(derivative, valid, tot)
@@ -287,8 +309,8 @@ class _GHMBase(paddle.nn.Layer):
         a call, advances ``acc_sum`` when momentum > 0.
 
         Returns:
-            float32 weights shaped like ``pred``, zero for excluded elements,
-            without ``loss_weight``.
+            weights shaped like ``pred`` in its dtype, zero for excluded
+            elements, without ``loss_weight``.
         """
         _, derivative, valid, tot = self._elementwise(pred, target, label_weight)
         return self._weights(derivative, valid, tot)
@@ -321,7 +343,7 @@ class GHMC(_GHMBase):
         """The GHM-C loss.
 
         Args:
-            pred: (N, C) float32 logits.
+            pred: (N, C) float32 (or float64) logits.
             target: (N, C) targets in [0, 1] (binary in practice; a value
                 outside [0, 1] could give g > 1, which mmdet leaves out of
                 every region and this implementation may put in the last), or
@@ -344,9 +366,9 @@ class GHMC(_GHMBase):
         """Element-wise BCE, its derivative, the validity and ``tot``.
 
         Returns:
-            loss, derivative: (N, C) float32 without autograd.
+            loss, derivative: (N, C) in ``pred``'s dtype, without autograd.
             valid: bool, (N, 1) for index targets, else (N, C).
-            tot: () float32, ``max(#valid elements, 1)``.
+            tot: () ``max(#valid elements, 1)`` in ``pred``'s dtype.
         """
         num_samples, num_classes = pred.shape
         with paddle.no_grad():
@@ -377,7 +399,7 @@ class GHMC(_GHMBase):
             # tot counts the valid elements of the broadcast validity.
             repeat = (num_samples * num_classes) // max(int(np.prod(valid.shape)), 1)
             num_valid = valid.astype("int64").sum() * repeat
-            tot = paddle.maximum(num_valid.astype("float32"), paddle.ones([], dtype="float32"))
+            tot = paddle.maximum(num_valid.astype(pred.dtype), paddle.ones([], dtype=pred.dtype))
         return loss, derivative, valid, tot
 
 
@@ -402,7 +424,8 @@ class GHMR(_GHMBase):
         """The GHM-R loss.
 
         Args:
-            pred: (N, 4) float32 box deltas (any shape works, element-wise).
+            pred: (N, 4) float32 (or float64) box deltas (any shape works,
+                element-wise).
             target: (N, 4) regression targets, same shape as ``pred``.
             label_weight: (N, 4) box weights; an element counts when > 0 and
                 ``tot`` is their sum (so four per positive anchor).
@@ -419,20 +442,25 @@ class GHMR(_GHMBase):
         """Element-wise ASL1 loss, its derivative, the validity and ``tot``.
 
         Returns:
-            loss, derivative: float32 shaped like ``pred``, without autograd.
+            loss, derivative: shaped like ``pred`` in its dtype, without autograd.
             valid: bool, shaped like ``label_weight``.
-            tot: () float32, ``max(sum(label_weight), 1)``.
+            tot: () ``max(sum(label_weight), 1)`` in ``pred``'s dtype.
         """
         mu = self.mu
         with paddle.no_grad():
+            # mmdet subtracts float32 targets from float64 predictions with
+            # type promotion; widening them first is the same exact step.
+            if target.dtype != pred.dtype:
+                target = target.astype(pred.dtype)
             diff = pred.detach() - target
-            # One float32 root serves the loss and the derivative d / root,
+            # One root serves the loss and the derivative d / root,
             # rounded as mmdet rounds both of its expressions.
             root = paddle.sqrt(diff * diff + mu * mu)
             loss = root - mu
             derivative = diff / root
+            # mmdet sums the weights in float32 whatever the prediction's dtype.
             label_weight = label_weight.astype("float32")
-            tot = paddle.maximum(label_weight.sum(), paddle.ones([], dtype="float32"))
+            tot = paddle.maximum(label_weight.sum(), paddle.ones([], dtype="float32")).astype(pred.dtype)
             valid = label_weight > 0
         return loss, derivative, valid, tot
 

@@ -23,6 +23,10 @@ float32 numbers is exact, and rounding once to float32; ``momentum * buf`` and
 the following ``+ d`` are two float32 roundings, as in torch. The result equals
 torch's bit for bit except when the float64 sum itself had to round onto a
 float32 tie (double rounding: rare, and then one unit in the last place).
+Float64 parameters (for alignment runs in double precision) are updated in
+float64 with the unrounded Python scalars, as torch updates double tensors;
+there a fused multiply-add and the two roundings used here differ by at most
+one float64 unit in the last place.
 ``paddle.optimizer.Momentum`` with a float ``weight_decay`` applies the same
 rule (decay added before the velocity update, first velocity ``0 * mu + d =
 d``) but rounds every operation separately: it drifts from torch by about one
@@ -46,6 +50,9 @@ __all__ = ["scaled_lr", "clip_grad_norm_", "SGD"]
 
 # torch adds this to the total norm before dividing max_norm by it.
 _CLIP_EPS = 1e-6
+
+# Parameter dtypes the update rule is written for.
+_FLOAT_DTYPES = (paddle.float32, paddle.float64)
 
 
 def _optimizer_cfg(cfg: Optional[Mapping[str, Any]]) -> Mapping[str, Any]:
@@ -80,8 +87,14 @@ def scaled_lr(total_batch_size: int, cfg: Optional[Mapping[str, Any]] = None) ->
     return opt["lr"] * ratio
 
 
+def _numpy_dtype(tensor: paddle.Tensor) -> type:
+    """The numpy dtype of a float32 or float64 tensor."""
+    return np.float64 if tensor.dtype == paddle.float64 else np.float32
+
+
 def _trainable_grads(parameters) -> list[paddle.Tensor]:
-    """Gradients of the parameters that train and have one, in order."""
+    """Gradients of the parameters that train and have one, in order; all
+    float32 or all float64."""
     if isinstance(parameters, paddle.Tensor):
         parameters = [parameters]
     grads = []
@@ -91,9 +104,9 @@ def _trainable_grads(parameters) -> list[paddle.Tensor]:
         grad = param.grad
         if grad is None:
             continue
-        if grad.dtype != paddle.float32:
-            raise TypeError(f"clip_grad_norm_ expects float32 gradients, got {grad.dtype} "
-                            f"for a parameter of shape {list(param.shape)}")
+        if grad.dtype not in _FLOAT_DTYPES or (grads and grad.dtype != grads[0].dtype):
+            raise TypeError(f"clip_grad_norm_ expects float32 (or all float64) gradients, got "
+                            f"{grad.dtype} for a parameter of shape {list(param.shape)}")
         grads.append(grad)
     return grads
 
@@ -105,29 +118,32 @@ def clip_grad_norm_(parameters: Union[paddle.Tensor, Iterable[paddle.Tensor]],
     The semantics of ``torch.nn.utils.clip_grad_norm_`` (torch 2.x):
 
     * the total norm is the ``norm_type``-norm of the per-parameter
-      ``norm_type``-norms (as if all gradients were one vector), a float32
-      scalar; parameters with ``stop_gradient=True`` or no gradient are left out;
+      ``norm_type``-norms (as if all gradients were one vector), a scalar in
+      the gradients' dtype (float32, or float64 when every gradient is);
+      parameters with ``stop_gradient=True`` or no gradient are left out;
     * every gradient is multiplied by ``min(max_norm / (total_norm + 1e-6), 1)``;
       like torch, the quotient is computed as ``reciprocal(total_norm + 1e-6)
-      * max_norm`` in float32, and the clamp is a tensor op, so nothing is read
-      back to the host. A coefficient of exactly 1 leaves the gradients unchanged;
+      * max_norm`` in the gradients' dtype, and the clamp is a tensor op, so
+      nothing is read back to the host. A coefficient of exactly 1 leaves the
+      gradients unchanged;
     * a non-finite total norm is not an error: the coefficient becomes 0 (inf)
       or NaN, as in torch.
 
-    Each norm is accumulated in float64 and rounded to float32, which gives the
-    correctly rounded norm. torch's float32 CPU reduction is not exact: it is
-    within about 1e-7 relative of this for thousands of elements and drifts to
-    about 4e-5 for millions; Paddle's own float32 ``vector_norm`` drifts about
-    twenty times more.
+    Each norm is accumulated in float64 and rounded to the gradients' dtype,
+    which for float32 gives the correctly rounded norm. torch's float32 CPU
+    reduction is not exact: it is within about 1e-7 relative of this for
+    thousands of elements and drifts to about 4e-5 for millions; Paddle's own
+    float32 ``vector_norm`` drifts about twenty times more.
 
     Args:
-        parameters: a parameter or an iterable of parameters (float32 gradients).
+        parameters: a parameter or an iterable of parameters (float32 or
+            float64 gradients, one dtype for all).
         max_norm: the largest total norm allowed.
         norm_type: the p of the p-norm, a positive number or ``inf``.
 
     Returns:
-        The total norm before clipping: a float32 tensor of shape ``[]``
-        (0 when no parameter has a gradient).
+        The total norm before clipping: a tensor of shape ``[]`` in the
+        gradients' dtype (float32 0 when no parameter has a gradient).
     """
     norm_type = float(norm_type)
     if not (norm_type > 0):
@@ -136,14 +152,15 @@ def clip_grad_norm_(parameters: Union[paddle.Tensor, Iterable[paddle.Tensor]],
     grads = _trainable_grads(parameters)
     if not grads:
         return paddle.zeros([], dtype="float32")
+    dtype = grads[0].dtype
     with paddle.no_grad():
-        norms = [paddle.linalg.vector_norm(g.astype("float64"), p=norm_type).astype("float32")
+        norms = [paddle.linalg.vector_norm(g.astype("float64"), p=norm_type).astype(dtype)
                  for g in grads]
         total_norm = paddle.linalg.vector_norm(
-            paddle.stack(norms).astype("float64"), p=norm_type).astype("float32")
-        # Float32 constants, as torch applies Python scalars to a float32 tensor.
-        eps = paddle.full([], _CLIP_EPS, dtype="float32")
-        limit = paddle.full([], max_norm, dtype="float32")
+            paddle.stack(norms).astype("float64"), p=norm_type).astype(dtype)
+        # Constants in the gradients' dtype, as torch applies Python scalars.
+        eps = paddle.full([], _CLIP_EPS, dtype=dtype)
+        limit = paddle.full([], max_norm, dtype=dtype)
         coef = paddle.reciprocal(total_norm + eps) * limit
         coef = paddle.clip(coef, max=1.0)
         for g in grads:
@@ -161,13 +178,13 @@ class SGD:
     parameter the loss did not reach is skipped like in torch). A gradient that
     is exactly zero is a gradient: decay and momentum still apply.
 
-    Momentum buffers are float32 tensors of the parameter's shape, keyed by the
+    Momentum buffers are tensors of the parameter's shape and dtype, keyed by the
     parameter's name (``Layer.named_parameters()``), created at a parameter's
     first update.
 
     Args:
         parameters: a ``paddle.nn.Layer`` or an iterable of ``(name, parameter)``
-            pairs; float32 parameters.
+            pairs; float32 parameters (float64 ones for double-precision runs).
         lr: initial learning rate; default the configuration's lr (for
             ``base_batch_size`` images, see `scaled_lr`). Change it with `set_lr`.
         momentum: default the configuration's (0.9); 0 means plain SGD, no buffers.
@@ -203,8 +220,8 @@ class SGD:
             name, param = item
             if name in named:
                 raise ValueError(f"parameter name {name!r} appears twice")
-            if param.dtype != paddle.float32:
-                raise TypeError(f"SGD updates float32 parameters; {name!r} is {param.dtype}")
+            if param.dtype not in _FLOAT_DTYPES:
+                raise TypeError(f"SGD updates float32 or float64 parameters; {name!r} is {param.dtype}")
             named[name] = param
         if not named:
             raise ValueError("SGD got no parameters")
@@ -231,8 +248,8 @@ class SGD:
 
     def step(self) -> None:
         """Update every parameter that trains and has a gradient, in place (no clipping)."""
-        wd = _float32(self.weight_decay)
-        neg_lr = _float32(-self.lr)
+        scalars = {paddle.float32: (_float32(self.weight_decay), _float32(-self.lr)),
+                   paddle.float64: (self.weight_decay, -self.lr)}
         with paddle.no_grad():
             for name, param in self._params.items():
                 if param.stop_gradient:
@@ -240,23 +257,28 @@ class SGD:
                 grad = param.grad
                 if grad is None:
                     continue
+                dtype = param.dtype
+                wd, neg_lr = scalars[dtype]
                 param64 = param.astype("float64")
                 # grad + wd * param with a single rounding (see the module docstring).
                 d = grad.astype("float64")
                 if self.weight_decay != 0:
                     d = d + param64 * wd
-                d = d.astype("float32")
+                d = d.astype(dtype)
                 if self.momentum != 0:
                     buf = self._buffers.get(name)
                     if buf is None:
-                        buf = d
+                        # A float64 gradient without decay reaches here as the
+                        # gradient tensor itself (a cast to the same dtype
+                        # returns its input): the buffer must own its memory.
+                        buf = d.clone() if d is grad else d
                         self._buffers[name] = buf
                     else:
                         buf.scale_(self.momentum)
                         buf.add_(d)
                     d = buf
                 # param + (-lr) * buf with a single rounding.
-                updated = (param64 + d.astype("float64") * neg_lr).astype("float32")
+                updated = (param64 + d.astype("float64") * neg_lr).astype(dtype)
                 paddle.assign(updated, output=param)
 
     def clip_and_step(self, max_norm: Optional[float] = None, norm_type: float = 2.0) -> paddle.Tensor:
@@ -270,7 +292,8 @@ class SGD:
             norm_type: the p of the p-norm (2).
 
         Returns:
-            The total gradient norm before clipping, a float32 tensor of shape ``[]``.
+            The total gradient norm before clipping, a tensor of shape ``[]``
+            (float32, or float64 for float64 parameters).
         """
         if max_norm is None:
             max_norm = self._clip_max_norm
@@ -295,7 +318,7 @@ class SGD:
         """Hyper-parameters and copies of the momentum buffers, for checkpoints.
 
         ``{'lr': float, 'momentum': float, 'weight_decay': float,
-        'momentum_buffers': {name: float32 Tensor of the parameter's shape}}``.
+        'momentum_buffers': {name: Tensor of the parameter's shape and dtype}}``.
         """
         return {
             "lr": self.lr,
@@ -321,7 +344,7 @@ class SGD:
         for name, value in buffers.items():
             param = self._params[name]
             tensor = paddle.to_tensor(np.asarray(value.numpy() if isinstance(value, paddle.Tensor) else value,
-                                                 dtype=np.float32), place=param.place)
+                                                 dtype=_numpy_dtype(param)), place=param.place)
             if list(tensor.shape) != list(param.shape):
                 raise ValueError(f"momentum buffer {name!r} has shape {list(tensor.shape)}, "
                                  f"the parameter has {list(param.shape)}")
