@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from align.backward.stage import DEFAULT_SHAPE, BackwardOptions, first_divergence, run_backward
-from align.ghm_pair import BUILD_DIR
+from align.ghm_pair import BUILD_DIR, MODEL_DTYPES
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,28 +15,55 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shape", default=DEFAULT_SHAPE, help="batch NxCxHxW (default %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--lr", type=float, default=0.02, help="base learning rate (default %(default)s)")
+    p.add_argument("--lr", type=float,
+                   help="base learning rate (default: the config's 0.01 for 16 images, scaled linearly "
+                        "to the batch size)")
     p.add_argument("--warmup-iters", type=int, help="linear warm-up length (default: steps // 2)")
+    p.add_argument("--dtype", choices=MODEL_DTYPES, default="float64",
+                   help="precision of the run checked against the tolerances (default %(default)s)")
+    p.add_argument("--extra-dtype", choices=MODEL_DTYPES + ("none",), default="float32",
+                   help="precision of a second run, measured and reported but not checked; "
+                        "'none' or the same as --dtype skips it (default %(default)s)")
+    p.add_argument("--clip-max-norm", type=float,
+                   help="gradient clipping threshold on both sides (default: the config's)")
+    p.add_argument("--no-reprod-log", action="store_true",
+                   help="skip the reprod_log .npy files (several copies of the model's arrays)")
     p.add_argument("--reports", type=Path, default=Path("reports"))
     p.add_argument("--build-dir", type=Path, default=BUILD_DIR)
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error("--steps must be at least 1")
     opts = BackwardOptions(ckpt=args.ckpt, shape=args.shape, seed=args.seed, steps=args.steps,
-                           lr=args.lr, warmup_iters=args.warmup_iters, reports=args.reports,
-                           build_dir=args.build_dir)
+                           lr=args.lr, warmup_iters=args.warmup_iters, dtype=args.dtype,
+                           extra_dtype=None if args.extra_dtype == "none" else args.extra_dtype,
+                           clip_max_norm=args.clip_max_norm, reprod_log=not args.no_reprod_log,
+                           reports=args.reports, build_dir=args.build_dir)
     try:
         result = run_backward(opts)
     except (FileNotFoundError, KeyError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    table = result.extra_tables[0][2]
-    for row in table:
-        print(f"step {row[0]:>3}: loss mmdet {row[1]:.6f} paddle {row[2]:.6f} rel {row[3]:.1e} "
-              f"lr {row[4]:.3e} grad norm {row[5]:.4f} / {row[6]:.4f}")
-    worst = max(result.tensors, key=lambda t: t.rel_max)
-    print(f"backward: {'PASS' if result.passed else 'FAIL'}  ({len(result.tensors)} compared; "
-          f"worst {worst.name}: rel {worst.rel_max:.2e}); mmdet {result.meta['mmdet_s']:.1f} s, "
+    for title, _, rows in result.extra_tables:
+        if title.startswith("Per step"):
+            print(title)
+            for row in rows:
+                (step, lr, loss_t, loss_p, loss_rel, norm_t, norm_p, norm_rel, clipped,
+                 grad_rel, _, param_rel, _, momentum_rel, ghm_rel, flips) = row
+                print(f"  step {step:>3}: lr {lr:.3e} loss {loss_t:.6f} / {loss_p:.6f} rel {loss_rel:.1e}, "
+                      f"grad norm {norm_t:.4f} / {norm_p:.4f} rel {norm_rel:.1e}"
+                      f"{' (clipped)' if clipped else ''}; worst rel: grad {grad_rel:.1e}, "
+                      f"param {param_rel:.1e}, momentum {momentum_rel:.1e}, GHM acc_sum {ghm_rel:.1e}; "
+                      f"ReLU flips {flips}")
+    print("Worst difference per category:")
+    for run, category, count, rel, name, tol, within in result.extra_tables[0][2]:
+        print(f"  {run} {category:44s} {rel:.2e} (tol {tol:.0e}, {'ok' if within else 'OVER'}) {name}")
+    relative = result.meta["parameter_change_relative_mmdet"]
+    print(f"parameter change over the run (mmdet, {result.meta['dtype']}, base lr "
+          f"{result.meta['base_lr']:g}): largest {result.meta['largest_parameter_change_mmdet']:.3e}; "
+          f"relative to each tensor's largest value: median {relative['median']:.2e}, "
+          f"max {relative['max']:.2e}")
+    print(f"backward ({result.meta['dtype']}): {'PASS' if result.passed else 'FAIL'}  "
+          f"({len(result.tensors)} compared); mmdet {result.meta['mmdet_s']:.1f} s, "
           f"paddle {result.meta['paddle_s']:.1f} s")
     if not result.passed:
         print(f"first divergence: {first_divergence(result)}")
