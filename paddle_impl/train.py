@@ -498,7 +498,7 @@ def render_report(work_dir: Path, reports: str | None, mmdet_log: dict | None, r
     tmp = work_dir / ".train.html.tmp"
     tmp.write_text(html)
     os.replace(tmp, out)
-    if reports:
+    if reports and Path(reports).resolve() != work_dir.resolve():
         Path(reports).mkdir(parents=True, exist_ok=True)
         shutil.copyfile(out, Path(reports) / "train.html")
     return out
