@@ -32,6 +32,12 @@ the cores available), so the comparison is of the implementations, not of
 the defaults; ``--threads 0`` keeps each library's default instead. The
 settings are recorded with the load average before and after (the cores are
 shared).
+
+CPU runtime. Paddle's process settings are those of training
+(``paddle_impl.runtime.configure_cpu``, applied before Paddle is imported): on
+a non-Intel x86 CPU they let the MKL that Paddle's conv2d runs on use its
+AVX2/AVX-512 kernels instead of its generic ones. ``--no-cpu-config`` skips
+them, to measure the library as installed.
 """
 from __future__ import annotations
 
@@ -162,7 +168,7 @@ def load_average():
     return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
 
-def environment(repeats: int, ckpts, threads: int) -> dict:
+def environment(repeats: int, ckpts, threads: int, cpu_config: dict | None) -> dict:
     import mmcv
     import mmdet
     import mmengine
@@ -191,6 +197,8 @@ def environment(repeats: int, ckpts, threads: int) -> dict:
         paddle_device=paddle.get_device(),
         paddle_flags=paddle.get_flags(["FLAGS_use_mkldnn", "FLAGS_paddle_num_threads"]),
         thread_env={k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CPU_NUM")},
+        paddle_cpu_config=cpu_config if cpu_config is not None else "skipped (--no-cpu-config)",
+        mkl_debug_cpu_type=os.environ.get("MKL_DEBUG_CPU_TYPE"),
         checkpoint=str(ckpts.torch_path),
         checkpoint_sha256=ckpts.sha256,
     )
@@ -221,6 +229,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int,
                         help="CPU threads of both libraries (default: torch's default; 0: each "
                              "library's own default)")
+    parser.add_argument("--no-cpu-config", action="store_true",
+                        help="skip paddle_impl.runtime.configure_cpu (Paddle as installed)")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
@@ -228,6 +238,11 @@ def main(argv=None) -> int:
         sizes = [parse_size(s) for s in args.sizes.split(",")]
     except argparse.ArgumentTypeError as err:
         parser.error(str(err))
+
+    from paddle_impl.runtime import configure_cpu
+
+    # Before Paddle is imported: MKL fixes its kernel choice at its first call.
+    cpu_config = None if args.no_cpu_config else configure_cpu()
 
     import paddle
     import torch
@@ -243,7 +258,7 @@ def main(argv=None) -> int:
     load_before = load_average()
     started = time.perf_counter()
     rows = [measure(size, args.repeats, ckpts, args.seed) for size in sizes]
-    report = dict(environment=environment(args.repeats, ckpts, threads), rows=rows,
+    report = dict(environment=environment(args.repeats, ckpts, threads, cpu_config), rows=rows,
                   load_average_before=load_before, load_average_after=load_average(),
                   wall_s=time.perf_counter() - started)
     print_table(rows)

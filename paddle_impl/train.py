@@ -88,6 +88,11 @@ if not __package__:
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
     sys.path.insert(0, os.path.dirname(_HERE))
 
+from paddle_impl.runtime import configure_cpu  # noqa: E402
+
+# MKL fixes its kernel choice at its first call, so this precedes importing Paddle.
+configure_cpu()
+
 import paddle  # noqa: E402
 import paddle.distributed as dist  # noqa: E402
 from paddle import nn  # noqa: E402

@@ -1,0 +1,59 @@
+"""paddle_impl.runtime: which MKL code path is requested, and that the environment is respected."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from paddle_impl import runtime
+
+ROOT = Path(__file__).resolve().parents[1]
+ZEN4 = frozenset("fpu sse2 avx avx2 fma f16c bmi1 bmi2 avx512f avx512cd avx512bw avx512dq avx512vl".split())
+ZEN2 = frozenset("fpu sse2 avx avx2 fma f16c bmi1 bmi2".split())
+
+
+@pytest.mark.parametrize("vendor, flags, expected", [
+    ("AuthenticAMD", ZEN4, runtime.MKL_CPU_TYPE_AVX512),
+    ("AuthenticAMD", ZEN2, runtime.MKL_CPU_TYPE_AVX2),
+    ("HygonGenuine", ZEN2, runtime.MKL_CPU_TYPE_AVX2),
+    ("AuthenticAMD", frozenset({"sse2", "avx"}), None),
+    ("GenuineIntel", ZEN4, None),
+    ("", ZEN4, None),
+])
+def test_mkl_cpu_type(vendor, flags, expected):
+    assert runtime.mkl_cpu_type(vendor, flags) == expected
+
+
+def test_read_cpuinfo(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu avx2 fma\n\n"
+                    "processor\t: 1\nvendor_id\t: Other\nflags\t\t: fpu\n")
+    assert runtime.read_cpuinfo(str(info)) == ("AuthenticAMD", frozenset({"fpu", "avx2", "fma"}))
+    assert runtime.read_cpuinfo(str(tmp_path / "missing")) == ("", frozenset())
+
+
+def test_configure_cpu_keeps_a_value_already_set():
+    env = {"MKL_DEBUG_CPU_TYPE": "5"}
+    info = runtime.configure_cpu(environ=env)
+    assert env == {"MKL_DEBUG_CPU_TYPE": "5"}
+    assert info == {"MKL_DEBUG_CPU_TYPE": "5", "mkl_cpu_type_set": False}
+
+
+def test_configure_cpu_sets_only_what_this_cpu_calls_for():
+    env = {}
+    info = runtime.configure_cpu(environ=env)
+    expected = runtime.mkl_cpu_type(*runtime.read_cpuinfo()) if sys.platform.startswith("linux") else None
+    assert env.get("MKL_DEBUG_CPU_TYPE") == expected
+    assert info["mkl_cpu_type_set"] == (expected is not None)
+
+
+def test_train_entry_point_requests_the_mkl_code_path():
+    # A fresh process: importing the training module must leave the setting in
+    # the environment that Paddle's MKL reads at its first call.
+    env = {k: v for k, v in os.environ.items() if k != "MKL_DEBUG_CPU_TYPE"}
+    code = ("import os, sys; import paddle_impl.train; "
+            "print(os.environ.get('MKL_DEBUG_CPU_TYPE'))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True,
+                         capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    assert out == str(runtime.mkl_cpu_type(*runtime.read_cpuinfo()))
