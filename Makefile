@@ -33,6 +33,7 @@ REPORTS ?= reports
 
 ITERS   ?=
 STEPS   ?=
+ITERS_PER_EPOCH ?=
 # Training: COCO=/path/to/coco (train2017/, val2017/, annotations/); GPUS=0,1,2,3 launches
 # one process per GPU (needs PADDLE_PKG=paddlepaddle-gpu); lr = 0.01 x total batch / 16.
 COCO      ?=
@@ -57,7 +58,7 @@ help:
 	@echo "make test           the test suite (set-up included)"
 	@echo "make align-forward  forward stage; CKPT=, SHAPE=NxCxHxW, SEED=, PERTURB=param.name"
 	@echo "make align-loss     anchors, targets, GHM losses; CKPT=, SHAPE=2x3xHxW, SEED=, ITERS="
-	@echo "make align-backward training steps; CKPT=, SHAPE=, SEED=, STEPS="
+	@echo "make align-backward training steps and the whole lr schedule; CKPT=, SHAPE=, SEED=, STEPS=, ITERS_PER_EPOCH="
 	@echo "make align-data | align-predict | align-metric | align-train   data pipeline, detections, COCO metric, K training iterations on the tiny COCO; SCALE=long,short, TRAIN_ITERS="
 	@echo "make train-full     COCO=/path GPUS=0,1 RESUME=1 MMDET_LOG=scalars.json R50=backbone.pdparams (no COCO: smoke run on the tiny COCO)"
 	@echo "make tiny-coco      write the tiny synthetic COCO to $(TINY_COCO)"
@@ -102,7 +103,8 @@ align-loss: $(STAMP)
 	$(PY) -m align.loss $(COMMON_ARGS) $(if $(ITERS),--iters $(ITERS))
 
 align-backward: $(STAMP)
-	$(PY) -m align.backward $(COMMON_ARGS) $(if $(STEPS),--steps $(STEPS))
+	$(PY) -m align.backward $(COMMON_ARGS) $(if $(STEPS),--steps $(STEPS)) \
+	  $(if $(ITERS_PER_EPOCH),--iters-per-epoch $(ITERS_PER_EPOCH))
 
 align-data: $(STAMP)
 	$(PY) -m align.data --reports $(REPORTS) --seed $(SEED) $(if $(SCALE),--scale $(SCALE))

@@ -7,6 +7,9 @@
   last step. The run uses a two-step warm-up, so the learning rate changes
   between steps, and a clipping threshold below the gradient norms, so the
   clipping acts: the configuration's max_norm of 35 is not reached here.
+* The learning rate of every iteration of the whole 12-epoch schedule (50
+  iterations per epoch here) equals mmengine's to 1e-12, and a difference of
+  1e-13 at one iteration fails that comparison.
 * A deliberate error in our optimizer (weight decay switched off, or the
   gradients not clipped) makes the stage fail, in the rows that error reaches.
 
@@ -15,7 +18,7 @@ the file short: each run builds both models, which costs more than a step.
 """
 from __future__ import annotations
 
-from align.backward.stage import BackwardOptions, run_backward
+from align.backward.stage import BackwardOptions, run_backward, schedule_comparison
 from paddle_impl import optimizer
 
 SHAPE = "2x3x96x128"
@@ -24,6 +27,7 @@ CLIP = 5.0
 
 def options(tmp_path, **overrides) -> BackwardOptions:
     # Without reprod_log files: in float64 they take about 1.8 GB per run.
+    overrides.setdefault("schedule_iters_per_epoch", 0)
     return BackwardOptions(shape=SHAPE, dtype="float64", extra_dtype=None, reprod_log=False,
                            reports=tmp_path, **overrides)
 
@@ -38,7 +42,8 @@ def failed_kinds(result) -> set[str]:
 
 
 def test_float64_training_steps_meet_targets(tmp_path):
-    result = run_backward(options(tmp_path, steps=3, warmup_iters=2, clip_max_norm=CLIP))
+    result = run_backward(options(tmp_path, steps=3, warmup_iters=2, clip_max_norm=CLIP,
+                                  schedule_iters_per_epoch=50))
     failures = [(t.name, t.reason) for t in result.tensors if not t.passed]
     assert result.passed, failures[:10]
     kinds = {t.name.split(".")[0] for t in result.tensors}
@@ -53,6 +58,28 @@ def test_float64_training_steps_meet_targets(tmp_path):
     worst_param = max(t.max_abs for t in result.tensors if t.name.startswith("param."))
     assert result.meta["largest_parameter_change_mmdet"] > 1e4 * worst_param
     assert (tmp_path / "backward.json").is_file() and (tmp_path / "backward.html").is_file()
+
+    schedule = result.meta["lr_schedule"]
+    assert schedule["iterations"] == 12 * 50 and schedule["max_abs_diff"] <= 1e-14
+    assert any(t.name == "lr_schedule.12_epochs_x_50_iters" and t.passed for t in result.tensors)
+    boundaries = next(rows for title, _, rows in result.extra_tables if title.startswith("Learning rate over"))
+    assert [row[1] for row in boundaries] == [0, 499, 500, 399, 400, 549, 550, 599]
+
+
+def test_schedule_difference_fails(monkeypatch):
+    from align import schedule
+
+    original = schedule.paddle_lrs
+
+    def nudged(*args, **kwargs):
+        lrs = original(*args, **kwargs)
+        lrs[450] += 1e-13
+        return lrs
+
+    monkeypatch.setattr(schedule, "paddle_lrs", nudged)
+    row, _, meta = schedule_comparison(50)
+    assert not row.passed and row.name == "lr_schedule.12_epochs_x_50_iters"
+    assert meta["first_iteration_not_bitwise_equal"] == 450 and meta["iterations_not_bitwise_equal"] == 1
 
 
 def test_missing_weight_decay_fails(tmp_path, monkeypatch):

@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from align.backward.stage import DEFAULT_SHAPE, BackwardOptions, first_divergence, run_backward
+from align.backward.stage import DEFAULT_ITERS_PER_EPOCH, DEFAULT_SHAPE, BackwardOptions, first_divergence, run_backward
 from align.ghm_pair import BUILD_DIR, MODEL_DTYPES
 
 
@@ -26,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
                         "'none' or the same as --dtype skips it (default %(default)s)")
     p.add_argument("--clip-max-norm", type=float,
                    help="gradient clipping threshold on both sides (default: the config's)")
+    p.add_argument("--iters-per-epoch", type=int, default=DEFAULT_ITERS_PER_EPOCH,
+                   help="iterations per epoch of the whole-schedule learning-rate comparison (default "
+                        "%(default)s: COCO train2017 at 16 images per step; 0 skips it)")
     p.add_argument("--no-reprod-log", action="store_true",
                    help="skip the reprod_log .npy files (several copies of the model's arrays)")
     p.add_argument("--reports", type=Path, default=Path("reports"))
@@ -33,10 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error("--steps must be at least 1")
+    if args.iters_per_epoch < 0:
+        p.error("--iters-per-epoch must be 0 (skip) or positive")
     opts = BackwardOptions(ckpt=args.ckpt, shape=args.shape, seed=args.seed, steps=args.steps,
                            lr=args.lr, warmup_iters=args.warmup_iters, dtype=args.dtype,
                            extra_dtype=None if args.extra_dtype == "none" else args.extra_dtype,
                            clip_max_norm=args.clip_max_norm, reprod_log=not args.no_reprod_log,
+                           schedule_iters_per_epoch=args.iters_per_epoch,
                            reports=args.reports, build_dir=args.build_dir)
     try:
         result = run_backward(opts)
@@ -57,6 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     print("Worst difference per category:")
     for run, category, count, rel, name, tol, within in result.extra_tables[0][2]:
         print(f"  {run} {category:44s} {rel:.2e} (tol {tol:.0e}, {'ok' if within else 'OVER'}) {name}")
+    schedule = result.meta["lr_schedule"]
+    if schedule:
+        print(f"learning rate over the whole schedule ({schedule['iterations']} iterations, "
+              f"{schedule['iters_per_epoch']} per epoch): max abs diff {schedule['max_abs_diff']:.1e}, "
+              f"{schedule['iterations_not_bitwise_equal']} iterations not bit-for-bit equal")
     relative = result.meta["parameter_change_relative_mmdet"]
     print(f"parameter change over the run (mmdet, {result.meta['dtype']}, base lr "
           f"{result.meta['base_lr']:g}): largest {result.meta['largest_parameter_change_mmdet']:.3e}; "

@@ -59,6 +59,9 @@ from align.loss.stage import loss_terms
 from align.report import StageResult, environment_info, write_stage_report
 
 DEFAULT_SHAPE = "2x3x320x480"
+# COCO train2017 after filtering images without boxes (117266), 16 images per step.
+DEFAULT_ITERS_PER_EPOCH = 7330
+LR_TOL = 1e-12
 GHM_LOSSES = ("bbox_head.loss_cls", "bbox_head.loss_bbox")
 
 
@@ -84,6 +87,8 @@ class BackwardOptions:
     # reprod_log .npy files of both sides (step-1 gradients, final parameters
     # and momentum buffers: four copies of the model, twice that in float64).
     reprod_log: bool = True
+    # The whole-schedule learning-rate comparison (0: skipped).
+    schedule_iters_per_epoch: int = DEFAULT_ITERS_PER_EPOCH
     grad_tol: float = 1e-5
     loss_tol_first: float = 1e-5
     loss_tol: float = 1e-4
@@ -495,7 +500,7 @@ def train_pair(opts: BackwardOptions, dtype: str, ckpts: Checkpoints,
             loss_rows = compare_scalars(t_terms, p_terms, first_tol, logs)
             norm_rows = compare_scalars({f"step{step}.grad_norm": t_norm},
                                         {f"step{step}.grad_norm": p_norm}, first_tol, logs)
-            lr_rows = compare_scalars({f"step{step}.lr": t_lr}, {f"step{step}.lr": p_lr}, 1e-10, logs)
+            lr_rows = compare_scalars({f"step{step}.lr": t_lr}, {f"step{step}.lr": p_lr}, LR_TOL, logs)
             # Execution order, so the first failed row is the first divergence.
             rows += loss_rows + (grad_rows if first else []) + norm_rows + lr_rows
             if last:
@@ -578,7 +583,7 @@ def category_tolerances(opts: BackwardOptions) -> dict[str, float]:
         f"loss terms, steps 2-{n}": opts.loss_tol,
         "gradient norm before clipping, step 1": opts.loss_tol_first,
         f"gradient norm before clipping, steps 2-{n}": opts.loss_tol,
-        "learning rate": 1e-10,
+        "learning rate": LR_TOL,
         "gradients, step 1": opts.grad_tol,
         f"parameters after step {n}": opts.param_tol,
         f"momentum buffers after step {n}": opts.param_tol,
@@ -657,6 +662,34 @@ def loss_curve_png(runs: list[PairRun]) -> bytes:
     return buf.getvalue()
 
 
+def schedule_comparison(iters_per_epoch: int) -> tuple[TensorDiff, list[list], dict]:
+    """Every iteration's learning rate over the config's whole schedule: mmengine's schedulers vs ours.
+
+    Returns the ``(iters_per_epoch * max_epochs,)`` diff row, a table of the
+    schedule's boundary iterations and figures for the report's meta.
+    """
+    from align.schedule import mmengine_lrs, paddle_lrs
+    from paddle_impl.config import get_config
+
+    o = get_config()["optimizer"]
+    ref, ours = mmengine_lrs(iters_per_epoch), paddle_lrs(iters_per_epoch)
+    row = diff_arrays(f"lr_schedule.{o['max_epochs']}_epochs_x_{iters_per_epoch}_iters", ref, ours,
+                      rel_tol=LR_TOL, mean_tol=LR_TOL, ref_label="mmengine")
+    boundaries = {"first iteration": 0, "last warm-up iteration": o["warmup_iters"] - 1,
+                  "first after warm-up": o["warmup_iters"]}
+    for m in o["milestones"]:
+        boundaries[f"last of epoch {m}"] = m * iters_per_epoch - 1
+        boundaries[f"first of epoch {m + 1}"] = m * iters_per_epoch
+    boundaries["last iteration"] = ref.size - 1
+    table = [[label, it, it // iters_per_epoch + 1, float(ref[it]), float(ours[it]), float(abs(ours[it] - ref[it]))]
+             for label, it in boundaries.items() if 0 <= it < ref.size]
+    differing = np.flatnonzero(ref != ours)
+    meta = {"iters_per_epoch": iters_per_epoch, "iterations": int(ref.size),
+            "max_abs_diff": row.max_abs, "iterations_not_bitwise_equal": int(differing.size),
+            "first_iteration_not_bitwise_equal": int(differing[0]) if differing.size else None}
+    return row, table, meta
+
+
 def run_backward(opts: BackwardOptions) -> StageResult:
     """Train both in ``opts.dtype`` (and ``opts.extra_dtype``), diff, write ``backward*`` files."""
     from paddle_impl.optimizer import scaled_lr
@@ -673,10 +706,13 @@ def run_backward(opts: BackwardOptions) -> StageResult:
     if opts.extra_dtype not in (None, opts.dtype):
         runs.append(train_pair(opts, opts.extra_dtype, ckpts, batches, warmup, keep_logs=False))
     main = runs[0]
+    schedule = (schedule_comparison(opts.schedule_iters_per_epoch)
+                if opts.schedule_iters_per_epoch > 0 else None)
 
     reprod = (reprod_log_diff(main.logs[1], main.logs[0], opts.reports, "backward", opts.loss_tol)
               if opts.reprod_log else {})
-    passed = all(r.passed for r in main.rows)
+    rows = main.rows + ([schedule[0]] if schedule else [])
+    passed = all(r.passed for r in rows)
     summaries = [row for run in runs for row in summarize(run, opts)]
     ranked = sorted((r for r in main.rows if r.name.startswith("param.")),
                     key=lambda r: -(math.inf if math.isnan(r.rel_max) else r.rel_max))
@@ -695,6 +731,11 @@ def run_backward(opts: BackwardOptions) -> StageResult:
         relu_columns += [f"flips {run.dtype}", f"largest |pre-activation| at a flip, {run.dtype}"]
     tables.append(("ReLU mask disagreements at step 1 (elements on in one framework, off in the other)",
                    relu_columns + ["elements"], relu_table(runs)))
+    if schedule:
+        tables.append((f"Learning rate over the whole schedule, mmengine vs ours "
+                       f"({schedule[2]['iters_per_epoch']} iterations per epoch; every iteration compared, "
+                       f"{schedule[2]['iterations_not_bitwise_equal']} not bit-for-bit equal)",
+                       ["boundary", "iteration", "epoch", "mmengine lr", "paddle lr", "abs diff"], schedule[1]))
     tables.append((f"Parameters ranked by difference after the last step ({main.dtype})",
                    ["parameter", "max abs diff", "rel", "pass"],
                    [[r.name[len("param."):], r.max_abs, r.rel_max, r.passed] for r in ranked[:40]]))
@@ -710,6 +751,7 @@ def run_backward(opts: BackwardOptions) -> StageResult:
         "extra_dtype": runs[1].dtype if len(runs) > 1 else None,
         "largest_parameter_change_mmdet": main.largest_change,
         "parameter_change_relative_mmdet": dict(zip(("median", "max"), main.relative_change)),
+        "lr_schedule": schedule[2] if schedule else None,
         "checkpoint": str(ckpts.torch_path),
         "checkpoint_sha256": ckpts.sha256,
         "checkpoint_synthetic": ckpts.synthetic,
@@ -727,14 +769,14 @@ def run_backward(opts: BackwardOptions) -> StageResult:
         stage="backward",
         title="Backward: training steps, mmdet vs Paddle",
         passed=passed,
-        tensors=main.rows,
+        tensors=rows,
         layers=[],
         thresholds={"precision of the checked run": main.dtype,
                     "step-1 gradients (rel)": opts.grad_tol,
                     "step-1 losses, grad norm (rel)": opts.loss_tol_first,
                     "later losses, grad norms (rel)": opts.loss_tol,
                     "parameters, momentum, GHM acc_sum after the last step (rel)": opts.param_tol,
-                    "lr": 1e-10},
+                    "lr, per step and over the whole schedule (rel)": LR_TOL},
         meta=meta,
         env=environment_info(),
         extra_tables=tables,
