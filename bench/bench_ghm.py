@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -35,6 +33,7 @@ import numpy as np
 import paddle
 import torch
 
+from bench.machine import load_average, machine_info
 from paddle_impl.config import get_config
 from paddle_impl.ghm_loss import GHMC, GHMR
 
@@ -154,30 +153,10 @@ def measure(kind: str, level_names, level_data, repeats: int, backward: bool) ->
     )
 
 
-def load_average():
-    """1, 5 and 15 minute load averages: the cores are shared, so record them."""
-    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-
-
 def environment(repeats: int) -> dict:
-    import mmcv
-    import mmdet
-
     return dict(
-        python=platform.python_version(),
-        numpy=np.__version__,
-        torch=torch.__version__,
-        paddle=paddle.__version__,
-        mmcv=mmcv.__version__,
-        mmdet=mmdet.__version__,
+        **machine_info(),
         repeats=repeats,
-        cpu_count=os.cpu_count(),
-        cpus_available=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        cpu_model=platform.processor() or platform.machine(),
-        torch_num_threads=torch.get_num_threads(),
-        torch_num_interop_threads=torch.get_num_interop_threads(),
-        thread_env={k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")},
-        paddle_device=paddle.get_device(),
         options=dict(loss_cls=get_config()["bbox_head"]["loss_cls"],
                      loss_bbox=get_config()["bbox_head"]["loss_bbox"]),
         inputs=dict(batch=BATCH, feature_sizes=[list(s) for s in FEATURE_SIZES],

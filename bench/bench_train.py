@@ -45,13 +45,14 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from bench.machine import load_average, machine_info
 
 DEFAULT_SIZES = "512x768,800x1344"
 BATCH = 2
@@ -164,39 +165,19 @@ def measure(size: tuple[int, int], repeats: int, ckpts, seed: int) -> dict:
     return row
 
 
-def load_average():
-    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-
-
 def environment(repeats: int, ckpts, threads: int, cpu_config: dict | None) -> dict:
-    import mmcv
-    import mmdet
-    import mmengine
     import paddle
     import torch
 
     return dict(
-        python=platform.python_version(),
-        numpy=np.__version__,
-        torch=torch.__version__,
-        paddle=paddle.__version__,
-        mmcv=mmcv.__version__,
-        mmengine=mmengine.__version__,
-        mmdet=mmdet.__version__,
+        **machine_info(),
         repeats=repeats,
-        cpu_count=os.cpu_count(),
-        cpus_available=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        cpu_model=platform.processor() or platform.machine(),
         threads_requested=threads if threads > 0 else "library defaults",
-        torch_num_threads=torch.get_num_threads(),
         # Paddle has no getter for the count set by core.set_num_threads.
         paddle_num_threads=threads if threads > 0 else paddle.get_flags(
             ["FLAGS_paddle_num_threads"])["FLAGS_paddle_num_threads"],
-        torch_num_interop_threads=torch.get_num_interop_threads(),
         torch_mkldnn_enabled=torch.backends.mkldnn.enabled,
-        paddle_device=paddle.get_device(),
         paddle_flags=paddle.get_flags(["FLAGS_use_mkldnn", "FLAGS_paddle_num_threads"]),
-        thread_env={k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CPU_NUM")},
         paddle_cpu_config=cpu_config if cpu_config is not None else "skipped (--no-cpu-config)",
         mkl_debug_cpu_type=os.environ.get("MKL_DEBUG_CPU_TYPE"),
         checkpoint=str(ckpts.torch_path),

@@ -1,0 +1,45 @@
+"""What a benchmark records about the run it measured: library versions, cores, threads, load.
+
+The cores of these machines are shared, so every benchmark writes the load
+average before and after its measurements next to its figures.
+"""
+from __future__ import annotations
+
+import os
+import platform
+
+
+def load_average() -> list[float] | None:
+    """1, 5 and 15 minute load averages (None where the platform has none)."""
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
+def machine_info() -> dict:
+    """Versions of the compared libraries, the CPU and the threads each library uses.
+
+    Imports torch and Paddle: call it after any settings that must precede
+    their import (``paddle_impl.runtime.configure_cpu``).
+    """
+    import mmcv
+    import mmdet
+    import mmengine
+    import numpy as np
+    import paddle
+    import torch
+
+    return dict(
+        python=platform.python_version(),
+        numpy=np.__version__,
+        torch=torch.__version__,
+        paddle=paddle.__version__,
+        mmcv=mmcv.__version__,
+        mmengine=mmengine.__version__,
+        mmdet=mmdet.__version__,
+        cpu_count=os.cpu_count(),
+        cpus_available=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        cpu_model=platform.processor() or platform.machine(),
+        torch_num_threads=torch.get_num_threads(),
+        torch_num_interop_threads=torch.get_num_interop_threads(),
+        thread_env={k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CPU_NUM")},
+        paddle_device=paddle.get_device(),
+    )
