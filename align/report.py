@@ -30,8 +30,8 @@ from .compare import TensorDiff, first_failure, json_float
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-# Stages in the order Paddle's reproduction guide runs them; others follow alphabetically.
-STAGE_ORDER = ("forward", "metric", "loss", "optimizer", "lr", "backward", "data", "train")
+# Stages in the order `make align` runs them (each builds on the ones before); others follow alphabetically.
+STAGE_ORDER = ("forward", "loss", "backward", "data", "predict", "metric", "train_align")
 
 # Threshold names under which a stage may pass its relative tolerance (drawn on the layer figure).
 REL_THRESHOLD_KEYS = ("rel_tol", "rel_max")

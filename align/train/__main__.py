@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 
 from align.data.pipelines import parse_scale
-from align.ghm_pair import BUILD_DIR
-from align.train.stage import DEFAULT_SCALE, FLIP_MODES, TrainOptions, first_divergence, run_train
+from align.ghm_pair import BUILD_DIR, MODEL_DTYPES
+from align.train.stage import DEFAULT_SCALE, FLIP_MODES, STAGE, TrainOptions, first_divergence, run_train
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,6 +22,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="train Resize bound LONG,SHORT for both pipelines (default %(default)s)")
     p.add_argument("--flip", choices=FLIP_MODES, default="seeded",
                    help="seeded: the same seeded decision per sample on both sides; on/off: forced")
+    p.add_argument("--dtype", choices=MODEL_DTYPES, default="float64",
+                   help="precision of the run checked against the tolerance (default %(default)s)")
+    p.add_argument("--extra-dtype", choices=MODEL_DTYPES + ("none",), default="float32",
+                   help="precision of a second run, measured and reported but not checked; "
+                        "'none' or the same as --dtype skips it (default %(default)s)")
     p.add_argument("--loss-rel-tol", type=float, default=1e-4)
     p.add_argument("--reports", type=Path, default=Path("reports"))
     p.add_argument("--build-dir", type=Path, default=BUILD_DIR)
@@ -29,23 +34,34 @@ def main(argv: list[str] | None = None) -> int:
     try:
         opts = TrainOptions(ckpt=args.ckpt, seed=args.seed, iters=args.iters, lr=args.lr,
                             warmup_iters=args.warmup_iters, scale=parse_scale(args.scale), flip=args.flip,
+                            dtype=args.dtype,
+                            extra_dtype=None if args.extra_dtype == "none" else args.extra_dtype,
                             loss_rel_tol=args.loss_rel_tol, reports=args.reports, build_dir=args.build_dir)
         result = run_train(opts)
     except (FileNotFoundError, KeyError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    for row in result.extra_tables[0][2]:
-        print(f"iter {row[0]:>3} (epoch {row[1]}, images {row[2]}, flips {row[3]}): lr {row[4]:.3e} "
-              f"loss mmdet {row[5]:.6f} paddle {row[6]:.6f} rel {row[7]:.1e}")
     m = result.meta
+    for title, _, rows in result.extra_tables:
+        if not title.startswith("Loss per iteration"):
+            continue
+        print(title)
+        for (it, epoch, images, flips, lr, loss_t, loss_p, loss_rel, norm_t, norm_p, norm_rel) in rows:
+            print(f"  iter {it:>3} (epoch {epoch}, images {images}, flips {flips}): lr {lr:.3e} "
+                  f"loss mmdet {loss_t:.6f} paddle {loss_p:.6f} rel {loss_rel:.1e}; "
+                  f"grad norm {norm_t:.4f} / {norm_p:.4f} rel {norm_rel:.1e}")
+    for dtype, run in m["runs"].items():
+        print(f"{dtype} ({run['role']}): worst loss rel {run['worst_loss_rel_diff']:.2e} "
+              f"(iteration {run['worst_loss_rel_diff_iteration']}), worst grad norm rel "
+              f"{run['worst_grad_norm_rel_diff']:.2e} (iteration {run['worst_grad_norm_rel_diff_iteration']}); "
+              f"first GHM bin count difference: {run['first_ghm_bin_count_difference'] or 'none'}; "
+              f"mmdet {run['mmdet_s']:.1f} s, paddle {run['paddle_s']:.1f} s")
     worst = max(result.tensors, key=lambda t: t.rel_max if t.rel_max == t.rel_max else float("inf"))
-    print(f"train: {'PASS' if result.passed else 'FAIL'}  ({len(result.tensors)} compared; worst {worst.name}: "
-          f"rel {worst.rel_max:.2e}); mmdet {m['mmdet_s']:.1f} s, paddle {m['paddle_s']:.1f} s")
+    print(f"train ({m['dtype']}): {'PASS' if result.passed else 'FAIL'}  ({len(result.tensors)} compared; "
+          f"worst {worst.name}: rel {worst.rel_max:.2e})")
     if not result.passed:
         print(f"first divergence: {first_divergence(result)}")
-    if m["first_ghm_bin_count_difference"]:
-        print(f"first GHM call whose bin counts differ: {m['first_ghm_bin_count_difference']}")
-    print(f"report: {opts.reports / 'train.html'}")
+    print(f"report: {opts.reports / (STAGE + '.html')}")
     return 0 if result.passed else 1
 
 

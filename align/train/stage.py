@@ -3,8 +3,8 @@
 From the same converted weights, both sides train ``iters`` iterations on the
 tiny COCO's filtered training split, batches of 2 in dataset order (no
 shuffle: epoch after epoch, images 0-1, 2-3, ...), with the same ``Resize``
-scale (``--scale``, default 320x192 so that 20 iterations take a minute or
-two on 2 cores; mmdet's config is overridden to it).
+scale (``--scale``, default 320x192 so that 20 iterations take a few minutes
+on 2 cores; mmdet's config is overridden to it).
 
 - mmdet: its own ``CocoDataset`` + train pipeline, ``pseudo_collate``, and
   ``model.train_step(data, optim_wrapper)``, which runs its
@@ -18,10 +18,34 @@ two on 2 cores; mmdet's config is overridden to it).
 
 The default lr is 0.00125, the config's 0.01 for 16 images scaled to 2 by
 the linear rule. With lr 0.01 on 2 images the loss jumps about (15 -> 6 ->
-5 -> 7.5 -> 4.7 -> 8 -> 10 measured): training that unstable amplifies the
-frameworks' float32 rounding differences about tenfold per iteration
-(relative loss difference 1e-7 at iteration 4, 2e-5 at 6, 8e-3 at 8 measured,
-before any GHM bin count differed), so it compares rounding, not the code.
+5 -> 7.5 -> 4.7 -> 8 -> 10 measured): training that unstable amplifies any
+difference between the frameworks about tenfold per iteration, so it
+compares rounding, not the code.
+
+Precision. GHM's weights are a discontinuous function of the predictions: a
+sample moving across a bin edge changes the weight of its whole bin. In
+float32 the two frameworks' rounding differences (2e-7 relative in the loss,
+growing with training) eventually put a gradient value that lies within that
+rounding of an edge in different bins on the two sides; from then on the
+losses differ by far more than the code does (measured at the defaults:
+agreement to 2e-7 through iteration 7, then a GHM-R P3 bin count differs at
+iteration 8 and the losses separate by up to 3e-2). So the checked run
+(``dtype``) is float64 by default, as in the backward stage:
+
+- mmdet's model through ``module.double()`` (``build_torch_model``), except
+  its ``DetDataPreprocessor``, which is kept in float32 so that it normalizes
+  exactly as in mmdet's float32 training; a forward hook on it widens the
+  ``inputs`` it returns (``(N, 3, H, W)``) to float64. ``train_step`` is
+  otherwise mmdet's own, unchanged.
+- ours through ``Layer.to(dtype='float64')`` (``build_paddle_model``), the
+  ``(N, 3, H, W)`` float32 image batch of ``Collate`` widened to float64
+  before ``RetinaNet.loss``.
+
+Both models thus see the same float32 values, widened. Anchors and targets
+stay float32 on both sides, as in mmdet. A second, informational run
+(``extra_dtype``, float32 by default) trains the pair again at training
+precision; its per-iteration differences and its first GHM bin-count
+difference are reported but do not decide the verdict.
 
 Flips (``--flip``): ``seeded`` (default) draws each sample's flip from our
 dataset's seeded rule ``(seed, epoch, index)`` and hands mmdet the same
@@ -30,18 +54,15 @@ forced on (prob 1.0) or off (prob 0.0); ``on`` and ``off`` force it for every
 sample on both sides. mmdet's own ``RandomFlip`` draws from numpy's global
 generator, which cannot be made to agree with another pipeline.
 
-Compared per iteration: the learning rate used, ``loss_cls`` and
-``loss_bbox`` (each the sum over the 5 levels), their total and the gradient
-norm before clipping (relative, default 1e-4; lr 1e-10).
+Compared per iteration (checked run): the learning rate used, ``loss_cls``
+and ``loss_bbox`` (each the sum over the 5 levels), their total and the
+gradient norm before clipping (relative, default 1e-4; lr 1e-10).
 
 Diagnosis, not part of the verdict: the GHM bin counts of every GHM-C and
 GHM-R call (5 levels per iteration) are recorded on both sides, with the loss
-stage's recorders, and the report lists the calls where they differ. GHM's
-weights are a discontinuous function of the predictions (a sample moving
-across a bin edge changes the weight of its whole bin), so once the two
-trainings' weights differ by rounding, a gradient value lying within that
-rounding of an edge falls in different bins on the two sides; the first such
-call is where an otherwise float-level agreement of the losses breaks.
+stage's recorders, and the report lists, per run, the calls where they
+differ; the first such call is where an otherwise rounding-level agreement
+of the losses breaks.
 """
 from __future__ import annotations
 
@@ -55,17 +76,30 @@ import numpy as np
 
 from align.compare import TensorDiff, diff_arrays, first_failure, reprod_log_diff
 from align.data.pipelines import mmdet_batch, mmdet_dataset, mmdet_setup, our_dataset, tiny_coco_root
-from align.ghm_pair import BUILD_DIR, build_paddle_model, build_torch_model, prepare_checkpoints
+from align.ghm_pair import (BUILD_DIR, MODEL_DTYPES, Checkpoints, build_paddle_model, build_torch_model,
+                            prepare_checkpoints)
 from align.loss.stage import LEVELS, PaddleGHMRecorder, TorchGHMRecorder
 from align.report import StageResult, environment_info, write_stage_report
 
+# File stem of the report: ``train.html`` is the report of a real training run (``make train-full``).
+STAGE = "train_align"
 DEFAULT_SCALE = (320, 192)
 BATCH_SIZE = 2
 FLIP_MODES = ("seeded", "on", "off")
+VALUE_NAMES = ("loss_cls", "loss_bbox", "loss", "grad_norm", "lr")
+ITERATION_COLUMNS = ["iter", "epoch", "images", "flips", "lr", "mmdet loss", "paddle loss", "loss rel diff",
+                     "grad norm mmdet", "grad norm paddle", "grad norm rel diff"]
+BIN_COLUMNS = ["iter", "loss", "level", "bins that differ", "mmdet counts", "paddle counts"]
 
 
 @dataclass
 class TrainOptions:
+    """Settings of the train stage.
+
+    ``dtype`` is the precision of the run whose figures decide the verdict;
+    ``extra_dtype`` (None: none) a second run measured and reported beside it.
+    """
+
     ckpt: str | None = None
     seed: int = 0
     iters: int = 20
@@ -74,6 +108,8 @@ class TrainOptions:
     warmup_iters: int | None = None  # default: iters // 2
     scale: tuple[int, int] = DEFAULT_SCALE
     flip: str = "seeded"
+    dtype: str = "float64"
+    extra_dtype: str | None = "float32"
     loss_rel_tol: float = 1e-4
     reports: Path = Path("reports")
     build_dir: Path = BUILD_DIR
@@ -109,9 +145,17 @@ class BatchPlan:
 
 
 class TorchTrainer:
-    """mmdet's model trained through ``train_step`` with mmengine's optimizer wrapper and schedulers."""
+    """mmdet's model trained through ``train_step`` with mmengine's optimizer wrapper and schedulers.
+
+    When the model is not float32 (``build_torch_model(..., dtype="float64")``),
+    its ``DetDataPreprocessor`` is put back to float32, so the ``(N, 3, H, W)``
+    inputs it produces are bit for bit those of mmdet's float32 training, and a
+    forward hook widens them to the model's dtype; ``train_step`` itself is
+    mmdet's.
+    """
 
     def __init__(self, model, cfg, opts: TrainOptions, warmup: int, iters_per_epoch: int):
+        import torch
         from mmengine.optim import build_optim_wrapper
         from mmengine.registry import PARAM_SCHEDULERS
 
@@ -119,6 +163,12 @@ class TorchTrainer:
         optim_cfg.optimizer.lr = opts.lr
         self.model = model
         self.model.train()
+        self.dtype = next(model.parameters()).dtype
+        if self.dtype != torch.float32:
+            # module.double() also widened the preprocessor's mean and std
+            # buffers, which would normalize in float64 instead of as mmdet does.
+            model.data_preprocessor.float()
+            model.data_preprocessor.register_forward_hook(self._widen_inputs)
         self.wrapper = build_optim_wrapper(model, optim_cfg)
         self.iters_per_epoch = iters_per_epoch
         self.schedulers = []
@@ -128,6 +178,11 @@ class TorchTrainer:
                 sched_cfg["end"] = warmup
             self.schedulers.append(PARAM_SCHEDULERS.build(
                 sched_cfg, default_args=dict(optimizer=self.wrapper, epoch_length=iters_per_epoch)))
+
+    def _widen_inputs(self, _module, _args, output: dict) -> dict:
+        """The preprocessor's ``inputs`` ``(N, 3, H, W)`` float32 -> the model's dtype."""
+        output["inputs"] = output["inputs"].to(self.dtype)
+        return output
 
     def step(self, it: int, samples: list[dict]) -> dict[str, float]:
         from mmengine.logging import MessageHub
@@ -148,7 +203,8 @@ class TorchTrainer:
 
 
 class PaddleTrainer:
-    """Our model with ``SGD`` (clip, then step) and ``WarmupMultiStepLR``."""
+    """Our model with ``SGD`` (clip, then step) and ``WarmupMultiStepLR``; the
+    ``(N, 3, H, W)`` float32 image batch is cast to the model's dtype."""
 
     def __init__(self, model, opts: TrainOptions, warmup: int, iters_per_epoch: int):
         from paddle_impl.config import get_config
@@ -158,6 +214,7 @@ class PaddleTrainer:
         o = get_config()["optimizer"]
         self.model = model
         self.model.train()
+        self.dtype = model.parameters()[0].dtype
         self.optimizer = SGD(model, lr=opts.lr)
         self.schedule = WarmupMultiStepLR(
             base_lr=opts.lr, iters_per_epoch=iters_per_epoch, warmup_start_factor=o["warmup_start_factor"],
@@ -169,7 +226,10 @@ class PaddleTrainer:
 
         lr = self.schedule.lr_at(self.schedule.iteration)
         self.optimizer.set_lr(lr)
-        losses = self.model.loss(batch["images"], batch["gt_bboxes"], batch["gt_labels"], batch["pad_shapes"])
+        images = batch["images"]
+        if images.dtype != self.dtype:
+            images = images.astype(self.dtype)
+        losses = self.model.loss(images, batch["gt_bboxes"], batch["gt_labels"], batch["pad_shapes"])
         loss_cls = paddle.add_n(losses["loss_cls"])
         loss_bbox = paddle.add_n(losses["loss_bbox"])
         total = loss_cls + loss_bbox
@@ -181,10 +241,107 @@ class PaddleTrainer:
                 "grad_norm": float(grad_norm), "lr": float(lr)}
 
 
-def run_train(opts: TrainOptions) -> StageResult:
-    """Train both sides ``opts.iters`` iterations, diff, write ``train*`` files into ``opts.reports``."""
-    from align.train.plot import loss_curves_png
+@dataclass
+class TrainRun:
+    """Both sides trained ``iters`` iterations in one precision.
+
+    Attributes:
+        dtype: "float32" or "float64".
+        mmdet, paddle: per name of `VALUE_NAMES`, the ``(iters,)`` float64 values.
+        iteration_rows: one row of `ITERATION_COLUMNS` per iteration.
+        bin_rows: the GHM calls whose bin counts differ (see `ghm_bin_differences`).
+        seconds: time in each framework's iterations ("mmdet_s", "paddle_s").
+    """
+
+    dtype: str
+    mmdet: dict[str, np.ndarray]
+    paddle: dict[str, np.ndarray]
+    iteration_rows: list[list]
+    bin_rows: list[list]
+    seconds: dict[str, float]
+
+    def rel(self, name: str) -> np.ndarray:
+        """``(iters,)`` ``|paddle - mmdet| / |mmdet|`` of a `VALUE_NAMES` entry."""
+        return np.abs(self.paddle[name] - self.mmdet[name]) / np.abs(self.mmdet[name])
+
+    def first_bin_difference(self) -> str | None:
+        r = self.bin_rows[0] if self.bin_rows else None
+        return None if r is None else f"iteration {r[0]}, {r[1]} {r[2]} (bins {r[3]}: {r[4]} vs {r[5]})"
+
+    def summary(self) -> dict:
+        """The run's figures for the report's meta."""
+        loss_rel, norm_rel = self.rel("loss"), self.rel("grad_norm")
+        return {
+            "worst_loss_rel_diff": float(loss_rel.max()),
+            "worst_loss_rel_diff_iteration": int(loss_rel.argmax()) + 1,
+            "worst_grad_norm_rel_diff": float(norm_rel.max()),
+            "worst_grad_norm_rel_diff_iteration": int(norm_rel.argmax()) + 1,
+            "loss_rel_diff_per_iteration": [float(v) for v in loss_rel],
+            "grad_norm_rel_diff_per_iteration": [float(v) for v in norm_rel],
+            "first_ghm_bin_count_difference": self.first_bin_difference(),
+            "ghm_calls_with_bin_count_differences": len(self.bin_rows),
+            **{k: round(v, 2) for k, v in self.seconds.items()},
+        }
+
+
+@dataclass
+class TrainData:
+    """The datasets and the batch plan both runs share."""
+
+    cfg: object
+    root: Path
+    mm_ds: dict[bool, object]  # flip forced on (True) / off (False)
+    our_ds: object
+    plan: BatchPlan
+
+
+def train_pair(opts: TrainOptions, dtype: str, data: TrainData, ckpts: Checkpoints, warmup: int) -> TrainRun:
+    """Train mmdet's model and ours ``opts.iters`` iterations in ``dtype``, side by side."""
     from paddle_impl.transforms import Collate
+
+    plan, our_ds = data.plan, data.our_ds
+    torch_side = TorchTrainer(build_torch_model(ckpts, dtype), data.cfg, opts, warmup, plan.iters_per_epoch)
+    paddle_side = PaddleTrainer(build_paddle_model(ckpts, dtype), opts, warmup, plan.iters_per_epoch)
+    collate = Collate()
+    t_head, p_head = torch_side.model.bbox_head, paddle_side.model.bbox_head
+    recorders = {"ghmc": (TorchGHMRecorder(t_head.loss_cls, "cls"), PaddleGHMRecorder(p_head.loss_cls)),
+                 "ghmr": (TorchGHMRecorder(t_head.loss_bbox, "bbox"), PaddleGHMRecorder(p_head.loss_bbox))}
+
+    history = {"mmdet": {n: [] for n in VALUE_NAMES}, "paddle": {n: [] for n in VALUE_NAMES}}
+    seconds = {"mmdet_s": 0.0, "paddle_s": 0.0}
+    iteration_rows = []
+    for it in range(opts.iters):
+        keys = plan.keys(it)
+        flips = plan.flips(keys)
+        t0 = time.perf_counter()
+        with recorders["ghmc"][0], recorders["ghmr"][0]:
+            t_vals = torch_side.step(it, [data.mm_ds[f][k.index] for k, f in zip(keys, flips)])
+        seconds["mmdet_s"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        samples = [our_ds[k] for k in keys]
+        if [s["flip"] for s in samples] != flips:
+            raise RuntimeError("our dataset flipped differently from the plan")
+        with recorders["ghmc"][1], recorders["ghmr"][1]:
+            p_vals = paddle_side.step(collate.batch(samples))
+        seconds["paddle_s"] += time.perf_counter() - t0
+        for n in VALUE_NAMES:
+            history["mmdet"][n].append(t_vals[n])
+            history["paddle"][n].append(p_vals[n])
+        iteration_rows.append([it + 1, keys[0].epoch, str([our_ds.img_ids[k.index] for k in keys]),
+                               str(flips), t_vals["lr"], t_vals["loss"], p_vals["loss"],
+                               abs(p_vals["loss"] - t_vals["loss"]) / abs(t_vals["loss"]),
+                               t_vals["grad_norm"], p_vals["grad_norm"],
+                               abs(p_vals["grad_norm"] - t_vals["grad_norm"]) / abs(t_vals["grad_norm"])])
+    return TrainRun(dtype=dtype,
+                    mmdet={n: np.array(v, np.float64) for n, v in history["mmdet"].items()},
+                    paddle={n: np.array(v, np.float64) for n, v in history["paddle"].items()},
+                    iteration_rows=iteration_rows, bin_rows=ghm_bin_differences(recorders), seconds=seconds)
+
+
+def run_train(opts: TrainOptions) -> StageResult:
+    """Train both sides ``opts.iters`` iterations in ``opts.dtype`` (and ``opts.extra_dtype``),
+    diff the checked run, write ``train_align*`` files into ``opts.reports``."""
+    from align.train.plot import loss_curves_png
 
     if opts.iters < 1:
         raise ValueError(f"iters must be at least 1, got {opts.iters}")
@@ -192,6 +349,9 @@ def run_train(opts: TrainOptions) -> StageResult:
         raise ValueError(f"flip must be one of {FLIP_MODES}, got {opts.flip!r}")
     if not (opts.lr > 0 and math.isfinite(opts.lr)):
         raise ValueError(f"lr must be a positive number, got {opts.lr}")
+    for dtype in (opts.dtype, opts.extra_dtype):
+        if dtype is not None and dtype not in MODEL_DTYPES:
+            raise ValueError(f"dtype must be one of {MODEL_DTYPES}, got {dtype!r}")
     warmup = opts.warmup_iters if opts.warmup_iters is not None else max(1, opts.iters // 2)
     if warmup < 1:
         raise ValueError(f"warmup iterations must be at least 1, got {warmup}")
@@ -205,90 +365,66 @@ def run_train(opts: TrainOptions) -> StageResult:
     if mm_ids != our_ds.img_ids:
         raise ValueError(f"the two training sets list different images ({mm_ids} vs {our_ds.img_ids}); "
                          f"run python -m align.data")
-    plan = BatchPlan(our_ds, opts.flip)
-
+    data = TrainData(cfg=cfg, root=root, mm_ds=mm_ds, our_ds=our_ds, plan=BatchPlan(our_ds, opts.flip))
     ckpts = prepare_checkpoints(opts.ckpt, opts.seed, opts.build_dir)
-    torch_side = TorchTrainer(build_torch_model(ckpts), cfg, opts, warmup, plan.iters_per_epoch)
-    paddle_side = PaddleTrainer(build_paddle_model(ckpts), opts, warmup, plan.iters_per_epoch)
-    collate = Collate()
-    t_head, p_head = torch_side.model.bbox_head, paddle_side.model.bbox_head
-    recorders = {"ghmc": (TorchGHMRecorder(t_head.loss_cls, "cls"), PaddleGHMRecorder(p_head.loss_cls)),
-                 "ghmr": (TorchGHMRecorder(t_head.loss_bbox, "bbox"), PaddleGHMRecorder(p_head.loss_bbox))}
 
-    names = ("loss_cls", "loss_bbox", "loss", "grad_norm", "lr")
-    history = {"mmdet": {n: [] for n in names}, "paddle": {n: [] for n in names}}
-    seconds = {"mmdet_s": 0.0, "paddle_s": 0.0}
-    iteration_rows = []
-    for it in range(opts.iters):
-        keys = plan.keys(it)
-        flips = plan.flips(keys)
-        t0 = time.perf_counter()
-        with recorders["ghmc"][0], recorders["ghmr"][0]:
-            t_vals = torch_side.step(it, [mm_ds[f][k.index] for k, f in zip(keys, flips)])
-        seconds["mmdet_s"] += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        samples = [our_ds[k] for k in keys]
-        if [s["flip"] for s in samples] != flips:
-            raise RuntimeError("our dataset flipped differently from the plan")
-        with recorders["ghmc"][1], recorders["ghmr"][1]:
-            p_vals = paddle_side.step(collate.batch(samples))
-        seconds["paddle_s"] += time.perf_counter() - t0
-        for n in names:
-            history["mmdet"][n].append(t_vals[n])
-            history["paddle"][n].append(p_vals[n])
-        iteration_rows.append([it + 1, keys[0].epoch, str([our_ds.img_ids[k.index] for k in keys]),
-                               str(flips), t_vals["lr"], t_vals["loss"], p_vals["loss"],
-                               abs(p_vals["loss"] - t_vals["loss"]) / abs(t_vals["loss"]),
-                               t_vals["grad_norm"], p_vals["grad_norm"]])
+    main = train_pair(opts, opts.dtype, data, ckpts, warmup)
+    extra = (train_pair(opts, opts.extra_dtype, data, ckpts, warmup)
+             if opts.extra_dtype not in (None, opts.dtype) else None)
 
-    torch_out = {f"{n}": np.array(history["mmdet"][n], np.float64) for n in names}
-    paddle_out = {f"{n}": np.array(history["paddle"][n], np.float64) for n in names}
     rows: list[TensorDiff] = []
     for it in range(opts.iters):
-        for n in names:
+        for n in VALUE_NAMES:
             tol = 1e-10 if n == "lr" else opts.loss_rel_tol
-            rows.append(diff_arrays(f"iter{it + 1:03d}.{n}", torch_out[n][it], paddle_out[n][it],
+            rows.append(diff_arrays(f"iter{it + 1:03d}.{n}", main.mmdet[n][it], main.paddle[n][it],
                                     rel_tol=tol, mean_tol=np.inf, ref_label="mmdet"))
-    reprod = reprod_log_diff(paddle_out, torch_out, opts.reports, "train", opts.loss_rel_tol)
+    reprod = reprod_log_diff(main.paddle, main.mmdet, opts.reports, STAGE, opts.loss_rel_tol)
 
-    bin_rows = ghm_bin_differences(recorders)
-    rel = np.abs(paddle_out["loss"] - torch_out["loss"]) / np.abs(torch_out["loss"])
+    summary = main.summary()
     meta = {
         "seed": opts.seed,
         "tiny_coco": str(root),
         "train_images": our_ds.img_ids,
         "resize_scale": list(opts.scale),
         "iterations": opts.iters,
-        "iters_per_epoch": plan.iters_per_epoch,
+        "iters_per_epoch": data.plan.iters_per_epoch,
         "batch_size": BATCH_SIZE,
         "base_lr": opts.lr,
         "warmup_iters": warmup,
         "flip": opts.flip,
-        "worst_loss_rel_diff": float(rel.max()),
-        "worst_loss_rel_diff_iteration": int(rel.argmax()) + 1,
-        "first_ghm_bin_count_difference": (f"iteration {bin_rows[0][0]}, {bin_rows[0][1]} {bin_rows[0][2]}"
-                                           if bin_rows else None),
+        "dtype": main.dtype,
+        "extra_dtype": extra.dtype if extra else None,
+        **{k: v for k, v in summary.items() if not k.endswith("_per_iteration")},
         "checkpoint": str(ckpts.torch_path),
         "checkpoint_sha256": ckpts.sha256,
         "checkpoint_synthetic": ckpts.synthetic,
-        **{k: round(v, 2) for k, v in seconds.items()},
+        "runs": {run.dtype: {"role": "checked" if run is main else "informational, not part of the verdict",
+                             **run.summary()}
+                 for run in (main, extra) if run is not None},
     }
+    tables = [(f"Loss per iteration, {main.dtype} (checked)", ITERATION_COLUMNS, main.iteration_rows),
+              (f"GHM calls whose bin counts differ, {main.dtype} (first 20; diagnosis, not part of the verdict)",
+               BIN_COLUMNS, main.bin_rows[:20])]
+    if extra is not None:
+        tables += [(f"Loss per iteration, {extra.dtype} (informational, not part of the verdict)",
+                    ITERATION_COLUMNS, extra.iteration_rows),
+                   (f"GHM calls whose bin counts differ, {extra.dtype} (first 20; informational)",
+                    BIN_COLUMNS, extra.bin_rows[:20])]
+    curves_title = (f"Total loss per iteration, {main.dtype} (left), and |paddle - mmdet| / |mmdet| "
+                    f"(right, log scale){f', with the {extra.dtype} run for comparison' if extra else ''}")
     result = StageResult(
-        stage="train",
+        stage=STAGE,
         title="Train: K iterations on the tiny COCO, mmdet vs Paddle, each with its own pipeline",
         passed=all(row.passed for row in rows),
         tensors=rows,
-        thresholds={"losses, grad norm (rel)": opts.loss_rel_tol, "lr (rel)": 1e-10},
+        thresholds={"precision of the checked run": main.dtype,
+                    "losses, grad norm (rel)": opts.loss_rel_tol, "lr (rel)": 1e-10},
         meta=meta,
         env=environment_info(),
-        extra_tables=[("Loss per iteration",
-                       ["iter", "epoch", "images", "flips", "lr", "mmdet loss", "paddle loss", "rel diff",
-                        "grad norm mmdet", "grad norm paddle"], iteration_rows),
-                      ("GHM calls whose bin counts differ (first 20; diagnosis, not part of the verdict)",
-                       ["iter", "loss", "level", "bins that differ", "mmdet counts", "paddle counts"],
-                       bin_rows[:20])],
-        figures=[("Total loss per iteration (left) and |paddle - mmdet| / |mmdet| (right, log scale)",
-                  loss_curves_png(history["mmdet"]["loss"], history["paddle"]["loss"], opts.loss_rel_tol))],
+        extra_tables=tables,
+        figures=[(curves_title, loss_curves_png(
+            main.mmdet["loss"], main.paddle["loss"], opts.loss_rel_tol, label=main.dtype,
+            extra=(extra.dtype, extra.mmdet["loss"], extra.paddle["loss"]) if extra else None))],
         reprod_log=reprod,
     )
     write_stage_report(result, opts.reports)
