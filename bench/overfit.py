@@ -63,6 +63,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from paddle_impl.runtime import configure_cpu
+
+    # As the training program does, before Paddle's MKL makes its first call.
+    configure_cpu()
     from paddle_impl import train
 
     root = make_dataset(args.work_dir / "data", args.images, args.seed)

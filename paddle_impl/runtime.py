@@ -14,9 +14,14 @@ That MKL release reads ``MKL_DEBUG_CPU_TYPE`` to override the vendor-based
 dispatch: 7 selects its AVX-512 (Skylake-SP) kernels, 5 its AVX2 kernels. The
 override is only set on non-Intel x86 CPUs that have the instructions the code
 path needs (on Intel CPUs MKL already dispatches by features), and never over
-a value already in the environment. It changes only which SGEMM kernel runs,
-so results differ from the generic path within float32 rounding (summation
-order), like any change of BLAS kernel or thread count.
+a value already in the environment. It changes which MKL kernels run: SGEMM
+results differ from the generic path within float32 rounding (summation
+order), like any change of BLAS kernel or thread count, and Paddle's float32
+division, which goes through MKL's vector math, is then no longer correctly
+rounded (about 3 in 1000 quotients one unit in the last place off, measured
+on uniform random operands). So only the programs that train or time
+training apply it (``python -m paddle_impl.train`` and the benchmarks); the
+alignment stages and the tests compare numbers on MKL's default path.
 
 When. MKL reads the variable once, at its first BLAS call; the process
 environment must hold it before that. Calling :func:`configure_cpu` before

@@ -88,10 +88,14 @@ if not __package__:
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
     sys.path.insert(0, os.path.dirname(_HERE))
 
-from paddle_impl.runtime import configure_cpu  # noqa: E402
+if __name__ == "__main__":
+    from paddle_impl.runtime import configure_cpu
 
-# MKL fixes its kernel choice at its first call, so this precedes importing Paddle.
-configure_cpu()
+    # Only as the training program: the setting trades correctly rounded float32
+    # division for speed (see paddle_impl.runtime), which a process that imports
+    # this module to compare numbers must not inherit. MKL fixes its kernel
+    # choice at its first call, so this precedes importing Paddle.
+    configure_cpu()
 
 import paddle  # noqa: E402
 import paddle.distributed as dist  # noqa: E402

@@ -48,12 +48,24 @@ def test_configure_cpu_sets_only_what_this_cpu_calls_for():
     assert info["mkl_cpu_type_set"] == (expected is not None)
 
 
-def test_train_entry_point_requests_the_mkl_code_path():
-    # A fresh process: importing the training module must leave the setting in
-    # the environment that Paddle's MKL reads at its first call.
+def _mkl_setting_after(code: str) -> str:
+    """``MKL_DEBUG_CPU_TYPE`` as a fresh Python process running ``code`` leaves it ("None": unset)."""
     env = {k: v for k, v in os.environ.items() if k != "MKL_DEBUG_CPU_TYPE"}
-    code = ("import os, sys; import paddle_impl.train; "
-            "print(os.environ.get('MKL_DEBUG_CPU_TYPE'))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True,
-                         capture_output=True, text=True).stdout.strip().splitlines()[-1]
-    assert out == str(runtime.mkl_cpu_type(*runtime.read_cpuinfo()))
+    out = subprocess.run([sys.executable, "-c", code + "; print(os.environ.get('MKL_DEBUG_CPU_TYPE'))"],
+                         cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_train_program_requests_the_mkl_code_path():
+    # Run as the program (``python -m paddle_impl.train``), before Paddle's MKL makes its first call.
+    code = ("import os, runpy, sys; sys.argv = ['train', '--help']\n"
+            "try:\n    runpy.run_module('paddle_impl.train', run_name='__main__')\n"
+            "except SystemExit:\n    pass\n"
+            "import os")
+    assert _mkl_setting_after(code) == str(runtime.mkl_cpu_type(*runtime.read_cpuinfo()))
+
+
+def test_importing_train_leaves_mkl_alone():
+    # Tests and alignment stages import the training module; their numbers must
+    # come from MKL's default code path, as the alignment stages measure it.
+    assert _mkl_setting_after("import os, paddle_impl.train") == "None"
