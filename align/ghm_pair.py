@@ -61,6 +61,20 @@ def prepare_checkpoints(ckpt: str | None, seed: int, build_dir: Path = BUILD_DIR
 MODEL_DTYPES = ("float32", "float64")
 
 
+def add_dtype_arguments(parser) -> None:
+    """``--dtype`` (the checked run) and ``--extra-dtype`` (a run reported beside it) of a training stage."""
+    parser.add_argument("--dtype", choices=MODEL_DTYPES, default="float64",
+                        help="precision of the run checked against the tolerances (default %(default)s)")
+    parser.add_argument("--extra-dtype", choices=MODEL_DTYPES + ("none",), default="float32",
+                        help="precision of a second run, measured and reported but not checked; "
+                             "'none' or the same as --dtype skips it (default %(default)s)")
+
+
+def extra_dtype(args) -> str | None:
+    """The parsed ``--extra-dtype``, None for 'none'."""
+    return None if args.extra_dtype == "none" else args.extra_dtype
+
+
 def _check_dtype(dtype: str) -> None:
     if dtype not in MODEL_DTYPES:
         raise ValueError(f"dtype must be one of {MODEL_DTYPES}, got {dtype!r}")

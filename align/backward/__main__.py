@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from align.backward.stage import DEFAULT_ITERS_PER_EPOCH, DEFAULT_SHAPE, BackwardOptions, first_divergence, run_backward
-from align.ghm_pair import BUILD_DIR, MODEL_DTYPES
+from align.ghm_pair import BUILD_DIR, add_dtype_arguments, extra_dtype
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,11 +19,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="base learning rate (default: the config's 0.01 for 16 images, scaled linearly "
                         "to the batch size)")
     p.add_argument("--warmup-iters", type=int, help="linear warm-up length (default: steps // 2)")
-    p.add_argument("--dtype", choices=MODEL_DTYPES, default="float64",
-                   help="precision of the run checked against the tolerances (default %(default)s)")
-    p.add_argument("--extra-dtype", choices=MODEL_DTYPES + ("none",), default="float32",
-                   help="precision of a second run, measured and reported but not checked; "
-                        "'none' or the same as --dtype skips it (default %(default)s)")
+    add_dtype_arguments(p)
     p.add_argument("--clip-max-norm", type=float,
                    help="gradient clipping threshold on both sides (default: the config's)")
     p.add_argument("--iters-per-epoch", type=int, default=DEFAULT_ITERS_PER_EPOCH,
@@ -40,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--iters-per-epoch must be 0 (skip) or positive")
     opts = BackwardOptions(ckpt=args.ckpt, shape=args.shape, seed=args.seed, steps=args.steps,
                            lr=args.lr, warmup_iters=args.warmup_iters, dtype=args.dtype,
-                           extra_dtype=None if args.extra_dtype == "none" else args.extra_dtype,
+                           extra_dtype=extra_dtype(args),
                            clip_max_norm=args.clip_max_norm, reprod_log=not args.no_reprod_log,
                            schedule_iters_per_epoch=args.iters_per_epoch,
                            reports=args.reports, build_dir=args.build_dir)

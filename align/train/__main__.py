@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from align.data.pipelines import parse_scale
-from align.ghm_pair import BUILD_DIR, MODEL_DTYPES
+from align.ghm_pair import BUILD_DIR, add_dtype_arguments, extra_dtype
 from align.train.stage import DEFAULT_SCALE, FLIP_MODES, STAGE, TrainOptions, first_divergence, run_train
 
 
@@ -22,11 +22,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="train Resize bound LONG,SHORT for both pipelines (default %(default)s)")
     p.add_argument("--flip", choices=FLIP_MODES, default="seeded",
                    help="seeded: the same seeded decision per sample on both sides; on/off: forced")
-    p.add_argument("--dtype", choices=MODEL_DTYPES, default="float64",
-                   help="precision of the run checked against the tolerance (default %(default)s)")
-    p.add_argument("--extra-dtype", choices=MODEL_DTYPES + ("none",), default="float32",
-                   help="precision of a second run, measured and reported but not checked; "
-                        "'none' or the same as --dtype skips it (default %(default)s)")
+    add_dtype_arguments(p)
     p.add_argument("--loss-rel-tol", type=float, default=1e-4)
     p.add_argument("--reports", type=Path, default=Path("reports"))
     p.add_argument("--build-dir", type=Path, default=BUILD_DIR)
@@ -35,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         opts = TrainOptions(ckpt=args.ckpt, seed=args.seed, iters=args.iters, lr=args.lr,
                             warmup_iters=args.warmup_iters, scale=parse_scale(args.scale), flip=args.flip,
                             dtype=args.dtype,
-                            extra_dtype=None if args.extra_dtype == "none" else args.extra_dtype,
+                            extra_dtype=extra_dtype(args),
                             loss_rel_tol=args.loss_rel_tol, reports=args.reports, build_dir=args.build_dir)
         result = run_train(opts)
     except (FileNotFoundError, KeyError, ValueError) as err:
