@@ -63,7 +63,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -82,6 +81,7 @@ import paddle  # noqa: E402
 from bench.machine import load_average  # noqa: E402
 from paddle_impl import checkpoint as ckpt  # noqa: E402
 from paddle_impl import train  # noqa: E402
+from paddle_impl.coco_eval import save_json_atomic  # noqa: E402
 from paddle_impl.config import get_config  # noqa: E402
 from paddle_impl.dataset import CocoDetection, build_dataloader  # noqa: E402
 from paddle_impl.detector import RetinaNet  # noqa: E402
@@ -418,20 +418,6 @@ def iteration_table(dist_run: dict[str, Any], emu: dict[str, Any], joined: dict[
     return rows
 
 
-def write_json_atomic(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 # Main --------------------------------------------------------------------------------------------
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -511,7 +497,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "a_vs_control_summed_gradients": {k: a_vs_control[k] for k in ("params", "max_rel_any")},
         "ok": ok,
     }
-    write_json_atomic(report, args.out)
+    save_json_atomic(report, args.out, indent=1)
     p = a_vs_b["params"]
     print(f"[data_parallel] (a) vs (b): params bit-identical {p['bit_identical']}, max_rel {p['max_rel']:.3g}, "
           f"worst relative difference of anything {a_vs_b['max_rel_any']:.3g} (tolerance {TOLERANCE:g})\n"

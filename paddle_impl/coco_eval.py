@@ -74,7 +74,7 @@ def _unpack(result: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     )
 
 
-def save_json_atomic(obj: Any, path: str | os.PathLike) -> None:
+def save_json_atomic(obj: Any, path: str | os.PathLike, indent: int | None = None) -> None:
     """Write ``obj`` as JSON to ``path`` so that readers see the old file or the
     complete new one, never a partial write: a temporary file in the same
     directory is written, flushed and then renamed over ``path``."""
@@ -83,7 +83,7 @@ def save_json_atomic(obj: Any, path: str | os.PathLike) -> None:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f)
+            json.dump(obj, f, indent=indent)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_name, path)
