@@ -343,16 +343,21 @@ class GHMC(_GHMBase):
         """The GHM-C loss.
 
         Args:
-            pred: (N, C) float32 (or float64) logits.
-            target: (N, C) targets in [0, 1] (binary in practice; a value
-                outside [0, 1] could give g > 1, which mmdet leaves out of
-                every region and this implementation may put in the last), or
-                (N,) integer class indices, where any value outside [0, C)
-                (the background index C, or a negative one) means "no
-                foreground class".
-            label_weight: (N, C), or (N,) with index targets; an element
-                counts when its weight is > 0. Only the sign matters: the
-                weights do not scale the loss.
+            pred: (N, C) float32 (or float64) logits; element-wise targets
+                accept any shape.
+            target: targets in [0, 1] shaped like ``pred`` (binary in
+                practice; a value outside [0, 1] could give g > 1, which
+                mmdet leaves out of every region and this implementation may
+                put in the last), or, for ``pred`` (N, C), (N,) integer class
+                indices, where any value outside [0, C) (the background index
+                C, or a negative one) means "no foreground class".
+            label_weight: broadcastable to ``pred`` ((N, C), (N, 1), (1, C),
+                a scalar...), or N values with index targets; an element
+                counts when its weight is > 0, and ``tot`` counts the
+                positive entries of ``label_weight`` as given (mmdet's rule),
+                except that index targets expand it to (N, C) first, as
+                mmdet does. Only the sign matters: the weights do not scale
+                the loss.
             reduction_override: None, 'mean' or 'none'.
             **kwargs: ignored (the head passes ``avg_factor``).
         Returns:
@@ -366,21 +371,24 @@ class GHMC(_GHMBase):
         """Element-wise BCE, its derivative, the validity and ``tot``.
 
         Returns:
-            loss, derivative: (N, C) in ``pred``'s dtype, without autograd.
-            valid: bool, (N, 1) for index targets, else (N, C).
+            loss, derivative: shaped like ``pred`` in its dtype, without autograd.
+            valid: bool, broadcastable to ``pred`` ((N, 1) for index targets).
             tot: () ``max(#valid elements, 1)`` in ``pred``'s dtype.
         """
-        num_samples, num_classes = pred.shape
+        index_targets = _check_ghmc_shapes(pred, target, label_weight)
         with paddle.no_grad():
             logits = pred.detach()
-            # BCE with logits is softplus(x) - t * x; its derivative is
-            # sigmoid(x) - t, whose magnitude is g.
+            # The derivative of BCE with logits is sigmoid(x) - t; g is its magnitude.
             derivative = F.sigmoid(logits)
-            loss = F.softplus(logits)
-            if target.ndim != pred.ndim:
+            # BCE with logits as max(x, 0) - t * x + log1p(exp(-|x|)), which
+            # keeps the small losses of confident logits that softplus(x) - t * x
+            # cancels to zero (x = 17, t = 1: 4.1e-8, not 0).
+            loss = F.relu(logits)
+            if index_targets:
                 # Index targets: subtract t = 1 at each foreground (row,
                 # class) pair in place, instead of building an (N, C) one-hot.
                 # Background rows address column 0 and subtract zero.
+                num_samples, num_classes = pred.shape
                 labels = target.reshape([-1])
                 foreground = (labels >= 0) & (labels < num_classes)
                 cols = paddle.where(foreground, labels, paddle.zeros_like(labels))
@@ -388,19 +396,49 @@ class GHMC(_GHMBase):
                 t = foreground.astype(pred.dtype)
                 derivative.index_put_((rows, cols), -t, accumulate=True)
                 loss.index_put_((rows, cols), -(logits[rows, cols] * t), accumulate=True)
-                # mmdet expands per-sample weights to (N, C); an (N, 1)
-                # column broadcasts the same way without the copy.
+                # mmdet expands per-sample weights to (N, C) and counts that;
+                # an (N, 1) column broadcasts the same way without the copy.
                 valid = label_weight.reshape([-1, 1]) > 0
+                num_valid = valid.astype("int64").sum() * num_classes
             else:
                 target = target.astype(pred.dtype)
                 derivative.subtract_(target)
                 loss.subtract_(logits * target)
+                # mmdet counts the weights as given, before they broadcast.
                 valid = label_weight > 0
-            # tot counts the valid elements of the broadcast validity.
-            repeat = (num_samples * num_classes) // max(int(np.prod(valid.shape)), 1)
-            num_valid = valid.astype("int64").sum() * repeat
+                num_valid = valid.astype("int64").sum()
+            tail = paddle.abs(logits)
+            tail.scale_(-1.0)
+            tail.exp_()
+            tail.log1p_()
+            loss.add_(tail)
+            del tail
             tot = paddle.maximum(num_valid.astype(pred.dtype), paddle.ones([], dtype=pred.dtype))
         return loss, derivative, valid, tot
+
+
+def _check_ghmc_shapes(pred, target, label_weight) -> bool:
+    """Whether the targets are class indices; a ValueError naming the shapes when the
+    inputs do not fit together (mmdet would fail later, or silently broadcast)."""
+    pred_shape, target_shape = list(pred.shape), list(target.shape)
+    weight_shape = list(label_weight.shape)
+    if len(target_shape) != len(pred_shape):
+        if len(pred_shape) != 2 or len(target_shape) != 1 or target_shape[0] != pred_shape[0]:
+            raise ValueError(f"GHMC: class-index targets need pred (N, C) and target (N,), "
+                             f"got pred {pred_shape} and target {target_shape}")
+        if int(np.prod(weight_shape)) != pred_shape[0]:
+            raise ValueError(f"GHMC: with class-index targets label_weight needs N = {pred_shape[0]} "
+                             f"values, got label_weight {weight_shape} for pred {pred_shape}")
+        return True
+    if target_shape != pred_shape:
+        raise ValueError(f"GHMC: target {target_shape} must have the shape of pred {pred_shape}")
+    try:
+        broadcast = list(np.broadcast_shapes(tuple(weight_shape), tuple(pred_shape)))
+    except ValueError:
+        broadcast = None
+    if broadcast != pred_shape:
+        raise ValueError(f"GHMC: label_weight {weight_shape} does not broadcast to pred {pred_shape}")
+    return False
 
 
 class GHMR(_GHMBase):
@@ -455,7 +493,11 @@ class GHMR(_GHMBase):
             diff = pred.detach() - target
             # One root serves the loss and the derivative d / root,
             # rounded as mmdet rounds both of its expressions.
-            root = paddle.sqrt(diff * diff + mu * mu)
+            square = diff * diff + mu * mu
+            root = paddle.sqrt(square)
+            # Paddle's vectorized float32 sqrt(+inf) is NaN (torch's is +inf);
+            # an infinite prediction must give an infinite loss, as in mmdet.
+            root = paddle.where(paddle.isinf(square), square, root)
             loss = root - mu
             derivative = diff / root
             # mmdet sums the weights in float32 whatever the prediction's dtype.
