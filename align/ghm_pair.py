@@ -101,13 +101,12 @@ def build_paddle_model(ckpts: Checkpoints, dtype: str = "float32"):
     `build_torch_model` does (``Layer.to(dtype=...)`` keeps the parameter
     objects and their ``stop_gradient`` flags).
     """
-    import paddle
-
+    from paddle_impl import safe_load
     from paddle_impl.detector import RetinaNet
 
     _check_dtype(dtype)
     model = RetinaNet()
-    state = paddle.load(str(ckpts.paddle_path))
+    state = safe_load.load(ckpts.paddle_path)
     expected = set(model.state_dict())
     if set(state) != expected:
         raise KeyError(f"{ckpts.paddle_path}: keys differ from the model: "

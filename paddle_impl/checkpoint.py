@@ -20,26 +20,30 @@ all numpy arrays, so it loads without Paddle objects or a model::
 
 Writing goes to a temporary file in the destination folder, flushed to disk,
 then renamed over the destination (`atomic_save`): a crash at any moment
-leaves either the previous checkpoint or the complete new one.
+leaves either the previous checkpoint or the complete new one. Reading
+(`load_checkpoint`) never runs code from the file (:mod:`paddle_impl.safe_load`).
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import pickle
 import random
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
 import paddle
 
+from paddle_impl import safe_load
+from paddle_impl.atomic_write import atomic_write
+
 FORMAT = "ghm-retinanet-train/1"
 REQUIRED_KEYS = ("format", "iter", "epoch", "world_size", "model", "ghm_per_rank", "optimizer",
                  "lr_schedule", "sampler", "rng")
 # The GHM losses' running statistics: per process, never averaged across ranks.
 GHM_BUFFER_KEYS = ("bbox_head.loss_cls.acc_sum", "bbox_head.loss_bbox.acc_sum")
+# The class ``paddle.get_rng_state()`` returns; pybind rebuilds it from plain numbers.
+_GENERATOR_STATE = ("paddle.base.libpaddle", "GeneratorState")
 
 
 class CheckpointError(ValueError):
@@ -59,35 +63,11 @@ def to_numpy_tree(obj: Any) -> Any:
 
 def atomic_save(obj: Any, path: str | os.PathLike,
                 save_fn: Callable[[Any, str], None] | None = None) -> Path:
-    """Write ``obj`` to ``path`` with ``save_fn`` (default: pickle protocol 4) so that ``path`` is
-    either untouched or completely replaced.
-
-    The data goes to a temporary file beside ``path`` (same file system, so the
-    rename is atomic), is flushed with ``fsync``, and only then renamed over
-    ``path``. On any exception the temporary file is removed and the exception
-    propagates; ``path`` keeps its previous content.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``obj`` to ``path`` with ``save_fn`` (default: pickle protocol 4) through
+    :func:`~paddle_impl.atomic_write.atomic_write`: ``path`` is either untouched or
+    completely replaced, and a failed write raises a ``WriteError`` naming it."""
     save_fn = save_fn or _pickle_to
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_fn(obj, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        # The rename itself is durable only once the folder entry is on disk.
-        with contextlib.suppress(OSError):
-            dir_fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, lambda tmp: save_fn(obj, tmp))
 
 
 def _pickle_to(obj: Any, file_name: str) -> None:
@@ -98,17 +78,21 @@ def _pickle_to(obj: Any, file_name: str) -> None:
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read and check a checkpoint written by :func:`atomic_save` of a training state.
 
-    Raises :class:`CheckpointError` naming ``path`` when the file is missing,
-    cannot be unpickled, is not a training checkpoint or lacks a key.
+    The file is read by :mod:`paddle_impl.safe_load`, which runs nothing from
+    it. Raises :class:`CheckpointError` naming ``path`` when the file is
+    missing, cannot be unpickled, is not a training checkpoint or lacks a key,
+    and :class:`~paddle_impl.safe_load.UnsafeFileError` when it names a
+    global other than those of arrays and containers.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        with open(path, "rb") as f:
-            state = pickle.load(f)
-    except (pickle.UnpicklingError, EOFError, ValueError, OSError, AttributeError, ImportError) as err:
-        raise CheckpointError(f"{path}: cannot read the checkpoint ({type(err).__name__}: {err})") from err
+        state = safe_load.load(path)
+    except safe_load.UnsafeFileError:
+        raise
+    except safe_load.UnreadableFileError as err:
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({str(err).split(': ', 1)[-1]})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"{path}: not a training checkpoint of format {FORMAT!r} (found {found!r}); "
@@ -130,7 +114,10 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
     """Restore what :func:`rng_state` captured."""
     random.setstate(_as_python_state(state["python"]))
     np.random.set_state(state["numpy"])
-    paddle.set_rng_state(pickle.loads(state["paddle"]))
+    # The Paddle generators' pickle, read admitting only their own state class.
+    generators = safe_load.loads(state["paddle"], "the checkpoint's Paddle RNG state",
+                                 extra_globals=[_GENERATOR_STATE])
+    paddle.set_rng_state(generators)
 
 
 def _as_python_state(state: Any) -> tuple:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
+import re
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
+
+from paddle_impl.atomic_write import atomic_write
 
 CONFIG_RELPATH = "configs/ghm/retinanet_r50_fpn_ghm-1x_coco.py"
 
@@ -75,15 +77,34 @@ def build_reference(checkpoint: str | os.PathLike | None = None, seed: int = 0):
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    """The raw checkpoint object, loaded safely (tensors and plain containers only)."""
+    """The raw checkpoint object, loaded safely (tensors and plain containers only).
+
+    Raises ``FileNotFoundError`` or ``ValueError`` with a one-line message
+    naming ``path``; a file that names any other global is refused by
+    ``torch.load(weights_only=True)`` before anything from it runs.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for non-checkpoints
-        raise ValueError(f"{path}: not a loadable PyTorch checkpoint "
-                         f"(torch.load with weights_only=True failed: {err})") from err
+        raise ValueError(_load_failure(path, err)) from None
+
+
+def _load_failure(path: Path, err: Exception) -> str:
+    """One line for a failed ``torch.load``: the refused global, or the first line of torch's reason."""
+    text = str(err)
+    refused = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", text)
+    if refused:
+        return (f"{path}: refused to load {refused.group(1)} (torch.load with weights_only=True "
+                "admits only tensors and containers; nothing from the file was run)")
+    if "Weights only load failed" in text:
+        reason = re.search(r"WeightsUnpickler error: ([^\n]+)", text)
+        detail = reason.group(1).strip() if reason else "not a plain state dict"
+        return f"{path}: refused by torch.load with weights_only=True ({detail}); nothing from the file was run"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(err).__name__)
+    return f"{path}: not a loadable PyTorch checkpoint ({first})"
 
 
 def load_mmdet_state_dict(path: str | os.PathLike) -> "OrderedDict[str, torch.Tensor]":
@@ -142,14 +163,5 @@ def synthesize_checkpoint(path: str | os.PathLike, seed: int = 0) -> Path:
         },
         "state_dict": OrderedDict((k, v.detach().clone()) for k, v in model.state_dict().items()),
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+    return Path(path)
