@@ -81,7 +81,7 @@ import paddle  # noqa: E402
 from bench.machine import load_average  # noqa: E402
 from paddle_impl import checkpoint as ckpt  # noqa: E402
 from paddle_impl import train  # noqa: E402
-from paddle_impl.coco_eval import save_json_atomic  # noqa: E402
+from paddle_impl.atomic_write import write_json  # noqa: E402
 from paddle_impl.config import get_config  # noqa: E402
 from paddle_impl.dataset import CocoDetection, build_dataloader  # noqa: E402
 from paddle_impl.detector import RetinaNet  # noqa: E402
@@ -128,9 +128,7 @@ def prepare_data(root: Path, train_images: int, seed: int, scale: tuple[int, int
     data = json.loads(ann_file.read_text())
     data["images"] = [img for img in data["images"] if img["id"] in keep]
     data["annotations"] = [ann for ann in data["annotations"] if ann["image_id"] in keep]
-    tmp = ann_file.with_name(f".{ann_file.name}.tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, ann_file)
+    write_json(ann_file, data)
     return {"root": str(root), "train_images": len(keep), "pad_shape": list(common),
             "dropped": sorted(set(pad_shapes) - keep)}
 
@@ -497,7 +495,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "a_vs_control_summed_gradients": {k: a_vs_control[k] for k in ("params", "max_rel_any")},
         "ok": ok,
     }
-    save_json_atomic(report, args.out, indent=1)
+    write_json(args.out, report, indent=1)
     p = a_vs_b["params"]
     print(f"[data_parallel] (a) vs (b): params bit-identical {p['bit_identical']}, max_rel {p['max_rel']:.3g}, "
           f"worst relative difference of anything {a_vs_b['max_rel_any']:.3g} (tolerance {TOLERANCE:g})\n"

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     # As the training program does, before Paddle's MKL makes its first call.
     configure_cpu()
     from paddle_impl import train
-    from paddle_impl.coco_eval import save_json_atomic
+    from paddle_impl.atomic_write import write_json
 
     root = make_dataset(args.work_dir / "data", args.images, args.seed)
     run_dir = args.work_dir / "run"
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         "last_loss": losses[-1].get("loss") if losses else None,
         "final": final, "evaluations": evals,
     }
-    save_json_atomic(result, args.out, indent=2)
+    write_json(args.out, result, indent=2)
     print(f"overfit: {args.images} images, {args.iters} iterations, {seconds:.0f} s; "
           f"loss {result['first_loss']} -> {result['last_loss']}; "
           f"bbox_mAP {final.get('bbox_mAP')} bbox_mAP_50 {final.get('bbox_mAP_50')}; "

@@ -25,13 +25,14 @@ import io
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
+from paddle_impl.atomic_write import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -74,25 +75,6 @@ def _unpack(result: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     )
 
 
-def save_json_atomic(obj: Any, path: str | os.PathLike, indent: int | None = None) -> None:
-    """Write ``obj`` as JSON to ``path`` so that readers see the old file or the
-    complete new one, never a partial write: a temporary file in the same
-    directory is written, flushed and then renamed over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=indent)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
-
-
 def detections_to_coco_json(
     results: Sequence[Any],
     image_ids: Sequence[int],
@@ -128,7 +110,7 @@ def detections_to_coco_json(
             for box, score, label in zip(xywh.tolist(), scores.astype(np.float64).tolist(), labels.tolist())
         )
     if out_file is not None:
-        save_json_atomic(records, out_file)
+        write_json(out_file, records)
     return records
 
 

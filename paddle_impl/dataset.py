@@ -37,6 +37,7 @@ from pycocotools.coco import COCO
 
 from paddle_impl.coco_classes import COCO_CLASSES
 from paddle_impl.config import get_config
+from paddle_impl.errors import DataError, one_line
 from paddle_impl.samplers import AspectRatioBatchSampler, BatchSampler, DistributedSampler, SampleKey
 from paddle_impl.transforms import Collate, load_image, test_pipeline, train_pipeline, unpack_batch
 
@@ -285,6 +286,71 @@ class CocoDetection(paddle.io.Dataset):
         return sample
 
 
+def check_image_files(*datasets: CocoDetection, limit: int = 10) -> None:
+    """Raise :class:`DataError` listing (up to ``limit``) the image files of ``datasets``
+    that do not exist, with their image ids; one ``stat`` per file."""
+    missing = [(d, r) for d in datasets for r in d.records if not os.path.isfile(r.path)]
+    if not missing:
+        return
+    shown = ", ".join(f"{r.path} (image id {r.img_id})" for _, r in missing[:limit])
+    more = f" and {len(missing) - limit} more" if len(missing) > limit else ""
+    files = sorted({d.ann_file for d, _ in missing})
+    raise DataError(f"{len(missing)} image file(s) listed in {', '.join(files)} not found: {shown}{more}")
+
+
+# The key a sample or a batch carries instead of its data when it could not be made.
+_FAULT = "fault"
+
+
+class _FaultTolerantDataset(paddle.io.Dataset):
+    """``dataset[key]``, or ``{'fault': message}`` when the sample cannot be made.
+
+    An exception inside a DataLoader worker reaches the training process as
+    Paddle's own queue error, and with no workers it can leave the loader
+    waiting forever; passing the fault along as data lets the training process
+    raise it itself, naming the file.
+    """
+
+    def __init__(self, dataset: CocoDetection) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key) -> dict[str, Any]:
+        try:
+            return self.dataset[key]
+        except Exception as err:  # noqa: BLE001 - every fault is reported, named, by the main process
+            message = one_line(err)
+            if isinstance(err, (OSError, ValueError)) and "image id" in message:
+                return {_FAULT: message}  # load_image's own message names the file and id
+            record = self.dataset.records[SampleKey(*key).index if not isinstance(key, numbers.Integral)
+                                          else key]
+            return {_FAULT: f"{record.path} (image id {record.img_id}): {type(err).__name__}: {message}"}
+
+
+class _FaultTolerantCollate:
+    """:class:`Collate`, or ``{'fault': message}`` when a sample of the batch carries one.
+
+    The message travels as a uint8 array: a batch without any array reaches
+    the reading process as an empty one, which Paddle's loader takes for the
+    end of the data (and then waits for its reading thread forever).
+    """
+
+    def __init__(self, collate: Collate) -> None:
+        self.collate = collate
+
+    def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        faults = [s[_FAULT] for s in samples if _FAULT in s]
+        if not faults:
+            try:
+                return self.collate(samples)
+            except Exception as err:  # noqa: BLE001
+                paths = ", ".join(s.get("img_path", "?") for s in samples)
+                faults = [f"batch of {paths}: {type(err).__name__}: {one_line(err)}"]
+        return {_FAULT: np.frombuffer(faults[0].encode("utf-8"), np.uint8).copy()}
+
+
 class DetDataLoader:
     """A ``paddle.io.DataLoader`` over a :class:`CocoDetection` that yields model batches.
 
@@ -292,20 +358,27 @@ class DetDataLoader:
     :func:`~paddle_impl.transforms.unpack_batch`, so each batch is the dict it
     documents (``images``, per-image ``gt_bboxes`` and ``gt_labels``,
     ``pad_shapes``, ...). ``batch_sampler`` drives epochs and resumption.
+    An image that cannot be read or decoded raises :class:`DataError` naming
+    the file and the image id in the iterating process, with any number of
+    workers.
     """
 
     def __init__(self, dataset: CocoDetection, batch_sampler: BatchSampler, num_workers: int,
                  collate: Collate) -> None:
         self.dataset = dataset
         self.batch_sampler = batch_sampler
-        self.loader = paddle.io.DataLoader(dataset, batch_sampler=batch_sampler,
-                                           num_workers=num_workers, collate_fn=collate)
+        self.loader = paddle.io.DataLoader(_FaultTolerantDataset(dataset), batch_sampler=batch_sampler,
+                                           num_workers=num_workers,
+                                           collate_fn=_FaultTolerantCollate(collate))
 
     def __len__(self) -> int:
         return len(self.batch_sampler)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for packed in self.loader:
+            if _FAULT in packed:
+                message = np.asarray(packed[_FAULT], dtype=np.uint8).tobytes().decode("utf-8", "replace")
+                raise DataError(message)
             yield unpack_batch(packed)
 
 

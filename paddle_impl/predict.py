@@ -40,11 +40,13 @@ os.environ.setdefault("GLOG_minloglevel", "2")
 import numpy as np  # noqa: E402
 
 from paddle_impl.coco_classes import COCO_CATEGORY_IDS, COCO_CLASSES  # noqa: E402
-from paddle_impl.coco_eval import detections_to_coco_json, evaluate_bbox, save_json_atomic  # noqa: E402
+from paddle_impl.atomic_write import atomic_write, write_json  # noqa: E402
+from paddle_impl.coco_eval import detections_to_coco_json, evaluate_bbox  # noqa: E402
 from paddle_impl.config import get_config  # noqa: E402
 from paddle_impl.detector import RetinaNet  # noqa: E402
 from paddle_impl.postprocess import Detections, predict  # noqa: E402
-from paddle_impl.train import InputError, load_weights_file, parse_scale, load_weights  # noqa: E402
+from paddle_impl.errors import InputError, run_command  # noqa: E402
+from paddle_impl.train import load_weights_file, parse_scale, load_weights  # noqa: E402
 from paddle_impl.transforms import Collate, load_image, test_pipeline  # noqa: E402
 
 
@@ -58,6 +60,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--draw-dir", help="write one PNG per image with the boxes drawn")
     p.add_argument("--draw-thr", type=float, default=0.3, help="lowest score drawn (default 0.3)")
     p.add_argument("--scale", type=parse_scale, help="test resize scale WxH (default 1333x800)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="with an error, also print its Python traceback (or set GHM_TRACEBACK=1)")
     return p.parse_args(argv)
 
 
@@ -109,11 +113,10 @@ def draw(path: str, det: Detections, out_png: Path, threshold: float) -> None:
         ax.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=colour, linewidth=1.5))
         ax.text(x1, y1, f"{COCO_CLASSES[int(label)]} {score:.2f}", fontsize=7, color="white",
                 va="bottom", bbox=dict(facecolor=colour, alpha=0.8, pad=1, edgecolor="none"))
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(f".{out_png.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out_png)
+    try:
+        atomic_write(out_png, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def run(args: argparse.Namespace) -> dict[str, float] | None:
@@ -145,7 +148,7 @@ def run(args: argparse.Namespace) -> dict[str, float] | None:
         return None
     metrics = evaluate_bbox(ann_file, records)
     out = Path(args.out)
-    save_json_atomic(metrics, out.with_name(out.stem + ".metrics.json"))
+    write_json(out.with_name(out.stem + ".metrics.json"), metrics)
     for name, value in metrics.items():
         print(f"{name}: {value:.4f}")
     return metrics
@@ -153,12 +156,12 @@ def run(args: argparse.Namespace) -> dict[str, float] | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
+
+    def call() -> int:
         run(args)
-    except (InputError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return run_command(call, argv)
 
 
 if __name__ == "__main__":

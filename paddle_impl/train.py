@@ -45,8 +45,8 @@ Outputs in ``--work-dir``:
 - ``eval.jsonl``: one line per evaluation: ``epoch``, ``iter`` and the 12 COCO
   box metrics named as mmdet's ``CocoMetric`` (``bbox_mAP`` ...), ``num_detections``.
 - ``latest.ckpt``: full training state (see :mod:`paddle_impl.checkpoint`),
-  rewritten atomically at the end of every epoch, every ``--ckpt-interval-iters``
-  iterations and when training stops; ``epoch_{E}.pdparams``: model weights
+  rewritten atomically at the end of every epoch (before its evaluation), every
+  ``--ckpt-interval-iters`` iterations and when training stops; ``epoch_{E}.pdparams``: model weights
   after epoch E; ``model_final.pdparams``; ``val_results.bbox.json``: the last
   evaluation's detections in COCO format.
 - ``train.html`` (copied to ``--reports``): loss, lr and gradient-norm curves and
@@ -57,7 +57,17 @@ the exact iteration, batch and GHM state it holds; log lines written after
 that checkpoint by the interrupted run are dropped. Without a checkpoint to
 resume, training starts from scratch (as mmengine's ``resume=True`` does).
 
-Exit status: 0 on success, 2 on bad input (the message names the file or key).
+Faults: the COCO folders, every image file the run will read and the
+writability of ``--work-dir`` and ``--reports`` are checked before anything is
+written. An image that does not decode (any number of workers), a failed write
+or a NaN/infinite loss stops the run with one line naming the file, path or
+iteration; a one-process run saves its last complete iteration first (not
+for a non-finite loss). Weights and checkpoints given by the user are read
+without unpickling anything but arrays and containers
+(:mod:`paddle_impl.safe_load`).
+
+Exit status: 0 on success, 2 on bad input or a fault (one line, the file or
+option first; ``-v`` or ``GHM_TRACEBACK=1`` adds the traceback).
 """
 from __future__ import annotations
 
@@ -69,7 +79,6 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -102,10 +111,15 @@ import paddle.distributed as dist  # noqa: E402
 from paddle import nn  # noqa: E402
 
 from paddle_impl import checkpoint as ckpt  # noqa: E402
+from paddle_impl import safe_load  # noqa: E402
+from paddle_impl.atomic_write import (check_writable_dir, remove_stale_temp_files, write_json,  # noqa: E402
+                                      write_text)
 from paddle_impl.coco_eval import BBOX_METRIC_NAMES, detections_to_coco_json, evaluate_bbox  # noqa: E402
 from paddle_impl.config import get_config  # noqa: E402
-from paddle_impl.dataset import CocoDetection, build_dataloader  # noqa: E402
+from paddle_impl.dataset import CocoDetection, build_dataloader, check_image_files  # noqa: E402
 from paddle_impl.detector import RetinaNet  # noqa: E402
+from paddle_impl.errors import (DataError, InputError, NonFiniteLossError, run_command,  # noqa: E402
+                                write_error)
 from paddle_impl.lr_schedule import WarmupMultiStepLR  # noqa: E402
 from paddle_impl.optimizer import SGD, scaled_lr  # noqa: E402
 from paddle_impl.postprocess import predict  # noqa: E402
@@ -114,10 +128,6 @@ from paddle_impl.samplers import resume_position  # noqa: E402
 SMOKE_EPOCHS = 2
 SMOKE_SCALE = (320, 192)  # (w, h) the image is resized to fit, keeping its ratio
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
-
-
-class InputError(Exception):
-    """Bad command-line input: a missing file or folder, a malformed value; the message names it."""
 
 
 # Arguments ---------------------------------------------------------------------------------------
@@ -201,6 +211,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--report-only", action="store_true",
                    help="only (re)write the report from WORK_DIR's logs")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="with an error, also print its Python traceback (or set GHM_TRACEBACK=1)")
     return p.parse_args(argv)
 
 
@@ -297,19 +309,20 @@ def load_weights_file(path: str, flag: str, model: RetinaNet) -> dict[str, np.nd
     if path.endswith(".ckpt"):
         try:
             return ckpt.load_checkpoint(path)["model"]
-        except ckpt.CheckpointError as err:
-            raise InputError(f"{flag}: {err}") from None
+        except ValueError as err:
+            raise InputError(f"{flag} {err}") from None
     if path.endswith((".pth", ".pt")):
         from torch_ref.reference import load_mmdet_state_dict
         from weights_convert.convert import ConversionError, convert_mmdet_state_dict
         try:
             return dict(convert_mmdet_state_dict(load_mmdet_state_dict(path), model, source_name=path))
-        except ConversionError as err:
-            raise InputError(f"{flag} {path}: {err}") from None
+        except (ConversionError, ValueError) as err:
+            raise InputError(f"{flag} {err}") from None
     try:
-        state = paddle.load(path, return_numpy=True)
-    except Exception as err:  # paddle.load raises assorted types for a bad file
-        raise InputError(f"{flag} {path}: cannot read Paddle weights ({type(err).__name__}: {err})") from None
+        # Never paddle.load (pickle): a user's file must not run code.
+        state = safe_load.load(path)
+    except ValueError as err:
+        raise InputError(f"{flag} {err}") from None
     if isinstance(state, dict) and state.get("format") == ckpt.FORMAT:
         return state["model"]
     if not isinstance(state, dict):
@@ -392,17 +405,15 @@ def truncate_jsonl(path: Path, last_iter: int) -> None:
     if not path.is_file():
         return
     kept = [r for r in read_jsonl(path) if r.get("iter", 0) <= last_iter]
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in kept)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as err:
+        raise write_error(path, err) from err
 
 
 def _format_eta(seconds: float) -> str:
@@ -503,13 +514,9 @@ def render_report(work_dir: Path, reports: str | None, mmdet_log: dict | None, r
         last=logs[-1] if logs else None, n_iters=len(logs),
         mmdet_points=(len(mm_train), len(mm_val)),
         generated=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
-    out = work_dir / "train.html"
-    tmp = work_dir / ".train.html.tmp"
-    tmp.write_text(html)
-    os.replace(tmp, out)
+    out = write_text(work_dir / "train.html", html)
     if reports and Path(reports).resolve() != work_dir.resolve():
-        Path(reports).mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(out, Path(reports) / "train.html")
+        write_text(Path(reports) / "train.html", html)
     return out
 
 
@@ -530,6 +537,15 @@ def _param_fingerprint(model: RetinaNet) -> paddle.Tensor:
             p64 = p.astype("float64")
             total += paddle.stack([p64.sum(), (p64 * p64).sum()])
     return total
+
+
+def _non_finite_term(values: dict[str, Any]) -> str:
+    """Which loss term is NaN or infinite, first by level: ``loss_cls (FPN level 2 of 5) is nan``."""
+    for term in ("loss_cls", "loss_bbox"):
+        for level, value in enumerate(values[f"{term}_levels"]):
+            if not math.isfinite(value):
+                return f"{term} of FPN level {level} (P{level + 3}) is {value}"
+    return f"the total loss is {values['loss']}"
 
 
 def _gather(obj: Any, world_size: int) -> list[Any]:
@@ -572,11 +588,17 @@ class Trainer:
             cfg["optimizer"]["milestones"] = args.milestones
         self.cfg = cfg
 
-        self.paths = self._data_paths()
+        # The inputs and the output folders are checked before anything is written.
+        real_coco = None if self.smoke else coco_paths(args.coco)
+        self._check_output_dirs()
+        self.paths = real_coco or self._tiny_coco_paths()
         self.train_set = CocoDetection(self.paths["train_ann"], self.paths["train_img"], train=True,
                                        seed=args.seed, scale=self.scale)
         self.val_set = CocoDetection(self.paths["val_ann"], self.paths["val_img"], train=False,
                                      scale=self.scale)
+        # Every image the run will read exists (a missing one would otherwise
+        # surface hours later, in some epoch or in the evaluation).
+        check_image_files(self.train_set, self.val_set)
         self.loader = build_dataloader(self.train_set, batch_size=args.batch_size,
                                        num_workers=args.num_workers, seed=args.seed,
                                        rank=self.rank, world_size=self.world_size)
@@ -624,9 +646,15 @@ class Trainer:
             print(f"--resume: no checkpoint in {self.work_dir}, starting from scratch", file=sys.stderr)
         return None
 
-    def _data_paths(self) -> dict[str, str]:
-        if not self.smoke:
-            return coco_paths(self.args.coco)
+    def _check_output_dirs(self) -> None:
+        """Fail now, not after hours of training, when an output folder cannot be written."""
+        if not self.main:
+            return
+        check_writable_dir(self.work_dir, "--work-dir")
+        if self.args.reports:
+            check_writable_dir(self.args.reports, "--reports")
+
+    def _tiny_coco_paths(self) -> dict[str, str]:
         root = self.work_dir / "tiny_coco"
         if self.main and not (root / "annotations" / "instances_val2017.json").is_file():
             from paddle_impl.tiny_coco import generate
@@ -693,7 +721,7 @@ class Trainer:
         self._saved_at = self.iter
 
     def save_weights(self, name: str) -> None:
-        """Model weights only (``paddle.load`` + ``set_state_dict``, or ``predict --weights``)."""
+        """Model weights only (``--init`` or ``predict --weights``)."""
         if self.main:
             ckpt.atomic_save(self.model.state_dict(), self.work_dir / name,
                              save_fn=lambda obj, path: paddle.save(obj, path))
@@ -741,30 +769,42 @@ class Trainer:
         loss_cls = sum(losses["loss_cls"])
         loss_bbox = sum(losses["loss_bbox"])
         total = loss_cls + loss_bbox
-        total.backward()
-        grad_norm = float(self.optimizer.clip_and_step())
-        self.optimizer.clear_grad()
-        self.schedule.step()
         values = {
             "lr": lr,
             "loss_cls": float(loss_cls), "loss_bbox": float(loss_bbox), "loss": float(total),
             "loss_cls_levels": [float(v) for v in losses["loss_cls"]],
             "loss_bbox_levels": [float(v) for v in losses["loss_bbox"]],
         }
+        iteration = self.iter + 1
+        if not math.isfinite(values["loss"]):
+            raise NonFiniteLossError(f"iteration {iteration}: {_non_finite_term(values)}; stopped "
+                                     "before the update, the last checkpoint is unchanged")
+        total.backward()
+        grad_norm = float(self.optimizer.clip_and_step())
+        if not math.isfinite(grad_norm):
+            raise NonFiniteLossError(f"iteration {iteration}: the gradient norm is {grad_norm} "
+                                     f"(loss {values['loss']:.6g}); stopped, the last checkpoint is unchanged")
+        self.optimizer.clear_grad()
+        self.schedule.step()
         return values, grad_norm
 
     def run(self) -> None:
+        """Train to ``total_iters``. A data fault stops the run after saving the state of the
+        last complete iteration (one process; several save at their intervals), so that
+        ``--resume`` continues from it; a non-finite loss stops it without saving."""
         args, wd = self.args, self.work_dir
         if self.main:
-            wd.mkdir(parents=True, exist_ok=True)
+            stale = remove_stale_temp_files(wd)
+            if stale:
+                print(f"[train] removed {len(stale)} temporary file(s) of an interrupted write in {wd}",
+                      file=sys.stderr)
             if self.resume_from:
                 truncate_jsonl(wd / "log.jsonl", self.iter)
                 truncate_jsonl(wd / "eval.jsonl", self.iter)
             else:
                 for name in ("log.jsonl", "eval.jsonl"):
                     (wd / name).unlink(missing_ok=True)
-            with open(wd / "run.json", "w") as f:
-                json.dump(self.run_info(), f, indent=1)
+            write_json(wd / "run.json", self.run_info(), indent=1)
             print(f"[train] {self.run_info()['mode']}: {self.epochs} epochs x {self.iters_per_epoch} "
                   f"iterations, {self.world_size} process(es) x {args.batch_size} images, "
                   f"lr {self.base_lr:g}, stopping at iteration {self.total_iters}", file=sys.stderr)
@@ -772,7 +812,23 @@ class Trainer:
         if self.main and not args.no_progress:
             from tqdm import tqdm
             bar = tqdm(total=self.total_iters, initial=self.iter, desc="train", dynamic_ncols=True)
+        try:
+            self._train(bar)
+        except DataError:
+            if self.world_size == 1 and 0 < self.iter != self._saved_at:
+                self.save_checkpoint()
+                print(f"[train] saved iteration {self.iter} to {wd / 'latest.ckpt'}; "
+                      "fix the data and continue with --resume", file=sys.stderr)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        if self.main:
+            report = render_report(wd, args.reports, self.mmdet_log, self.run_info())
+            print(f"[train] done: {self.iter} iterations; report {report}", file=sys.stderr)
 
+    def _train(self, bar) -> None:
+        args, wd = self.args, self.work_dir
         started, done_here = time.perf_counter(), 0
         evaluated_at = -1
         while self.iter < self.total_iters:
@@ -813,21 +869,17 @@ class Trainer:
                     break
                 t_data = time.perf_counter()
             if self.position["epoch"] == epoch + 1:
-                # A whole epoch is done.
+                # A whole epoch is done: its state goes to disk before the
+                # evaluation, which may fail (a bad val image) or take hours.
+                self.save_checkpoint()
+                self.save_weights(f"epoch_{epoch + 1}.pdparams")
                 if args.eval_interval and (epoch + 1) % args.eval_interval == 0:
                     self._evaluate(epoch + 1)
                     evaluated_at = self.iter
-                self.save_checkpoint()
-                self.save_weights(f"epoch_{epoch + 1}.pdparams")
-        if bar is not None:
-            bar.close()
-        if evaluated_at != self.iter:
-            self._evaluate(self.position["epoch"] + (1 if self.position["batch"] else 0))
         self.save_checkpoint()
         self.save_weights("model_final.pdparams")
-        if self.main:
-            report = render_report(wd, args.reports, self.mmdet_log, self.run_info())
-            print(f"[train] done: {self.iter} iterations; report {report}", file=sys.stderr)
+        if evaluated_at != self.iter:
+            self._evaluate(self.position["epoch"] + (1 if self.position["batch"] else 0))
 
     def _fingerprint(self) -> list[float]:
         return _param_fingerprint(self.model).numpy().tolist()
@@ -835,7 +887,8 @@ class Trainer:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
+
+    def run() -> int:
         if args.report_only:
             work_dir = Path(args.work_dir)
             if not (work_dir / "log.jsonl").is_file():
@@ -848,10 +901,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if dist.get_world_size() > 1:
             dist.init_parallel_env()
         Trainer(args).run()
-    except (InputError, ckpt.CheckpointError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return run_command(run, argv)
 
 
 if __name__ == "__main__":

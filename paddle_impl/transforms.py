@@ -43,13 +43,13 @@ def load_image(path: str, img_id: int) -> np.ndarray:
         with open(path, "rb") as f:
             data = f.read()
     except FileNotFoundError:
-        raise FileNotFoundError(f"image file not found: {path} (image id {img_id})") from None
+        raise FileNotFoundError(f"{path} (image id {img_id}): image file not found") from None
     except OSError as err:
-        raise OSError(f"cannot read image file {path} (image id {img_id}): {err}") from err
+        raise OSError(f"{path} (image id {img_id}): cannot read the image file ({err.strerror or err})") from None
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
     if img is None:
-        raise ValueError(f"cannot decode image file {path} (image id {img_id}): "
-                         f"not an image format OpenCV reads, or the file is truncated")
+        raise ValueError(f"{path} (image id {img_id}): cannot decode the image "
+                         f"(not an image format OpenCV reads, or the file is truncated)")
     return img
 
 

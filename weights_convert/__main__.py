@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from paddle_impl.errors import run_command
 from weights_convert.convert import ConversionError, mmdet_to_paddle, torchvision_resnet50_to_paddle
 
 COMMANDS = {
@@ -20,15 +21,16 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("input", help="PyTorch checkpoint, loaded with weights_only=True")
         p.add_argument("output", help="Paddle state dict to write")
+        p.add_argument("-v", "--verbose", action="store_true",
+                       help="with an error, also print its Python traceback (or set GHM_TRACEBACK=1)")
     args = parser.parse_args(argv)
     convert, _ = COMMANDS[args.command]
-    try:
-        out = convert(args.input, args.output)
-    except (ConversionError, FileNotFoundError, ValueError, KeyError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
+
+    def run() -> int:
+        print(f"wrote {convert(args.input, args.output)}")
+        return 0
+
+    return run_command(run, argv, expected=(ConversionError, KeyError))
 
 
 if __name__ == "__main__":

@@ -9,12 +9,13 @@ explicitly dropped, and any mismatch stops with the offending keys named.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Mapping
 
 import numpy as np
+
+from paddle_impl.atomic_write import atomic_write
 
 # Paddle state-dict suffix -> PyTorch suffix (BatchNorm running statistics).
 RENAMES = {
@@ -129,20 +130,11 @@ def convert_torchvision_resnet50(state_dict: Mapping[str, object], model=None,
 
 
 def save_paddle_state_dict(state_dict: Mapping[str, np.ndarray], out_path: str | os.PathLike) -> Path:
-    """``paddle.save`` to a temporary file beside ``out_path``, then rename: no partial output."""
+    """``paddle.save`` through the project's atomic writer: no partial output."""
     import paddle
 
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=out_path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        paddle.save({k: paddle.to_tensor(v) for k, v in state_dict.items()}, tmp)
-        os.replace(tmp, out_path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return out_path
+    tensors = {k: paddle.to_tensor(v) for k, v in state_dict.items()}
+    return atomic_write(out_path, lambda tmp: paddle.save(tensors, tmp))
 
 
 def mmdet_to_paddle(in_path: str | os.PathLike, out_path: str | os.PathLike) -> Path:

@@ -39,8 +39,6 @@ with the reference test_cfg:
 """
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -55,6 +53,7 @@ from align.data.rows import abs_row, exact_row
 from align.ghm_pair import (BUILD_DIR, Checkpoints, build_paddle_model, build_torch_model,
                             prepare_checkpoints, seeded_images)
 from align.report import StageResult, environment_info, write_stage_report
+from paddle_impl.atomic_write import atomic_write
 
 DEFAULT_SCALE = (1333, 800)
 SHARPEN_MEAN = -6.0
@@ -101,15 +100,7 @@ def sharpened_checkpoint(ckpts: Checkpoints, seed: int, build_dir: Path) -> Path
     checkpoint = {"meta": {"origin": f"{ckpts.torch_path.name} with retina_cls rescaled by {k:.6g} "
                                      f"(logit mean {mean:.6g} -> {SHARPEN_MEAN}, std {std:.6g} -> {SHARPEN_STD})"},
                   "state_dict": OrderedDict(state)}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(out, lambda tmp: torch.save(checkpoint, tmp))
     return out
 
 
