@@ -23,6 +23,8 @@ MMCV_CUDA    ?= 0
 MAX_JOBS     ?= 2
 
 STAMP := $(VENV)/.installed
+# The project itself, installed editable into the environment (pyproject.toml).
+SETUP := $(VENV)/.project
 
 # Alignment inputs: empty CKPT means the seeded default checkpoint in mmdet's format.
 CKPT    ?=
@@ -51,11 +53,12 @@ STAGES  := forward loss backward data predict metric train
 COMMON_ARGS = --reports $(REPORTS) --seed $(SEED) $(if $(CKPT),--ckpt $(CKPT)) $(if $(SHAPE),--shape $(SHAPE))
 
 .PHONY: help setup align $(addprefix align-,$(STAGES)) bench-ghm bench-train train-full tiny-coco \
-        test clean distclean
+        test test-fast clean distclean
 
 help:
 	@echo "make align          all alignment stages (set-up included)"
 	@echo "make test           the test suite (set-up included)"
+	@echo "make test-fast      the tests not marked slow"
 	@echo "make align-forward  forward stage; CKPT=, SHAPE=NxCxHxW, SEED=, PERTURB=param.name"
 	@echo "make align-loss     anchors, targets, GHM losses; CKPT=, SHAPE=2x3xHxW, SEED=, ITERS="
 	@echo "make align-backward training steps and the whole lr schedule; CKPT=, SHAPE=, SEED=, STEPS=, ITERS_PER_EPOCH="
@@ -66,7 +69,7 @@ help:
 	@echo "make bench-train    training-step speed, mmdet vs Paddle, batch of 2 at two sizes; CKPT="
 	@echo "make setup          create $(VENV) and install the pinned dependencies"
 
-setup: $(STAMP)
+setup: $(SETUP)
 
 $(STAMP): requirements/build.txt requirements/reference.txt requirements/lock.txt
 	@echo "==> [1/5] virtual environment $(VENV)"
@@ -90,32 +93,36 @@ $(STAMP): requirements/build.txt requirements/reference.txt requirements/lock.tx
 	$(PY) -c "import torch, paddle, mmcv, mmdet, mmengine, reprod_log; print('  torch', torch.__version__, '| paddle', paddle.__version__, '| mmcv', mmcv.__version__, '| mmdet', mmdet.__version__)"
 	touch $@
 
+$(SETUP): $(STAMP) pyproject.toml
+	$(PIP) install -q --no-deps --no-build-isolation -e .
+	touch $@
+
 # Every stage runs even when an earlier one fails; the exit status reports any failure.
-align: $(STAMP)
+align: $(SETUP)
 	@status=0; for stage in $(STAGES); do \
 	  $(MAKE) --no-print-directory align-$$stage || status=1; \
 	done; echo "reports: $(REPORTS)/index.html"; exit $$status
 
-align-forward: $(STAMP)
+align-forward: $(SETUP)
 	$(PY) -m align.forward $(COMMON_ARGS) $(if $(PERTURB),--perturb $(PERTURB))
 
-align-loss: $(STAMP)
+align-loss: $(SETUP)
 	$(PY) -m align.loss $(COMMON_ARGS) $(if $(ITERS),--iters $(ITERS))
 
-align-backward: $(STAMP)
+align-backward: $(SETUP)
 	$(PY) -m align.backward $(COMMON_ARGS) $(if $(STEPS),--steps $(STEPS)) \
 	  $(if $(ITERS_PER_EPOCH),--iters-per-epoch $(ITERS_PER_EPOCH))
 
-align-data: $(STAMP)
+align-data: $(SETUP)
 	$(PY) -m align.data --reports $(REPORTS) --seed $(SEED) $(if $(SCALE),--scale $(SCALE))
 
-align-predict: $(STAMP)
+align-predict: $(SETUP)
 	$(PY) -m align.predict --reports $(REPORTS) --seed $(SEED) $(if $(CKPT),--ckpt $(CKPT)) $(if $(SCALE),--scale $(SCALE))
 
-align-metric: $(STAMP)
+align-metric: $(SETUP)
 	$(PY) -m align.metric --reports $(REPORTS) --seed $(SEED)
 
-align-train: $(STAMP)
+align-train: $(SETUP)
 	$(PY) -m align.train --reports $(REPORTS) --seed $(SEED) $(if $(CKPT),--ckpt $(CKPT)) \
 	  $(if $(TRAIN_ITERS),--iters $(TRAIN_ITERS)) $(if $(SCALE),--scale $(SCALE))
 
@@ -123,20 +130,24 @@ TRAIN_ARGS = --work-dir $(WORK_DIR) --reports $(REPORTS) $(if $(COCO),--coco $(C
   $(if $(R50),--init-backbone $(R50)) $(if $(RESUME),--resume) $(if $(MMDET_LOG),--mmdet-log $(MMDET_LOG))
 
 # Without COCO= this is a short smoke schedule on the tiny synthetic COCO, labelled as such.
-train-full: $(STAMP)
-	$(if $(GPUS),$(PY) -m paddle.distributed.launch --gpus $(GPUS) --log_dir $(WORK_DIR)/launch paddle_impl/train.py,$(PY) -m paddle_impl.train) $(TRAIN_ARGS)
+train-full: $(SETUP)
+	$(if $(GPUS),$(PY) -m paddle.distributed.launch --gpus $(GPUS) --log_dir $(WORK_DIR)/launch $(abspath $(VENV))/bin/ghm-train,$(PY) -m paddle_impl.train) $(TRAIN_ARGS)
 
-tiny-coco: $(STAMP)
-	$(PY) -m paddle_impl.tiny_coco $(TINY_COCO) --force
+tiny-coco: $(SETUP)
+	$(PY) -m paddle_impl.data.tiny_coco $(TINY_COCO) --force
 
-bench-ghm: $(STAMP)
+bench-ghm: $(SETUP)
 	$(PY) -m bench.bench_ghm --out $(REPORTS)/bench_ghm.json
 
-bench-train: $(STAMP)
+bench-train: $(SETUP)
 	$(PY) -m bench.bench_train --out $(REPORTS)/bench_train.json $(if $(CKPT),--ckpt $(CKPT))
 
-test: $(STAMP)
+test: $(SETUP)
 	$(PY) -m pytest -q tests
+
+# Everything but the tests marked slow (full-size ResNet-50, launched processes, whole stages).
+test-fast: $(SETUP)
+	$(PY) -m pytest -q -m "not slow" tests
 
 clean:
 	rm -rf $(REPORTS) build .pytest_cache

@@ -101,11 +101,11 @@ def build_paddle_model(ckpts: Checkpoints, dtype: str = "float32"):
     `build_torch_model` does (``Layer.to(dtype=...)`` keeps the parameter
     objects and their ``stop_gradient`` flags).
     """
-    from paddle_impl import safe_load
-    from paddle_impl.detector import RetinaNet
+    from paddle_impl.engine import safe_load
+    from paddle_impl.model.detector import RetinaNet
 
     _check_dtype(dtype)
-    model = RetinaNet()
+    model = RetinaNet.from_config()
     state = safe_load.load(ckpts.paddle_path)
     expected = set(model.state_dict())
     if set(state) != expected:

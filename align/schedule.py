@@ -6,7 +6,7 @@ the config's ``optim_wrapper``, and drives it as mmengine's runner does in an
 ``EpochBasedTrainLoop``: ``ParamSchedulerHook.after_train_iter`` after every
 iteration, ``after_train_epoch`` after every epoch. It records the lr the
 optimizer step of each iteration uses. `paddle_lrs` records the same from
-``paddle_impl.lr_schedule.WarmupMultiStepLR``, stepped the same way.
+``paddle_impl.engine.lr_schedule.WarmupMultiStepLR``, stepped the same way.
 """
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ def paddle_lrs(iters_per_epoch: int, max_epochs: Optional[int] = None,
     shape (iters_per_epoch * max_epochs,).
     """
     from paddle_impl.config import get_config
-    from paddle_impl.lr_schedule import WarmupMultiStepLR
+    from paddle_impl.engine.lr_schedule import WarmupMultiStepLR
 
     cfg = get_config()
     if max_epochs is not None:

@@ -35,7 +35,7 @@ import torch
 
 from bench.machine import load_average, machine_info
 from paddle_impl.config import get_config
-from paddle_impl.ghm_loss import GHMC, GHMR
+from paddle_impl.model.ghm_loss import GHMC, GHMR
 
 LEVELS = ("P3", "P4", "P5", "P6", "P7")
 FEATURE_SIZES = ((100, 168), (50, 84), (25, 42), (13, 21), (7, 11))

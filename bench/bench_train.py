@@ -11,7 +11,7 @@ alignment stage drives them (``align.backward.stage``):
 * mmdet: ``model.loss`` of the model built from mmdet's config, then
   mmengine's ``OptimWrapper`` (backward, clip, ``SGD.step``, ``zero_grad``)
   and the iteration schedulers;
-* ours: ``RetinaNet.loss``, ``backward``, ``SGD.clip_and_step``, ``clear_grad``
+* ours: the engine's ``train_step`` (``RetinaNet.loss``, ``backward``, clip, SGD, ``clear_grad``)
   and ``WarmupMultiStepLR``.
 
 Both start from the same weights (the seeded synthetic checkpoint unless
@@ -34,7 +34,7 @@ settings are recorded with the load average before and after (the cores are
 shared).
 
 CPU runtime. Paddle's process settings are those of training
-(``paddle_impl.runtime.configure_cpu``, applied before Paddle is imported): on
+(``paddle_impl.engine.runtime.configure_cpu``, applied before Paddle is imported): on
 a non-Intel x86 CPU they let the MKL that Paddle's conv2d runs on use its
 AVX2/AVX-512 kernels instead of its generic ones. ``--no-cpu-config`` skips
 them, to measure the library as installed.
@@ -106,8 +106,11 @@ def timed_step(trainer, loss_timer, images, batch) -> tuple[float, float, float]
     watch = Stopwatch()
     with loss_timer(trainer, watch):
         start = time.perf_counter()
-        losses, _ = trainer.forward_backward(images, batch)
-        trainer.optimizer_step()
+        if hasattr(trainer, "step"):  # ours: the engine's train_step
+            losses, _, _ = trainer.step(images, batch)
+        else:
+            losses, _ = trainer.forward_backward(images, batch)
+            trainer.optimizer_step()
         seconds = time.perf_counter() - start
     total = sum(float(v.detach()) for kind in ("loss_cls", "loss_bbox") for v in losses[kind])
     return seconds, watch.seconds, total
@@ -211,7 +214,7 @@ def main(argv=None) -> int:
                         help="CPU threads of both libraries (default: torch's default; 0: each "
                              "library's own default)")
     parser.add_argument("--no-cpu-config", action="store_true",
-                        help="skip paddle_impl.runtime.configure_cpu (Paddle as installed)")
+                        help="skip paddle_impl.engine.runtime.configure_cpu (Paddle as installed)")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
@@ -220,7 +223,7 @@ def main(argv=None) -> int:
     except argparse.ArgumentTypeError as err:
         parser.error(str(err))
 
-    from paddle_impl.runtime import configure_cpu
+    from paddle_impl.engine.runtime import configure_cpu
 
     # Before Paddle is imported: MKL fixes its kernel choice at its first call.
     cpu_config = None if args.no_cpu_config else configure_cpu()

@@ -7,14 +7,14 @@
 Three trainings from the same seeded weights over the same images, iteration by
 iteration, on a generated tiny COCO at a small scale:
 
-(a) ``python -m paddle.distributed.launch --nproc_per_node 2 paddle_impl/train.py``:
+(a) ``python -m paddle.distributed.launch --nproc_per_node 2 .venv/bin/ghm-train``:
     two CPU processes (gloo) x 2 images, ``paddle.DataParallel``;
 (b) its emulation in this one process: every iteration, the two batches the
     distributed sampler gives rank 0 and rank 1, each loss computed with that
     rank's own GHM momentum buffers (swapped in and out of the model), the two
     gradients summed in rank order and divided by the world size (what
     DataParallel's all-reduce does), then the same clip + SGD step and lr
-    schedule (``paddle_impl.optimizer.SGD``, ``WarmupMultiStepLR``);
+    schedule (``paddle_impl.engine.optimizer.SGD``, ``WarmupMultiStepLR``);
 (c) one process x 4 images: the same two batches joined into one, one GHM state.
 
 Why (b) and not (c) is the exact counterpart of (a). Each GHM loss computes its
@@ -70,7 +70,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from paddle_impl.runtime import configure_cpu
+from paddle_impl.engine.runtime import configure_cpu
 
 # MKL fixes its kernel choice at its first call: the same settings as the training script's,
 # before Paddle is imported, so this process computes as the launched ones do.
@@ -79,18 +79,25 @@ configure_cpu()
 import paddle  # noqa: E402
 
 from bench.machine import load_average  # noqa: E402
-from paddle_impl import checkpoint as ckpt  # noqa: E402
-from paddle_impl import train  # noqa: E402
-from paddle_impl.atomic_write import write_json  # noqa: E402
+from paddle_impl.engine import checkpoint as ckpt  # noqa: E402
+from paddle_impl.arguments import parse_scale  # noqa: E402
+from paddle_impl.engine.report import read_jsonl  # noqa: E402
+from paddle_impl.engine.train_step import LossForward, train_step  # noqa: E402
+from paddle_impl.engine.trainer import coco_paths, seed_everything  # noqa: E402
+from paddle_impl.engine.weights import set_ghm_buffers  # noqa: E402
+from paddle_impl.engine.atomic_write import write_json  # noqa: E402
 from paddle_impl.config import get_config  # noqa: E402
-from paddle_impl.dataset import CocoDetection, build_dataloader  # noqa: E402
-from paddle_impl.detector import RetinaNet  # noqa: E402
-from paddle_impl.lr_schedule import WarmupMultiStepLR  # noqa: E402
-from paddle_impl.optimizer import SGD  # noqa: E402
-from paddle_impl.tiny_coco import generate  # noqa: E402
-from paddle_impl.transforms import Collate  # noqa: E402
+from paddle_impl.data.dataset import CocoDetection, build_dataloader  # noqa: E402
+from paddle_impl.model.detector import RetinaNet  # noqa: E402
+from paddle_impl.engine.lr_schedule import WarmupMultiStepLR  # noqa: E402
+from paddle_impl.engine.optimizer import SGD  # noqa: E402
+from paddle_impl.data.tiny_coco import generate  # noqa: E402
+from paddle_impl.data.transforms import Collate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+# The training program as a script for the launcher (which cannot take ``-m``): the
+# console script the project installs beside this interpreter.
+TRAIN_COMMAND = str(Path(sys.executable).parent / "ghm-train")
 WORLD_SIZE = 2
 BATCH_PER_PROCESS = 2
 WARMUP_ITERS = 2
@@ -135,7 +142,7 @@ def prepare_data(root: Path, train_images: int, seed: int, scale: tuple[int, int
 
 def load_train_set(coco: Path, seed: int, scale: tuple[int, int]) -> CocoDetection:
     """The training set exactly as ``Trainer`` builds it (random flips keyed by the seed)."""
-    paths = train.coco_paths(coco)
+    paths = coco_paths(coco)
     return CocoDetection(paths["train_ann"], paths["train_img"], train=True, seed=seed, scale=scale)
 
 
@@ -198,7 +205,7 @@ def run_distributed(coco: Path, work_dir: Path, iters: int, lr: float, seed: int
         shutil.rmtree(path, ignore_errors=True)
     work_dir.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", str(WORLD_SIZE),
-               "--max_restart", "0", "--log_dir", str(log_dir), str(ROOT / "paddle_impl" / "train.py"),
+               "--max_restart", "0", "--log_dir", str(log_dir), TRAIN_COMMAND,
                *train_args(coco, run_dir, iters, lr, seed, scale, epochs)]
     where = f"launcher output {out_file}, worker logs {log_dir}/workerlog.0 and workerlog.1"
     started = time.perf_counter()
@@ -220,7 +227,7 @@ def run_distributed(coco: Path, work_dir: Path, iters: int, lr: float, seed: int
     if code != 0:
         raise LaunchError(f"paddle.distributed.launch exited with status {code}; {where}"
                           f"{_last_lines(log_dir / 'workerlog.0')}{_last_lines(log_dir / 'workerlog.1')}")
-    log = train.read_jsonl(run_dir / "log.jsonl")
+    log = read_jsonl(run_dir / "log.jsonl")
     if [r["iter"] for r in log] != list(range(1, iters + 1)):
         raise LaunchError(f"{run_dir / 'log.jsonl'} has iterations {[r['iter'] for r in log]}, "
                           f"expected 1..{iters}; {where}")
@@ -244,10 +251,10 @@ def build_training(lr: float, seed: int, epochs: int, ipe: int):
     cfg["optimizer"]["max_epochs"] = epochs
     cfg["optimizer"]["warmup_iters"] = WARMUP_ITERS
     cfg["optimizer"]["milestones"] = [epochs + 1]
-    train._seed_everything(seed)
-    model = RetinaNet(cfg)
+    seed_everything(seed)
+    model = RetinaNet.from_config(cfg)
     model.train()
-    loss_forward = train.LossForward(model)
+    loss_forward = LossForward(model)
     optimizer = SGD(model, lr=lr, cfg=cfg)
     schedule = WarmupMultiStepLR.from_config(ipe, WORLD_SIZE * BATCH_PER_PROCESS, cfg=cfg, base_lr=lr)
     return model, loss_forward, optimizer, schedule
@@ -268,42 +275,48 @@ def data_parallel_step(model: RetinaNet, loss_forward, optimizer: SGD, schedule:
     """
     if reduce not in ("mean", "sum"):
         raise ValueError(f"reduce must be 'mean' or 'sum', got {reduce!r}")
-    lr = schedule.get_lr()
-    optimizer.set_lr(lr)
     params = [(name, p) for name, p in optimizer.parameters().items() if not p.stop_gradient]
     per_rank_grads, ranks = [], []
-    for rank, batch in enumerate(batches):
-        train.set_ghm_buffers(model, ghm[rank])
-        losses = loss_forward(batch["images"], batch["gt_bboxes"], batch["gt_labels"], batch["pad_shapes"])
-        loss_cls = sum(losses["loss_cls"])
-        loss_bbox = sum(losses["loss_bbox"])
-        total = loss_cls + loss_bbox
-        total.backward()
+
+    def keep_rank(rank: int, losses: dict[str, float]) -> None:
         ghm[rank] = ckpt.ghm_buffers(model.state_dict())
         per_rank_grads.append({name: p.grad.clone() for name, p in params if p.grad is not None})
-        if rank < len(batches) - 1:
-            # The last rank's gradients stay in place: their slots receive the reduced values.
-            optimizer.clear_grad()
-        ranks.append({"loss": float(total), "loss_cls": float(loss_cls), "loss_bbox": float(loss_bbox)})
-    names = set(per_rank_grads[0])
-    if any(set(g) != names for g in per_rank_grads):
-        raise RuntimeError("the ranks' losses reached different parameters")
-    # Dividing by a power of two is exact, so (g0 + g1) / 2 equals DataParallel's g0/2 + g1/2.
-    scale = 1.0 / len(batches) if reduce == "mean" else 1.0
-    with paddle.no_grad():
-        for name, p in params:
-            if name not in names:
-                continue
-            reduced = per_rank_grads[0][name]
-            for grads in per_rank_grads[1:]:
-                reduced = reduced + grads[name]
-            if scale != 1.0:
-                reduced = reduced * scale
-            paddle.assign(reduced, output=p.grad)
-    grad_norm = float(optimizer.clip_and_step())
-    optimizer.clear_grad()
-    schedule.step()
-    return {"lr": lr, "grad_norm": grad_norm, "ranks": ranks}
+        ranks.append(losses)
+
+    # Every rank but the last: its forward and backward, gradients kept aside.
+    for rank, batch in enumerate(batches[:-1]):
+        set_ghm_buffers(model, ghm[rank])
+        losses = loss_forward(batch["images"], batch["gt_bboxes"], batch["gt_labels"], batch["pad_shapes"])
+        loss_cls, loss_bbox = sum(losses["loss_cls"]), sum(losses["loss_bbox"])
+        total = loss_cls + loss_bbox
+        total.backward()
+        keep_rank(rank, {"loss": float(total), "loss_cls": float(loss_cls), "loss_bbox": float(loss_bbox)})
+        optimizer.clear_grad()
+
+    def reduce_gradients() -> None:
+        # The last rank's gradients stay in place: their slots receive the reduced values.
+        keep_rank(len(batches) - 1, {})
+        names = set(per_rank_grads[0])
+        if any(set(g) != names for g in per_rank_grads):
+            raise RuntimeError("the ranks' losses reached different parameters")
+        # Dividing by a power of two is exact, so (g0 + g1) / 2 equals DataParallel's g0/2 + g1/2.
+        scale = 1.0 / len(batches) if reduce == "mean" else 1.0
+        with paddle.no_grad():
+            for name, p in params:
+                if name not in names:
+                    continue
+                reduced = per_rank_grads[0][name]
+                for grads in per_rank_grads[1:]:
+                    reduced = reduced + grads[name]
+                if scale != 1.0:
+                    reduced = reduced * scale
+                paddle.assign(reduced, output=p.grad)
+
+    # The last rank's step: its forward and backward, the reduction, the update.
+    set_ghm_buffers(model, ghm[-1])
+    step = train_step(loss_forward, optimizer, schedule, batches[-1], after_backward=reduce_gradients)
+    ranks[-1] = {"loss": step.loss, "loss_cls": step.loss_cls, "loss_bbox": step.loss_bbox}
+    return {"lr": step.lr, "grad_norm": step.grad_norm, "ranks": ranks}
 
 
 def run_emulation(train_set: CocoDetection, iters: int, lr: float, seed: int, epochs: int,
@@ -424,7 +437,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=4, help="training iterations (default %(default)s)")
     p.add_argument("--lr", type=float, default=0.01, help="learning rate (default %(default)s)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scale", type=train.parse_scale, default=(128, 96),
+    p.add_argument("--scale", type=parse_scale, default=(128, 96),
                    help="resize scale WxH (default 128x96)")
     p.add_argument("--train-images", type=int, default=40,
                    help="training images generated before the padded-shape filter (default %(default)s)")

@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     from align.loss.fake_batch import default_batch
     from align.loss.stage import mmdet_inputs
     from paddle_impl.config import get_config
-    from paddle_impl.ghm_loss import GHMC
+    from paddle_impl.model.ghm_loss import GHMC
 
     p = argparse.ArgumentParser(prog="python -m bench.ghm_precision", description=__doc__)
     p.add_argument("--shape", default="2x3x800x1344")

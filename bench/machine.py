@@ -18,7 +18,7 @@ def machine_info() -> dict:
     """Versions of the compared libraries, the CPU and the threads each library uses.
 
     Imports torch and Paddle: call it after any settings that must precede
-    their import (``paddle_impl.runtime.configure_cpu``).
+    their import (``paddle_impl.engine.runtime.configure_cpu``).
     """
     import mmcv
     import mmdet

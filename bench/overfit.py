@@ -33,7 +33,7 @@ from pathlib import Path
 
 def make_dataset(root: Path, images: int, seed: int) -> Path:
     """Tiny COCO at ``root`` with ``images`` training images and val = a copy of train."""
-    from paddle_impl.tiny_coco import generate
+    from paddle_impl.data.tiny_coco import generate
 
     generate(root, train=images, val=1, seed=seed, overwrite=True)
     shutil.rmtree(root / "val2017")
@@ -70,12 +70,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from paddle_impl.runtime import configure_cpu
+    from paddle_impl.engine.runtime import configure_cpu
 
     # As the training program does, before Paddle's MKL makes its first call.
     configure_cpu()
     from paddle_impl import train
-    from paddle_impl.atomic_write import write_json
+    from paddle_impl.engine.atomic_write import write_json
 
     root = make_dataset(args.work_dir / "data", args.images, args.seed)
     run_dir = args.work_dir / "run"

@@ -20,7 +20,7 @@ original pixels. Image ids and category ids of the results json:
   metrics are printed and written to ``OUT`` with ``.metrics.json`` in place of
   ``.json``;
 - otherwise: image ids 1, 2, ... in the order of ``--images``; categories are
-  COCO's ids (``paddle_impl.coco_classes.COCO_CATEGORY_IDS``).
+  COCO's ids (``paddle_impl.data.coco_classes.COCO_CATEGORY_IDS``).
 
 ``--draw-dir`` gets one PNG per image (``<stem>.png``) with the boxes scoring at
 least ``--draw-thr``, labelled with the COCO class name and score.
@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -39,15 +40,16 @@ os.environ.setdefault("GLOG_minloglevel", "2")
 
 import numpy as np  # noqa: E402
 
-from paddle_impl.coco_classes import COCO_CATEGORY_IDS, COCO_CLASSES  # noqa: E402
-from paddle_impl.atomic_write import atomic_write, write_json  # noqa: E402
-from paddle_impl.coco_eval import detections_to_coco_json, evaluate_bbox  # noqa: E402
+from paddle_impl.data.coco_classes import COCO_CATEGORY_IDS, COCO_CLASSES  # noqa: E402
+from paddle_impl.engine.atomic_write import atomic_write, write_json  # noqa: E402
+from paddle_impl.evaluation.coco_eval import detections_to_coco_json, evaluate_bbox  # noqa: E402
 from paddle_impl.config import get_config  # noqa: E402
-from paddle_impl.detector import RetinaNet  # noqa: E402
-from paddle_impl.postprocess import Detections, predict  # noqa: E402
+from paddle_impl.model.detector import RetinaNet  # noqa: E402
+from paddle_impl.boxes.postprocess import Detections  # noqa: E402
+from paddle_impl.engine.weights import convert_torch_checkpoint, load_weights, load_weights_file  # noqa: E402
 from paddle_impl.errors import InputError, run_command  # noqa: E402
-from paddle_impl.train import load_weights_file, parse_scale, load_weights  # noqa: E402
-from paddle_impl.transforms import Collate, load_image, test_pipeline  # noqa: E402
+from paddle_impl.arguments import parse_scale  # noqa: E402
+from paddle_impl.data.transforms import Collate, load_image, test_pipeline  # noqa: E402
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -76,7 +78,7 @@ def _select_images(args: argparse.Namespace) -> tuple[list[tuple[int, str]], lis
             if not Path(path).is_file():
                 raise InputError(f"--images: file not found: {path}")
         return list(enumerate(args.images, 1)), list(COCO_CATEGORY_IDS), None
-    from paddle_impl.dataset import CocoDetection
+    from paddle_impl.data.dataset import CocoDetection
     if not Path(args.img_prefix).is_dir():
         raise InputError(f"--img-prefix {args.img_prefix}: folder not found")
     dataset = CocoDetection(args.ann_file, args.img_prefix, train=False)
@@ -124,8 +126,11 @@ def run(args: argparse.Namespace) -> dict[str, float] | None:
     if not Path(args.weights).is_file():
         raise InputError(f"--weights {args.weights}: file not found")
     images, cat_ids, ann_file = _select_images(args)
-    model = RetinaNet()
-    load_weights(model, load_weights_file(args.weights, "--weights", model), f"--weights {args.weights}")
+    model = RetinaNet.from_config()
+    with tempfile.TemporaryDirectory(prefix="ghm-weights-") as tmp:
+        # An mmdet .pth goes through the converter's own command: no torch here.
+        weights = convert_torch_checkpoint(args.weights, "--weights", tmp)
+        load_weights(model, load_weights_file(weights, "--weights"), f"--weights {args.weights}")
     model.eval()
     scale = args.scale or get_config()["data"]["test_scale"]
     collate = Collate()
@@ -137,7 +142,7 @@ def run(args: argparse.Namespace) -> dict[str, float] | None:
         sample.update(img_id=img_id, img_path=path, key=(0, 0, -1))
         batch = collate.batch([sample])
         metas = [{"img_shape": batch["img_shapes"][0], "scale_factor": batch["scale_factors"][0]}]
-        results.append(predict(model, batch["images"], metas)[0])
+        results.append(model.predict(batch["images"], metas)[0])
     records = detections_to_coco_json(results, [i for i, _ in images], cat_ids, out_file=args.out)
     print(f"{len(records)} detections on {len(images)} images -> {args.out}")
     if args.draw_dir:

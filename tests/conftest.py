@@ -1,7 +1,1 @@
-"""Puts the repository root on ``sys.path`` so tests import ``paddle_impl`` and friends."""
-import os
-import sys
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+"""Shared pytest settings: the project is installed in the virtual environment (``make setup``)."""

@@ -15,7 +15,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from paddle_impl.atomic_write import atomic_write
+from paddle_impl.engine.atomic_write import atomic_write
 
 # Paddle state-dict suffix -> PyTorch suffix (BatchNorm running statistics).
 RENAMES = {
@@ -102,11 +102,11 @@ def _paddle_shapes(layer) -> "OrderedDict[str, tuple]":
 
 def convert_mmdet_state_dict(state_dict: Mapping[str, object], model=None,
                              source_name: str = "checkpoint") -> "OrderedDict[str, np.ndarray]":
-    """mmdet RetinaNet state dict -> state dict of ``paddle_impl.detector.RetinaNet``."""
+    """mmdet RetinaNet state dict -> state dict of ``paddle_impl.model.detector.RetinaNet``."""
     if model is None:
-        from paddle_impl.detector import RetinaNet
+        from paddle_impl.model.detector import RetinaNet
 
-        model = RetinaNet()
+        model = RetinaNet.from_config()
     defaults = {k: v.numpy() for k, v in model.state_dict().items()
                 if k.startswith(OPTIONAL_PREFIXES) and k.endswith(OPTIONAL_SUFFIXES)}
     return convert_state_dict(state_dict, _paddle_shapes(model), source_name=source_name,
@@ -120,9 +120,9 @@ def convert_torchvision_resnet50(state_dict: Mapping[str, object], model=None,
     This is the reference's pretrained initialisation; the classifier ``fc`` is dropped.
     """
     if model is None:
-        from paddle_impl.detector import RetinaNet
+        from paddle_impl.model.detector import RetinaNet
 
-        model = RetinaNet()
+        model = RetinaNet.from_config()
     backbone_shapes = OrderedDict((k, s) for k, s in _paddle_shapes(model.backbone).items())
     converted = convert_state_dict(state_dict, backbone_shapes, source_name=source_name,
                                    ignore=lambda k: k in TORCHVISION_CLASSIFIER)

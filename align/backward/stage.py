@@ -47,7 +47,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -209,8 +209,8 @@ class PaddleTrainer:
 
     def __init__(self, model, opts: BackwardOptions, warmup: int):
         from paddle_impl.config import get_config
-        from paddle_impl.lr_schedule import WarmupMultiStepLR
-        from paddle_impl.optimizer import SGD
+        from paddle_impl.engine.lr_schedule import WarmupMultiStepLR
+        from paddle_impl.engine.optimizer import SGD
 
         o = get_config()["optimizer"]
         self.model = model
@@ -222,26 +222,23 @@ class PaddleTrainer:
             warmup_iters=warmup, milestones=o["milestones"], gamma=o["gamma"], max_epochs=o["max_epochs"])
         self.max_norm = o["clip_grad_max_norm"] if opts.clip_max_norm is None else opts.clip_max_norm
 
-    def forward_backward(self, images: np.ndarray, batch: FakeBatch) -> tuple[dict, float]:
-        """As `TorchTrainer.forward_backward`."""
-        import paddle
+    def step(self, images: np.ndarray, batch: FakeBatch,
+             after_backward: Callable[[], None] | None = None) -> tuple[dict, float, float]:
+        """The engine's training step; ``after_backward`` sees the gradients before the update.
 
-        lr = self.schedule.lr_at(self.schedule.iteration)
-        self.optimizer.set_lr(lr)
-        losses = self.model.loss(paddle.to_tensor(images.astype(self.dtype)), batch.gt_bboxes,
-                                 batch.gt_labels, batch.pad_shapes)
-        paddle.add_n(losses["loss_cls"] + losses["loss_bbox"]).backward()
-        return losses, lr
+        Returns the loss tensors per level, the learning rate and the gradient norm.
+        """
+        from paddle_impl.engine.train_step import train_step
+
+        result = train_step(self.model.loss, self.optimizer, self.schedule,
+                            {"images": images, "gt_bboxes": batch.gt_bboxes, "gt_labels": batch.gt_labels,
+                             "pad_shapes": batch.pad_shapes},
+                            max_norm=self.max_norm, after_backward=after_backward)
+        return result.losses, result.lr, result.grad_norm
 
     def gradients(self) -> dict:
         return {n: p.grad for n, p in self.model.named_parameters()
                 if p.grad is not None and not p.stop_gradient}
-
-    def optimizer_step(self) -> float:
-        grad_norm = self.optimizer.clip_and_step(self.max_norm)
-        self.optimizer.clear_grad()
-        self.schedule.step()
-        return float(grad_norm)
 
     def parameters(self) -> dict:
         """Parameters by name, without BatchNorm's running statistics: Paddle
@@ -474,26 +471,33 @@ def train_pair(opts: BackwardOptions, dtype: str, ckpts: Checkpoints,
             t0 = time.perf_counter()
             t_losses, t_lr = torch_side.forward_backward(images, batch)
             t1 = time.perf_counter()
-            p_losses, p_lr = paddle_side.forward_backward(images, batch)
+            grads: dict = {"seconds": 0.0}
+
+            def compare_gradients() -> None:
+                # Between Paddle's backward and its update, mmdet's gradients still in place.
+                # Every step's worst difference is reported; step 1's gradients
+                # and the last step's state are also checked tensor by tensor.
+                start = time.perf_counter()
+                if first:
+                    grads["rows"] = compare_named("grad", torch_side.gradients(), paddle_side.gradients(),
+                                                  opts.grad_tol, logs)
+                    grads["worst"] = _worst_of_rows(grads["rows"])
+                else:
+                    grads["worst"] = worst_named("grad", torch_side.gradients(), paddle_side.gradients())
+                grads["seconds"] = time.perf_counter() - start
+
+            p_losses, p_lr, p_norm = paddle_side.step(images, batch, after_backward=compare_gradients)
             t2 = time.perf_counter()
             relu_flips = census.finish_step()
             if first:
                 relu_layers = {name: list(row) for name, row in census.layers.items()}
-            # Every step's worst difference is reported; step 1's gradients
-            # and the last step's state are also checked tensor by tensor.
-            if first:
-                grad_rows = compare_named("grad", torch_side.gradients(), paddle_side.gradients(),
-                                          opts.grad_tol, logs)
-                worst_grad = _worst_of_rows(grad_rows)
-            else:
-                worst_grad = worst_named("grad", torch_side.gradients(), paddle_side.gradients())
+                grad_rows = grads["rows"]
+            worst_grad = grads["worst"]
             t3 = time.perf_counter()
             t_norm = torch_side.optimizer_step()
             t4 = time.perf_counter()
-            p_norm = paddle_side.optimizer_step()
-            t5 = time.perf_counter()
             seconds["mmdet_s"] += (t1 - t0) + (t4 - t3)
-            seconds["paddle_s"] += (t2 - t1) + (t5 - t4)
+            seconds["paddle_s"] += (t2 - t1) - grads["seconds"]
 
             first_tol = opts.loss_tol_first if first else opts.loss_tol
             t_terms, p_terms = step_loss_terms(t_losses, step), step_loss_terms(p_losses, step)
@@ -692,7 +696,7 @@ def schedule_comparison(iters_per_epoch: int) -> tuple[TensorDiff, list[list], d
 
 def run_backward(opts: BackwardOptions) -> StageResult:
     """Train both in ``opts.dtype`` (and ``opts.extra_dtype``), diff, write ``backward*`` files."""
-    from paddle_impl.optimizer import scaled_lr
+    from paddle_impl.engine.optimizer import scaled_lr
 
     for dtype in (opts.dtype, opts.extra_dtype):
         if dtype is not None and dtype not in MODEL_DTYPES:

@@ -36,7 +36,7 @@ def tiny_coco_root(build_dir: Path, seed: int) -> Path:
     ``tiny_coco.generate`` moves a complete folder into place in one rename, so
     an existing folder is a finished one.
     """
-    from paddle_impl import tiny_coco
+    from paddle_impl.data import tiny_coco
 
     if seed < 0:
         raise ValueError(f"seed must be non-negative, got {seed}")
@@ -102,7 +102,7 @@ def mmdet_batch(samples: Sequence[dict]) -> dict:
 
 def our_dataset(root: Path, train: bool, scale: Sequence[int], flip: bool | None = False, seed: int = 0):
     """Our ``CocoDetection`` on ``root`` with the same scale; ``flip`` forces (train) or draws (None)."""
-    from paddle_impl.dataset import CocoDetection
+    from paddle_impl.data.dataset import CocoDetection
 
     split = TRAIN_SPLIT if train else VAL_SPLIT
     return CocoDetection(ann_file(root, split), root / split, train=train,

@@ -1,6 +1,6 @@
 """Data alignment: the same tiny COCO through mmdet's pipelines and ours.
 
-The seeded tiny COCO (``paddle_impl.tiny_coco``, 8 train and 4 val images) is
+The seeded tiny COCO (``paddle_impl.data.tiny_coco``, 8 train and 4 val images) is
 generated into the build folder. Its training split goes through mmdet's
 ``CocoDataset`` with the config's train pipeline and ``DetDataPreprocessor``
 (training mode) twice, with ``RandomFlip`` forced on (prob 1.0) and off (prob
@@ -129,7 +129,7 @@ def compare_pass(name: str, mm_ds, our_ds, preprocessor, collate, training: bool
 
 def run_data(opts: DataOptions) -> StageResult:
     """Run both data sides, diff, write ``data*`` files into ``opts.reports``."""
-    from paddle_impl.transforms import Collate
+    from paddle_impl.data.transforms import Collate
 
     if opts.batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {opts.batch_size}")

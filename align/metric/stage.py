@@ -114,7 +114,7 @@ def mmdet_metric(cfg, ann: Path, dets: list[Detections], classes) -> tuple[dict,
     from mmdet.evaluation.metrics import coco_metric
     from mmdet.registry import METRICS
 
-    from paddle_impl.coco_eval import BBOX_METRIC_NAMES
+    from paddle_impl.evaluation.coco_eval import BBOX_METRIC_NAMES
 
     seen = {}
     original = coco_metric.COCOeval
@@ -158,8 +158,8 @@ def record_arrays(records: list[dict]) -> dict[str, np.ndarray]:
 
 def run_metric(opts: MetricOptions) -> StageResult:
     """Score the same detections on both sides, diff, write ``metric*`` files into ``opts.reports``."""
-    from paddle_impl.coco_classes import COCO_CLASSES
-    from paddle_impl.coco_eval import BBOX_METRIC_NAMES, detections_to_coco_json, evaluate_bbox
+    from paddle_impl.data.coco_classes import COCO_CLASSES
+    from paddle_impl.evaluation.coco_eval import BBOX_METRIC_NAMES, detections_to_coco_json, evaluate_bbox
 
     root = tiny_coco_root(opts.build_dir, opts.seed)
     ann = ann_file(root, VAL_SPLIT)

@@ -3,7 +3,7 @@
 Each side runs its own test pipeline (Resize keep-ratio, no flip) and data
 preprocessor on every val image of the seeded tiny COCO, one image per batch
 as mmdet's val loader does; mmdet then calls ``RetinaNet.predict(...,
-rescale=True)`` and we call ``paddle_impl.postprocess.predict``. Both use the
+rescale=True)`` and we call ``paddle_impl.boxes.postprocess.predict``. Both use the
 same test configuration. Compared per image: the number of detections
 (exactly), the labels (exactly), the boxes in original pixels (absolute,
 default 1e-3 px) and the scores (absolute, default 1e-5).
@@ -53,7 +53,7 @@ from align.data.rows import abs_row, exact_row
 from align.ghm_pair import (BUILD_DIR, Checkpoints, build_paddle_model, build_torch_model,
                             prepare_checkpoints, seeded_images)
 from align.report import StageResult, environment_info, write_stage_report
-from paddle_impl.atomic_write import atomic_write
+from paddle_impl.engine.atomic_write import atomic_write
 
 DEFAULT_SCALE = (1333, 800)
 SHARPEN_MEAN = -6.0
@@ -130,10 +130,9 @@ def mmdet_predictions(model, dataset, score_thr: float | None) -> list[dict[str,
 
 
 def paddle_predictions(model, dataset, score_thr: float | None) -> list[dict[str, np.ndarray]]:
-    """Our detections per image: our test pipeline, ``Collate`` and ``predict``."""
+    """Our detections per image: our test pipeline, ``Collate`` and ``RetinaNet.predict``."""
     from paddle_impl.config import get_config
-    from paddle_impl.postprocess import predict
-    from paddle_impl.transforms import Collate
+    from paddle_impl.data.transforms import Collate
 
     cfg = get_config()["test_cfg"]
     if score_thr is not None:
@@ -143,7 +142,7 @@ def paddle_predictions(model, dataset, score_thr: float | None) -> list[dict[str
     for i in range(len(dataset)):
         batch = collate.batch([dataset[i]])
         metas = [dict(img_shape=batch["img_shapes"][0], scale_factor=batch["scale_factors"][0])]
-        det = predict(model, batch["images"], metas, cfg=cfg)[0]
+        det = model.predict(batch["images"], metas, cfg=cfg)[0]
         out.append({"img_id": int(batch["img_ids"][0]),
                     "bboxes": det.bboxes.numpy().reshape(-1, 4),
                     "scores": det.scores.numpy(),

@@ -13,7 +13,7 @@ on 2 cores; mmdet's config is overridden to it).
   the config with ``lr`` replaced; mmengine's ``LinearLR`` (stepped after
   each iteration, ``end`` = warm-up length) and ``MultiStepLR`` (stepped after
   each epoch) from the config's ``param_scheduler``.
-- ours: ``CocoDetection`` + ``Collate``, ``RetinaNet.loss``, ``SGD.clip_and_step``
+- ours: ``CocoDetection`` + ``Collate``, the engine's ``train_step``
   and ``WarmupMultiStepLR`` with the same lr, warm-up and epoch length.
 
 The default lr is 0.00125, the config's 0.01 for 16 images scaled to 2 by
@@ -130,7 +130,7 @@ class BatchPlan:
         self.iters_per_epoch = math.ceil(self.size / BATCH_SIZE)
 
     def keys(self, it: int):
-        from paddle_impl.samplers import SampleKey
+        from paddle_impl.data.samplers import SampleKey
 
         epoch, batch = divmod(it, self.iters_per_epoch)
         begin = batch * BATCH_SIZE
@@ -208,8 +208,8 @@ class PaddleTrainer:
 
     def __init__(self, model, opts: TrainOptions, warmup: int, iters_per_epoch: int):
         from paddle_impl.config import get_config
-        from paddle_impl.lr_schedule import WarmupMultiStepLR
-        from paddle_impl.optimizer import SGD
+        from paddle_impl.engine.lr_schedule import WarmupMultiStepLR
+        from paddle_impl.engine.optimizer import SGD
 
         o = get_config()["optimizer"]
         self.model = model
@@ -222,23 +222,11 @@ class PaddleTrainer:
         self.max_norm = o["clip_grad_max_norm"]
 
     def step(self, batch: dict) -> dict[str, float]:
-        import paddle
+        from paddle_impl.engine.train_step import train_step
 
-        lr = self.schedule.lr_at(self.schedule.iteration)
-        self.optimizer.set_lr(lr)
-        images = batch["images"]
-        if images.dtype != self.dtype:
-            images = images.astype(self.dtype)
-        losses = self.model.loss(images, batch["gt_bboxes"], batch["gt_labels"], batch["pad_shapes"])
-        loss_cls = paddle.add_n(losses["loss_cls"])
-        loss_bbox = paddle.add_n(losses["loss_bbox"])
-        total = loss_cls + loss_bbox
-        total.backward()
-        grad_norm = self.optimizer.clip_and_step(self.max_norm)
-        self.optimizer.clear_grad()
-        self.schedule.step()
-        return {"loss_cls": float(loss_cls), "loss_bbox": float(loss_bbox), "loss": float(total),
-                "grad_norm": float(grad_norm), "lr": float(lr)}
+        result = train_step(self.model.loss, self.optimizer, self.schedule, batch, max_norm=self.max_norm)
+        return {"loss_cls": result.loss_cls, "loss_bbox": result.loss_bbox, "loss": result.loss,
+                "grad_norm": result.grad_norm, "lr": result.lr}
 
 
 @dataclass
@@ -297,7 +285,7 @@ class TrainData:
 
 def train_pair(opts: TrainOptions, dtype: str, data: TrainData, ckpts: Checkpoints, warmup: int) -> TrainRun:
     """Train mmdet's model and ours ``opts.iters`` iterations in ``dtype``, side by side."""
-    from paddle_impl.transforms import Collate
+    from paddle_impl.data.transforms import Collate
 
     plan, our_ds = data.plan, data.our_ds
     torch_side = TorchTrainer(build_torch_model(ckpts, dtype), data.cfg, opts, warmup, plan.iters_per_epoch)

@@ -1,0 +1,56 @@
+"""Argument types shared by the command-line programs.
+
+Sizes: every command takes an image size as ``WxH`` (width first, as mmdet's
+``Resize(scale=(w, h))``), parsed by :func:`parse_scale`.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+
+
+def parse_scale(text: str) -> tuple[int, int]:
+    """``WxH`` -> ``(w, h)``, mmdet's ``Resize(scale=(w, h))`` order."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WxH such as 1333x800, got {text!r}") from None
+    if w < 32 or h < 32:
+        raise argparse.ArgumentTypeError(f"scale {text!r} too small: both sides must be >= 32")
+    return w, h
+
+
+def learning_rate(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--lr must be 'auto' or a number, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"--lr must be positive, got {text!r}")
+    return value
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def epochs_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected epochs such as 8,11, got {text!r}") from None
+    if values != sorted(values) or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"milestones must be increasing positive epochs, got {text!r}")
+    return values
