@@ -1,19 +1,18 @@
 """``python -m align.backward``: training-step alignment; exit status 1 when it fails."""
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 
-from align.backward.stage import DEFAULT_ITERS_PER_EPOCH, DEFAULT_SHAPE, BackwardOptions, first_divergence, run_backward
+from align.backward.stage import (DEFAULT_ITERS_PER_EPOCH, DEFAULT_SHAPE, BackwardOptions, first_divergence,
+                                  run_backward)
 from align.ghm_pair import BUILD_DIR, add_dtype_arguments, extra_dtype
+from align.stage_cli import run_stage, stage_parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m align.backward", description=__doc__)
-    p.add_argument("--ckpt", help="mmdet checkpoint (default: the seeded synthetic one)")
+    p = stage_parser("backward", __doc__, ckpt_help="mmdet checkpoint (default: the seeded synthetic one)",
+                     build_dir=BUILD_DIR)
     p.add_argument("--shape", default=DEFAULT_SHAPE, help="batch NxCxHxW (default %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--lr", type=float,
                    help="base learning rate (default: the config's 0.01 for 16 images, scaled linearly "
@@ -27,8 +26,6 @@ def main(argv: list[str] | None = None) -> int:
                         "%(default)s: COCO train2017 at 16 images per step; 0 skips it)")
     p.add_argument("--no-reprod-log", action="store_true",
                    help="skip the reprod_log .npy files (several copies of the model's arrays)")
-    p.add_argument("--reports", type=Path, default=Path("reports"))
-    p.add_argument("--build-dir", type=Path, default=BUILD_DIR)
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error("--steps must be at least 1")
@@ -40,42 +37,39 @@ def main(argv: list[str] | None = None) -> int:
                            clip_max_norm=args.clip_max_norm, reprod_log=not args.no_reprod_log,
                            schedule_iters_per_epoch=args.iters_per_epoch,
                            reports=args.reports, build_dir=args.build_dir)
-    try:
-        result = run_backward(opts)
-    except (FileNotFoundError, KeyError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_stage(lambda: run_backward(opts), label=lambda r: f"backward ({r.meta['dtype']})",
+                     summary=lambda r: (f"({len(r.tensors)} compared); mmdet {r.meta['mmdet_s']:.1f} s, "
+                                        f"paddle {r.meta['paddle_s']:.1f} s"),
+                     details=_details, first_divergence=first_divergence, report=opts.reports / "backward.html")
+
+
+def _details(result) -> list[str]:
+    lines = []
     for title, _, rows in result.extra_tables:
         if title.startswith("Per step"):
-            print(title)
+            lines.append(title)
             for row in rows:
                 (step, lr, loss_t, loss_p, loss_rel, norm_t, norm_p, norm_rel, clipped,
                  grad_rel, _, param_rel, _, momentum_rel, ghm_rel, flips) = row
-                print(f"  step {step:>3}: lr {lr:.3e} loss {loss_t:.6f} / {loss_p:.6f} rel {loss_rel:.1e}, "
-                      f"grad norm {norm_t:.4f} / {norm_p:.4f} rel {norm_rel:.1e}"
-                      f"{' (clipped)' if clipped else ''}; worst rel: grad {grad_rel:.1e}, "
-                      f"param {param_rel:.1e}, momentum {momentum_rel:.1e}, GHM acc_sum {ghm_rel:.1e}; "
-                      f"ReLU flips {flips}")
-    print("Worst difference per category:")
+                lines.append(f"  step {step:>3}: lr {lr:.3e} loss {loss_t:.6f} / {loss_p:.6f} rel {loss_rel:.1e}, "
+                             f"grad norm {norm_t:.4f} / {norm_p:.4f} rel {norm_rel:.1e}"
+                             f"{' (clipped)' if clipped else ''}; worst rel: grad {grad_rel:.1e}, "
+                             f"param {param_rel:.1e}, momentum {momentum_rel:.1e}, GHM acc_sum {ghm_rel:.1e}; "
+                             f"ReLU flips {flips}")
+    lines.append("Worst difference per category:")
     for run, category, count, rel, name, tol, within in result.extra_tables[0][2]:
-        print(f"  {run} {category:44s} {rel:.2e} (tol {tol:.0e}, {'ok' if within else 'OVER'}) {name}")
+        lines.append(f"  {run} {category:44s} {rel:.2e} (tol {tol:.0e}, {'ok' if within else 'OVER'}) {name}")
     schedule = result.meta["lr_schedule"]
     if schedule:
-        print(f"learning rate over the whole schedule ({schedule['iterations']} iterations, "
-              f"{schedule['iters_per_epoch']} per epoch): max abs diff {schedule['max_abs_diff']:.1e}, "
-              f"{schedule['iterations_not_bitwise_equal']} iterations not bit-for-bit equal")
+        lines.append(f"learning rate over the whole schedule ({schedule['iterations']} iterations, "
+                     f"{schedule['iters_per_epoch']} per epoch): max abs diff {schedule['max_abs_diff']:.1e}, "
+                     f"{schedule['iterations_not_bitwise_equal']} iterations not bit-for-bit equal")
     relative = result.meta["parameter_change_relative_mmdet"]
-    print(f"parameter change over the run (mmdet, {result.meta['dtype']}, base lr "
-          f"{result.meta['base_lr']:g}): largest {result.meta['largest_parameter_change_mmdet']:.3e}; "
-          f"relative to each tensor's largest value: median {relative['median']:.2e}, "
-          f"max {relative['max']:.2e}")
-    print(f"backward ({result.meta['dtype']}): {'PASS' if result.passed else 'FAIL'}  "
-          f"({len(result.tensors)} compared); mmdet {result.meta['mmdet_s']:.1f} s, "
-          f"paddle {result.meta['paddle_s']:.1f} s")
-    if not result.passed:
-        print(f"first divergence: {first_divergence(result)}")
-    print(f"report: {opts.reports / 'backward.html'}")
-    return 0 if result.passed else 1
+    lines.append(f"parameter change over the run (mmdet, {result.meta['dtype']}, base lr "
+                 f"{result.meta['base_lr']:g}): largest {result.meta['largest_parameter_change_mmdet']:.3e}; "
+                 f"relative to each tensor's largest value: median {relative['median']:.2e}, "
+                 f"max {relative['max']:.2e}")
+    return lines
 
 
 if __name__ == "__main__":

@@ -1,19 +1,17 @@
 """``python -m align.train``: K training iterations on the tiny COCO; exit status 1 when it fails, 2 on bad input."""
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 
 from align.data.pipelines import parse_scale
 from align.ghm_pair import BUILD_DIR, add_dtype_arguments, extra_dtype
+from align.stage_cli import run_stage, stage_parser
 from align.train.stage import DEFAULT_SCALE, FLIP_MODES, STAGE, TrainOptions, first_divergence, run_train
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m align.train", description=__doc__)
-    p.add_argument("--ckpt", help="mmdet checkpoint (default: the seeded synthetic one)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the tiny COCO, the flips and the default weights")
+    p = stage_parser("train", __doc__, ckpt_help="mmdet checkpoint (default: the seeded synthetic one)",
+                     seed_help="seed of the tiny COCO, the flips and the default weights", build_dir=BUILD_DIR)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--lr", type=float, default=0.00125,
                    help="base learning rate of both sides (default %(default)s: 0.01 x 2/16 images)")
@@ -24,41 +22,40 @@ def main(argv: list[str] | None = None) -> int:
                    help="seeded: the same seeded decision per sample on both sides; on/off: forced")
     add_dtype_arguments(p)
     p.add_argument("--loss-rel-tol", type=float, default=1e-4)
-    p.add_argument("--reports", type=Path, default=Path("reports"))
-    p.add_argument("--build-dir", type=Path, default=BUILD_DIR)
     args = p.parse_args(argv)
-    try:
+
+    def run():
         opts = TrainOptions(ckpt=args.ckpt, seed=args.seed, iters=args.iters, lr=args.lr,
                             warmup_iters=args.warmup_iters, scale=parse_scale(args.scale), flip=args.flip,
-                            dtype=args.dtype,
-                            extra_dtype=extra_dtype(args),
+                            dtype=args.dtype, extra_dtype=extra_dtype(args),
                             loss_rel_tol=args.loss_rel_tol, reports=args.reports, build_dir=args.build_dir)
-        result = run_train(opts)
-    except (FileNotFoundError, KeyError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    m = result.meta
+        return run_train(opts)
+
+    def summary(result) -> str:
+        worst = max(result.tensors, key=lambda t: t.rel_max if t.rel_max == t.rel_max else float("inf"))
+        return f"({len(result.tensors)} compared; worst {worst.name}: rel {worst.rel_max:.2e})"
+
+    return run_stage(run, label=lambda r: f"train ({r.meta['dtype']})", summary=summary, details=_details,
+                     first_divergence=first_divergence, report=args.reports / (STAGE + ".html"))
+
+
+def _details(result) -> list[str]:
+    lines = []
     for title, _, rows in result.extra_tables:
         if not title.startswith("Loss per iteration"):
             continue
-        print(title)
+        lines.append(title)
         for (it, epoch, images, flips, lr, loss_t, loss_p, loss_rel, norm_t, norm_p, norm_rel) in rows:
-            print(f"  iter {it:>3} (epoch {epoch}, images {images}, flips {flips}): lr {lr:.3e} "
-                  f"loss mmdet {loss_t:.6f} paddle {loss_p:.6f} rel {loss_rel:.1e}; "
-                  f"grad norm {norm_t:.4f} / {norm_p:.4f} rel {norm_rel:.1e}")
-    for dtype, run in m["runs"].items():
-        print(f"{dtype} ({run['role']}): worst loss rel {run['worst_loss_rel_diff']:.2e} "
-              f"(iteration {run['worst_loss_rel_diff_iteration']}), worst grad norm rel "
-              f"{run['worst_grad_norm_rel_diff']:.2e} (iteration {run['worst_grad_norm_rel_diff_iteration']}); "
-              f"first GHM bin count difference: {run['first_ghm_bin_count_difference'] or 'none'}; "
-              f"mmdet {run['mmdet_s']:.1f} s, paddle {run['paddle_s']:.1f} s")
-    worst = max(result.tensors, key=lambda t: t.rel_max if t.rel_max == t.rel_max else float("inf"))
-    print(f"train ({m['dtype']}): {'PASS' if result.passed else 'FAIL'}  ({len(result.tensors)} compared; "
-          f"worst {worst.name}: rel {worst.rel_max:.2e})")
-    if not result.passed:
-        print(f"first divergence: {first_divergence(result)}")
-    print(f"report: {opts.reports / (STAGE + '.html')}")
-    return 0 if result.passed else 1
+            lines.append(f"  iter {it:>3} (epoch {epoch}, images {images}, flips {flips}): lr {lr:.3e} "
+                         f"loss mmdet {loss_t:.6f} paddle {loss_p:.6f} rel {loss_rel:.1e}; "
+                         f"grad norm {norm_t:.4f} / {norm_p:.4f} rel {norm_rel:.1e}")
+    for dtype, run in result.meta["runs"].items():
+        lines.append(f"{dtype} ({run['role']}): worst loss rel {run['worst_loss_rel_diff']:.2e} "
+                     f"(iteration {run['worst_loss_rel_diff_iteration']}), worst grad norm rel "
+                     f"{run['worst_grad_norm_rel_diff']:.2e} (iteration {run['worst_grad_norm_rel_diff_iteration']}); "
+                     f"first GHM bin count difference: {run['first_ghm_bin_count_difference'] or 'none'}; "
+                     f"mmdet {run['mmdet_s']:.1f} s, paddle {run['paddle_s']:.1f} s")
+    return lines
 
 
 if __name__ == "__main__":

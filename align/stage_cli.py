@@ -1,0 +1,64 @@
+"""The command line every alignment stage shares: common arguments, exit codes, the verdict line.
+
+A stage's ``__main__`` adds its own options to :func:`stage_parser`, builds
+its options, and hands :func:`run_stage` the function that runs it and the
+lines that summarise its result. Exit status: 0 PASS, 1 FAIL, 2 bad input
+(one line on stderr naming the file or option).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+from align.report import StageResult
+
+BAD_INPUT = (FileNotFoundError, KeyError, ValueError)
+
+
+def stage_parser(stage: str, description: str, *, ckpt_help: str, seed_help: Optional[str] = None,
+                 build_dir: Path, build_dir_help: Optional[str] = None) -> argparse.ArgumentParser:
+    """``--ckpt``, ``--seed``, ``--reports`` and ``--build-dir``, as every stage takes them."""
+    p = argparse.ArgumentParser(prog=f"python -m align.{stage}", description=description)
+    p.add_argument("--ckpt", help=ckpt_help)
+    p.add_argument("--seed", type=int, default=0, help=seed_help)
+    p.add_argument("--reports", type=Path, default=Path("reports"))
+    p.add_argument("--build-dir", type=Path, default=build_dir, help=build_dir_help)
+    return p
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def run_stage(run: Callable[[], StageResult], *, label: Callable[[StageResult], str],
+              summary: Callable[[StageResult], str], first_divergence: Callable[[StageResult], object],
+              report: Path, details: Callable[[StageResult], Iterable[str]] = lambda result: (),
+              notes: Callable[[StageResult], Iterable[str]] = lambda result: ()) -> int:
+    """Run a stage and print its outcome: details, ``<label>: PASS|FAIL  <summary>``, notes,
+    the first divergence after a FAIL, the report's path.
+
+    Args:
+        run: builds the options and runs the stage; a ``FileNotFoundError``,
+            ``KeyError`` or ``ValueError`` from it is bad input (exit 2, one line).
+        label: the verdict line's first word(s), e.g. ``forward`` or ``backward (float64)``.
+        summary: the figures after PASS/FAIL.
+        first_divergence: named after a FAIL.
+        report: the HTML report's path, printed last.
+        details: lines printed before the verdict; notes: lines right after it.
+    """
+    try:
+        result = run()
+    except BAD_INPUT as err:
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    for line in details(result):
+        print(line)
+    print(f"{label(result)}: {'PASS' if result.passed else 'FAIL'}  {summary(result)}")
+    for line in notes(result):
+        print(line)
+    if not result.passed:
+        print(f"first divergence: {first_divergence(result)}")
+    print(f"report: {report}")
+    return 0 if result.passed else 1
