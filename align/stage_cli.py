@@ -3,18 +3,23 @@
 A stage's ``__main__`` adds its own options to :func:`stage_parser`, builds
 its options, and hands :func:`run_stage` the function that runs it and the
 lines that summarise its result. Exit status: 0 PASS, 1 FAIL, 2 bad input
-(one line on stderr naming the file or option).
+(one line on stderr naming the file or option; ``GHM_TRACEBACK=1`` adds the traceback).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 from align.report import StageResult
 
-BAD_INPUT = (FileNotFoundError, KeyError, ValueError)
+# Bad input or a fault of the machine (a file where a folder should be, a full disk): one line.
+BAD_INPUT = (KeyError, ValueError, OSError)
+# Set to show the Python traceback of such an error too.
+TRACEBACK_ENV = "GHM_TRACEBACK"
 
 
 def stage_parser(stage: str, description: str, *, ckpt_help: str, seed_help: Optional[str] = None,
@@ -40,8 +45,8 @@ def run_stage(run: Callable[[], StageResult], *, label: Callable[[StageResult], 
     the first divergence after a FAIL, the report's path.
 
     Args:
-        run: builds the options and runs the stage; a ``FileNotFoundError``,
-            ``KeyError`` or ``ValueError`` from it is bad input (exit 2, one line).
+        run: builds the options and runs the stage; a ``KeyError``, ``ValueError``
+            or ``OSError`` from it is bad input (exit 2, one line).
         label: the verdict line's first word(s), e.g. ``forward`` or ``backward (float64)``.
         summary: the figures after PASS/FAIL.
         first_divergence: named after a FAIL.
@@ -51,6 +56,8 @@ def run_stage(run: Callable[[], StageResult], *, label: Callable[[StageResult], 
     try:
         result = run()
     except BAD_INPUT as err:
+        if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+            traceback.print_exc()
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
     for line in details(result):
