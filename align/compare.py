@@ -8,6 +8,8 @@ on either side fails, whatever the tolerances.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import math
 import os
@@ -284,6 +286,16 @@ def reprod_log_diff(
     return means
 
 
+_ECHO_REPROD_LOG = False
+
+
+def echo_reprod_log(enabled: bool) -> None:
+    """Whether reprod_log's per-key report lines also go to the console (they always go to
+    the stage's ``<stage>_diff.log``)."""
+    global _ECHO_REPROD_LOG
+    _ECHO_REPROD_LOG = bool(enabled)
+
+
 def _write_reprod_report(helper, log_path: str, diff_threshold: float, skipped: dict[str, str]) -> None:
     """Run ``helper.report`` into ``log_path`` atomically, then undo its logging side effects.
 
@@ -296,7 +308,10 @@ def _write_reprod_report(helper, log_path: str, diff_threshold: float, skipped: 
     handlers_before, level_before = list(root.handlers), root.level
     tmp = f"{log_path}.tmp{os.getpid()}"
     try:
-        helper.report(diff_method="mean", diff_threshold=diff_threshold, path=tmp)
+        # Its stdout handler binds sys.stdout when it is made: the console gets
+        # reprod_log's per-key lines only when asked for (`echo_reprod_log`).
+        with contextlib.nullcontext() if _ECHO_REPROD_LOG else contextlib.redirect_stdout(io.StringIO()):
+            helper.report(diff_method="mean", diff_threshold=diff_threshold, path=tmp)
     finally:
         for handler in [h for h in root.handlers if h not in handlers_before]:
             root.removeHandler(handler)

@@ -14,6 +14,7 @@ import traceback
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
+from align.compare import echo_reprod_log
 from align.report import StageResult
 
 # Bad input or a fault of the machine (a file where a folder should be, a full disk): one line.
@@ -30,6 +31,8 @@ def stage_parser(stage: str, description: str, *, ckpt_help: str, seed_help: Opt
     p.add_argument("--seed", type=int, default=0, help=seed_help)
     p.add_argument("--reports", type=Path, default=Path("reports"))
     p.add_argument("--build-dir", type=Path, default=build_dir, help=build_dir_help)
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="also print reprod_log's per-tensor report lines (always in <stage>_diff.log)")
     return p
 
 
@@ -40,7 +43,7 @@ def _one_line(err: BaseException) -> str:
 def run_stage(run: Callable[[], StageResult], *, label: Callable[[StageResult], str],
               summary: Callable[[StageResult], str], first_divergence: Callable[[StageResult], object],
               report: Path, details: Callable[[StageResult], Iterable[str]] = lambda result: (),
-              notes: Callable[[StageResult], Iterable[str]] = lambda result: ()) -> int:
+              notes: Callable[[StageResult], Iterable[str]] = lambda result: (), verbose: bool = False) -> int:
     """Run a stage and print its outcome: details, ``<label>: PASS|FAIL  <summary>``, notes,
     the first divergence after a FAIL, the report's path.
 
@@ -52,7 +55,9 @@ def run_stage(run: Callable[[], StageResult], *, label: Callable[[StageResult], 
         first_divergence: named after a FAIL.
         report: the HTML report's path, printed last.
         details: lines printed before the verdict; notes: lines right after it.
+        verbose: also echo reprod_log's report lines (``-v``).
     """
+    echo_reprod_log(verbose)
     try:
         result = run()
     except BAD_INPUT as err:

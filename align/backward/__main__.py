@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     return run_stage(lambda: run_backward(opts), label=lambda r: f"backward ({r.meta['dtype']})",
                      summary=lambda r: (f"({len(r.tensors)} compared); mmdet {r.meta['mmdet_s']:.1f} s, "
                                         f"paddle {r.meta['paddle_s']:.1f} s"),
-                     details=_details, first_divergence=first_divergence, report=opts.reports / "backward.html")
+                     details=_details, first_divergence=first_divergence, verbose=args.verbose,
+                     report=opts.reports / "backward.html")
 
 
 def _details(result) -> list[str]:

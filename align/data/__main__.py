@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{m['seconds']:.1f} s)")
 
     return run_stage(run, label=lambda r: "data", summary=summary, first_divergence=first_divergence,
+                     verbose=args.verbose,
                      report=args.reports / "data.html")
 
 

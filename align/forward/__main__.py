@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"worst output {worst.name}: rel {worst.rel_max:.2e}, mean {worst.mean_abs:.2e})")
 
     return run_stage(lambda: run_forward(opts), label=lambda r: "forward", summary=summary,
-                     first_divergence=first_divergence, report=opts.reports / "forward.html")
+                     first_divergence=first_divergence, verbose=args.verbose, report=opts.reports / "forward.html")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"paddle {m['paddle_loss_s']:.2f} s"]
 
     return run_stage(lambda: run_loss(opts), label=lambda r: "loss", summary=summary, notes=timing,
-                     first_divergence=first_divergence, report=opts.reports / "loss.html")
+                     first_divergence=first_divergence, verbose=args.verbose, report=opts.reports / "loss.html")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"worst {worst.name}: |diff| {worst.max_abs:.2e})")
 
     return run_stage(run, label=lambda r: "metric", summary=summary, details=details,
-                     first_divergence=first_divergence, report=args.reports / "metric.html")
+                     first_divergence=first_divergence, verbose=args.verbose, report=args.reports / "metric.html")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"paddle {m['paddle_s']:.1f} s)")
 
     return run_stage(run, label=lambda r: "predict", summary=summary, details=details,
-                     first_divergence=first_divergence, report=args.reports / "predict.html")
+                     first_divergence=first_divergence, verbose=args.verbose, report=args.reports / "predict.html")
 
 
 if __name__ == "__main__":

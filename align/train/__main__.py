@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         return f"({len(result.tensors)} compared; worst {worst.name}: rel {worst.rel_max:.2e})"
 
     return run_stage(run, label=lambda r: f"train ({r.meta['dtype']})", summary=summary, details=_details,
-                     first_divergence=first_divergence, report=args.reports / (STAGE + ".html"))
+                     first_divergence=first_divergence, verbose=args.verbose, report=args.reports / (STAGE + ".html"))
 
 
 def _details(result) -> list[str]:

@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 
-from align.compare import diff_arrays, first_failure, reprod_log_diff, reprod_log_passed
+from align.compare import diff_arrays, echo_reprod_log, first_failure, reprod_log_diff, reprod_log_passed
 from align.report import StageResult, environment_info, sha256_of, write_index, write_stage_report
 
 
@@ -148,6 +148,21 @@ def test_reprod_log_diff_writes_three_files_and_returns_means(tmp_path):
     second = (tmp_path / "loss_diff.log").read_text()
     assert "logits" in second and "diff check passed" in second and "failed" not in second
     assert (tmp_path / "forward_diff.log").read_text() == log
+
+
+def test_reprod_log_lines_reach_the_console_only_when_asked(tmp_path, capsys):
+    paddle = {"logits": np.ones((2, 3), np.float32)}
+    torch = {"logits": np.full((2, 3), 1.5, np.float32)}
+    reprod_log_diff(paddle, torch, tmp_path, "quiet", diff_threshold=1e-5)
+    assert "logits" not in capsys.readouterr().out
+    assert "diff check failed" in (tmp_path / "quiet_diff.log").read_text()
+    echo_reprod_log(True)
+    try:
+        reprod_log_diff(paddle, torch, tmp_path, "loud", diff_threshold=1e-5)
+    finally:
+        echo_reprod_log(False)
+    assert "diff check failed" in capsys.readouterr().out
+    assert "diff check failed" in (tmp_path / "loud_diff.log").read_text()
 
 
 def test_reprod_log_nan_does_not_pass_our_verdict(tmp_path):
