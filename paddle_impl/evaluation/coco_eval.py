@@ -25,7 +25,6 @@ import io
 import json
 import logging
 import os
-from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
