@@ -29,7 +29,7 @@ import math
 import numbers
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import paddle
@@ -67,6 +67,25 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def _with_unique_ids(ann_file: str, entries: list, kind: str,
+                     where: Callable[[dict], str]) -> Iterator[tuple[dict, str]]:
+    """Each entry of one of the file's lists, with the place messages name it by.
+
+    An entry is checked before it is yielded: a dict whose ``'id'`` is an
+    integer no earlier entry of the list has. ``kind`` names the list's
+    entries in messages, ``where(entry)`` the entry itself.
+    """
+    seen = set()
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not _is_int(entry.get("id")):
+            raise ValueError(f"{ann_file}: {kind} #{i} has no integer 'id': {entry!r}")
+        place = where(entry)
+        if entry["id"] in seen:
+            raise ValueError(f"{place} appears twice")
+        seen.add(entry["id"])
+        yield entry, place
+
+
 def read_annotation_file(ann_file: str) -> dict[str, Any]:
     """Load a COCO instances json and check its structure.
 
@@ -102,28 +121,20 @@ def read_annotation_file(ann_file: str) -> dict[str, Any]:
             raise ValueError(f"{ann_file}: category id {cat['id']} appears twice")
         category_ids.add(cat["id"])
 
-    image_ids = set()
-    for i, img in enumerate(data["images"]):
-        if not isinstance(img, dict) or not _is_int(img.get("id")):
-            raise ValueError(f"{ann_file}: image #{i} has no integer 'id': {img!r}")
-        where = f"{ann_file}: image id {img['id']}"
-        if img["id"] in image_ids:
-            raise ValueError(f"{where} appears twice")
-        image_ids.add(img["id"])
+    images = _with_unique_ids(ann_file, data["images"], "image",
+                              lambda img: f"{ann_file}: image id {img['id']}")
+    for img, where in images:
         if not isinstance(img.get("file_name"), str) or not img["file_name"]:
             raise ValueError(f"{where}: needs a non-empty string 'file_name'")
         for key in ("width", "height"):
             if not _is_int(img.get(key)) or img[key] <= 0:
                 raise ValueError(f"{where}: '{key}' must be a positive integer, found {img.get(key)!r}")
 
-    annotation_ids = set()
-    for i, ann in enumerate(data["annotations"]):
-        if not isinstance(ann, dict) or not _is_int(ann.get("id")):
-            raise ValueError(f"{ann_file}: annotation #{i} has no integer 'id': {ann!r}")
-        where = f"{ann_file}: annotation id {ann['id']} (image id {ann.get('image_id')!r})"
-        if ann["id"] in annotation_ids:
-            raise ValueError(f"{where}: annotation id appears twice")
-        annotation_ids.add(ann["id"])
+    image_ids = {img["id"] for img in data["images"]}
+    annotations = _with_unique_ids(
+        ann_file, data["annotations"], "annotation",
+        lambda ann: f"{ann_file}: annotation id {ann['id']} (image id {ann.get('image_id')!r})")
+    for ann, where in annotations:
         if ann.get("image_id") not in image_ids:
             raise ValueError(f"{where}: refers to an image that is not in 'images'")
         if ann.get("category_id") not in category_ids:

@@ -39,10 +39,11 @@ is not copied: its GHM-C casts the targets to float32, and torch's
 BCE-with-logits then computes the element-wise loss, and the gradient flowing
 into it, in that dtype; here they stay in the prediction's.
 
-mmdet loops over the regions with a host synchronisation in each. Here one
-bucketing pass turns ``g`` into integer region ids, one ``bincount`` counts
-them and one look-up in a (bins + 2,) table gives every element its weight;
-the per-region arithmetic runs on tensors of ``bins`` elements. No value is
+mmdet loops over the regions with a host synchronisation in each. Here
+(`paddle_impl.model.gradient_density`) one bucketing pass turns ``g`` into
+integer region ids, one ``bincount`` counts them and one look-up in a
+(bins + 2,) table gives every element its weight; the per-region arithmetic
+runs on tensors of ``bins`` elements. No value is
 read back to the host (on a GPU ``paddle.bincount`` synchronises once to size
 its output). At the reference scale (24M elements per call) fresh
 full-size tensors cost as much as the arithmetic, so the work is done in
@@ -60,52 +61,13 @@ import paddle.nn.functional as F
 from paddle.autograd import PyLayer
 
 from paddle_impl.config import get_config
+from paddle_impl.model.gradient_density import (bin_edges, density_weights, region_ids,
+                                                  truncation_is_exact)
 
 __all__ = ["GHMC", "GHMR", "build_ghmc", "build_ghmr"]
 
 # mmdet divides by ``tot + torch.finfo(torch.float32).eps``.
 _FLOAT32_EPS = float(np.finfo(np.float32).eps)
-
-# How far around each edge (in float32 units in the last place) the fast
-# bucketing is checked against the exact comparisons; see `_truncation_is_exact`.
-_EDGE_CHECK_ULPS = 16
-
-
-def _bin_edges(bins: int, last_edge: Optional[float]) -> np.ndarray:
-    """The (bins + 1,) float32 edges, rounded exactly as mmdet computes them.
-
-    ``arange(bins + 1).float() / bins`` is a correctly rounded float32
-    division, which numpy reproduces bit for bit. GHM-C adds 1e-6 to the last
-    edge in float32 (``last_edge=None``); GHM-R replaces it (``1e3``).
-    """
-    edges = np.arange(bins + 1, dtype=np.float32) / np.float32(bins)
-    if last_edge is None:
-        edges[-1] = edges[-1] + np.float32(1e-6)
-    else:
-        edges[-1] = np.float32(last_edge)
-    return edges
-
-
-def _truncation_is_exact(edges: np.ndarray, bins: int) -> bool:
-    """Whether ``int(fl32(g * bins))`` gives the region of every g in [0, 1].
-
-    Far from an edge the rounded product ``fl32(g * bins)`` cannot cross an
-    integer, and both the float32 edge ``fl32(k / bins)`` and the rounding of
-    the product move the boundary by at most about one unit in the last place
-    of ``k / bins``. So the truncation and the exact comparisons can only
-    disagree for g within a few units of some ``k / bins``; checking every
-    float32 within `_EDGE_CHECK_ULPS` of each of them settles the question.
-    Whether it holds depends on ``bins``: it does for 10 and 30 (an exhaustive
-    check over all float32 in [0, 1] agrees), not for 100.
-    """
-    centres = np.arange(bins + 1, dtype=np.float32) / np.float32(bins)
-    offsets = np.arange(-_EDGE_CHECK_ULPS, _EDGE_CHECK_ULPS + 1, dtype=np.int32)
-    g = (centres.view(np.int32)[:, None] + offsets[None, :]).view(np.float32).ravel()
-    g = g[(g >= 0) & (g <= 1)]
-    exact = np.searchsorted(edges, g, side="right") - 1
-    fast = np.minimum((g * np.float32(bins)).astype(np.int32), bins - 1)
-    return bool(np.array_equal(exact, fast))
-
 
 class _HarmonizedLoss(PyLayer):
     """Reduction of the weighted element-wise loss, with its gradient.
@@ -173,91 +135,22 @@ class _GHMBase(paddle.nn.Layer):
         self.momentum = momentum
         self.loss_weight = loss_weight
         self.reduction = reduction
-        edges = _bin_edges(self.bins, last_edge)
+        edges = bin_edges(self.bins, last_edge)
         self.register_buffer("edges", paddle.to_tensor(edges), persistable=True)
         self.register_buffer(
             "acc_sum", paddle.zeros([self.bins], dtype="float32"), persistable=True)
-        self._fast_bucketing = _truncation_is_exact(edges, self.bins)
-
-    # Region ids: 0 .. bins-1 are the regions; ``bins`` is an alias of the
-    # last region (the fast path puts g == 1 there), ``bins + 1`` collects the
-    # elements that are in no region (label weight <= 0, NaN, g >= last edge).
+        self._fast_bucketing = truncation_is_exact(edges, self.bins)
 
     def _region_ids(self, g: paddle.Tensor, valid: paddle.Tensor) -> paddle.Tensor:
         """Region id of every element; overwrites ``g``.
 
         Args:
-            g: (...) float32 or float64 gradient norms in [0, 1] (or NaN), a
-                scratch tensor this call may modify.
+            g: (...) float32 or float64 gradient norms, a scratch tensor.
             valid: bool tensor broadcastable to ``g``: label weight > 0.
         Returns:
-            (...) int32 ids in [0, bins + 1], see above.
+            (...) int32 ids in [0, bins + 1] (see `gradient_density`).
         """
-        bins = self.bins
-        excluded = float(bins + 1)
-        # The truncation was checked against the edges for float32 g only: a
-        # float64 g can fall between k / bins and its float32 edge.
-        if self._fast_bucketing and g.dtype == paddle.float32:
-            # Invalid elements get a NaN scale; NaN (from there or from the
-            # input) and anything past the range then land on the excluded id.
-            scale = paddle.where(valid,
-                                 paddle.full([1], float(bins), dtype=g.dtype),
-                                 paddle.full([1], float("nan"), dtype=g.dtype))
-            g.multiply_(scale)
-            g.clip_(max=excluded)
-            g.masked_fill_(paddle.isnan(g), excluded)
-            return g.astype("int32")
-        # Exact comparisons with the edges where the truncation is not exact:
-        # searchsorted (right side) returns i + 1 for edges[i] <= g <
-        # edges[i + 1], and bins + 1 for NaN or g >= the last edge.
-        masked = paddle.where(valid, g, paddle.full([1], float("inf"), dtype=g.dtype))
-        # Widening the edges to g's dtype is exact, so the comparisons are
-        # those of torch, which promotes the float32 edges the same way.
-        edges = self.edges.astype(g.dtype) if self.edges.dtype != g.dtype else self.edges
-        ids = paddle.searchsorted(edges, masked, right=True, out_int32=True) - 1
-        return ids + (ids == bins).astype("int32")
-
-    def _element_weights(self, ids: paddle.Tensor, tot: paddle.Tensor) -> paddle.Tensor:
-        """Per-element GHM weights, updating ``acc_sum`` when momentum > 0.
-
-        Args:
-            ids: (...) int32 region ids from `_region_ids`.
-            tot: () the normaliser ``tot`` of the call, in the dtype of the
-                weights to return (the prediction's).
-        Returns:
-            (...) weights in ``tot``'s dtype, zero for excluded elements.
-        """
-        bins = self.bins
-        counts = paddle.bincount(ids.reshape([-1]), minlength=bins + 2)
-        # Fold the alias of the last region into it; drop the excluded id.
-        counts = paddle.concat([counts[:bins - 1], counts[bins - 1:bins + 1].sum(keepdim=True)])
-        # Kept for inspection (alignment reports compare them with mmdet's).
-        self.last_bin_counts = counts
-        nonempty = counts > 0
-        counts64 = counts.astype("float64")
-        mmt = self.momentum
-        dtype = tot.dtype
-        if mmt > 0:
-            # mmdet: acc = mmt * acc + (1 - mmt) * num with the first product
-            # in the buffer's dtype and the second in double, then tot / acc
-            # evaluated as reciprocal(acc) * tot in the buffer's dtype; the
-            # result is stored into the weights (the prediction's dtype).
-            acc_dtype = self.acc_sum.dtype
-            decayed = self.acc_sum * paddle.full([1], mmt, dtype=acc_dtype)
-            fresh = (counts64 * (1.0 - mmt)).astype(acc_dtype)
-            acc = paddle.where(nonempty, decayed + fresh, self.acc_sum)
-            paddle.assign(acc, output=self.acc_sum)
-            per_region = (paddle.reciprocal(acc) * tot.astype(acc_dtype)).astype(dtype)
-        else:
-            # mmdet: tot / num in double, stored into the weights.
-            per_region = (tot.astype("float64") / counts64).astype(dtype)
-        per_region = paddle.where(nonempty, per_region, paddle.zeros_like(per_region))
-        # Divide by the number of non-empty regions; with none, every weight
-        # is already zero and the division by one changes nothing.
-        num_nonempty = nonempty.astype(dtype).sum()
-        per_region = per_region / paddle.maximum(num_nonempty, paddle.ones_like(num_nonempty))
-        table = paddle.concat([per_region, per_region[bins - 1:], paddle.zeros([1], dtype=dtype)])
-        return paddle.gather(table, ids.reshape([-1])).reshape(ids.shape)
+        return region_ids(g, valid, self.edges, self._fast_bucketing)
 
     def _resolve_reduction(self, reduction_override: Optional[str]) -> str:
         if reduction_override not in (None, "none", "mean", "sum"):
@@ -280,19 +173,37 @@ class _GHMBase(paddle.nn.Layer):
         """
         with paddle.no_grad():
             ids = self._region_ids(paddle.abs(derivative), valid)
-            return self._element_weights(ids, tot)
+            weights, counts = density_weights(ids, tot, self.acc_sum, self.momentum)
+        # Kept for inspection (alignment reports compare them with mmdet's).
+        self.last_bin_counts = counts
+        return weights
 
-    def _harmonized(self, pred, loss, derivative, valid, tot, reduction):
-        """Weight ``loss`` by region and reduce it.
+    def _elementwise(self, pred: paddle.Tensor, target: paddle.Tensor,
+                     label_weight: paddle.Tensor):
+        """The element-wise loss, its derivative, the validity and ``tot``.
 
         Args:
-            pred: the prediction the gradient flows to.
-            loss, derivative: element-wise loss and d loss / d pred, without
-                autograd, shaped like ``pred``; ``loss`` is overwritten.
-            valid: bool, broadcastable to ``pred``.
+            pred, target, label_weight: the inputs of ``forward``.
+        Returns:
+            loss, derivative: shaped like ``pred`` in its dtype, without autograd.
+            valid: bool, broadcastable to ``pred``: the label weight is > 0.
             tot: () normaliser in ``pred``'s dtype.
-            reduction: 'mean' or 'none'.
         """
+        raise NotImplementedError
+
+    def _loss(self, pred: paddle.Tensor, target: paddle.Tensor, label_weight: paddle.Tensor,
+              reduction_override: Optional[str]) -> paddle.Tensor:
+        """The loss of ``forward``: element-wise, weighted by region, reduced.
+
+        Args:
+            pred, target, label_weight: the inputs of ``forward``; ``pred`` is
+                what the gradient flows to.
+            reduction_override: None, 'mean' or 'none'.
+        Returns:
+            () for 'mean', else shaped like ``pred``.
+        """
+        reduction = self._resolve_reduction(reduction_override)
+        loss, derivative, valid, tot = self._elementwise(pred, target, label_weight)
         weights = self._weights(derivative, valid, tot)
         with paddle.no_grad():
             weighted = loss.multiply_(weights)
@@ -363,18 +274,11 @@ class GHMC(_GHMBase):
         Returns:
             () loss for 'mean', (N, C) for 'none'.
         """
-        reduction = self._resolve_reduction(reduction_override)
-        loss, derivative, valid, tot = self._elementwise(pred, target, label_weight)
-        return self._harmonized(pred, loss, derivative, valid, tot, reduction)
+        return self._loss(pred, target, label_weight, reduction_override)
 
     def _elementwise(self, pred, target, label_weight):
-        """Element-wise BCE, its derivative, the validity and ``tot``.
-
-        Returns:
-            loss, derivative: shaped like ``pred`` in its dtype, without autograd.
-            valid: bool, broadcastable to ``pred`` ((N, 1) for index targets).
-            tot: () ``max(#valid elements, 1)`` in ``pred``'s dtype.
-        """
+        """Binary cross-entropy on logits; ``valid`` is (N, 1) for index
+        targets, ``tot`` is ``max(#valid elements, 1)``."""
         index_targets = _check_ghmc_shapes(pred, target, label_weight)
         with paddle.no_grad():
             logits = pred.detach()
@@ -472,18 +376,11 @@ class GHMR(_GHMBase):
         Returns:
             () loss for 'mean', (N, 4) for 'none'.
         """
-        reduction = self._resolve_reduction(reduction_override)
-        loss, derivative, valid, tot = self._elementwise(pred, target, label_weight)
-        return self._harmonized(pred, loss, derivative, valid, tot, reduction)
+        return self._loss(pred, target, label_weight, reduction_override)
 
     def _elementwise(self, pred, target, label_weight):
-        """Element-wise ASL1 loss, its derivative, the validity and ``tot``.
-
-        Returns:
-            loss, derivative: shaped like ``pred`` in its dtype, without autograd.
-            valid: bool, shaped like ``label_weight``.
-            tot: () ``max(sum(label_weight), 1)`` in ``pred``'s dtype.
-        """
+        """The ASL1 loss; ``valid`` is shaped like ``label_weight``, ``tot`` is
+        ``max(sum(label_weight), 1)``."""
         mu = self.mu
         with paddle.no_grad():
             # mmdet subtracts float32 targets from float64 predictions with

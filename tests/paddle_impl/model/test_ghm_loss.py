@@ -567,39 +567,37 @@ def gradients(ours, theirs, inputs):
     return pp.grad.numpy(), tp.grad.numpy(), upstream
 
 
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_ghmc_gradient_matches_torch_autograd(reduction):
-    rng = np.random.default_rng(11)
-    inputs = classification_inputs(rng, 30, 6, pos_rate=0.3, ignore_rate=0.2)
-    options = dict(bins=30, momentum=0.75, loss_weight=2.0, reduction=reduction)
-    ours, theirs = GHMC(**options), MMDetGHMC(**options)
-    for call in range(2):
-        weights = mmdet_weights(theirs, inputs)
-        got, want, upstream = gradients(ours, theirs, inputs)
-        # (sigmoid(x) - t) times the weight: the two sigmoids may differ by
-        # an ulp of 1, i.e. eps, per element.
-        scale = weights * options["loss_weight"] * upstream
-        if reduction == "mean":
-            scale = scale / normaliser(theirs, inputs)
-        assert_within(got, want, atol=2 * EPS32 * scale, rtol=1e-5, what=f"call {call}: gradient")
-        assert_same_state(ours, theirs)
+# Per loss: the two modules' options, the inputs and how many ulps (of a
+# value at most 1 in magnitude) each element's d loss / d pred may differ by.
+# GHM-C: sigmoid(x) - t, and the two sigmoids may differ by an ulp of 1, i.e.
+# eps. GHM-R: d / sqrt(d*d + mu*mu) through each library's sqrt and, for
+# torch, its chain rule: a few ulps.
+GRADIENT_CASES = [
+    pytest.param(GHMC, MMDetGHMC, dict(bins=30, momentum=0.75, loss_weight=2.0),
+                 lambda: classification_inputs(np.random.default_rng(11), 30, 6,
+                                               pos_rate=0.3, ignore_rate=0.2),
+                 2, id="ghmc"),
+    pytest.param(GHMR, MMDetGHMR, dict(mu=0.02, bins=10, momentum=0.7, loss_weight=10.0),
+                 lambda: regression_inputs(np.random.default_rng(12), 30, pos_rate=0.5),
+                 4, id="ghmr"),
+]
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_ghmr_gradient_matches_torch_autograd(reduction):
-    rng = np.random.default_rng(12)
-    inputs = regression_inputs(rng, 30, pos_rate=0.5)
-    options = dict(mu=0.02, bins=10, momentum=0.7, loss_weight=10.0, reduction=reduction)
-    ours, theirs = GHMR(**options), MMDetGHMR(**options)
+@pytest.mark.parametrize("loss_class, mmdet_class, options, make_inputs, ulps", GRADIENT_CASES)
+def test_gradient_matches_torch_autograd(loss_class, mmdet_class, options, make_inputs, ulps,
+                                         reduction):
+    inputs = make_inputs()
+    options = dict(options, reduction=reduction)
+    ours, theirs = loss_class(**options), mmdet_class(**options)
     for call in range(2):
         weights = mmdet_weights(theirs, inputs)
         got, want, upstream = gradients(ours, theirs, inputs)
-        # d / sqrt(d*d + mu*mu) through each library's sqrt and, for torch,
-        # its chain rule: a few ulps of a value at most 1 in magnitude.
         scale = weights * options["loss_weight"] * upstream
         if reduction == "mean":
             scale = scale / normaliser(theirs, inputs)
-        assert_within(got, want, atol=4 * EPS32 * scale, rtol=1e-5, what=f"call {call}: gradient")
+        assert_within(got, want, atol=ulps * EPS32 * scale, rtol=1e-5,
+                      what=f"call {call}: gradient")
         assert_same_state(ours, theirs)
 
 
