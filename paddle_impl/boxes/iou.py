@@ -43,4 +43,11 @@ def bbox_overlaps(
         union = area1 + area2 - overlap
     else:
         union = area1
-    return overlap / union.clip(min=eps)
+    union = union.clip(min=eps)
+    if overlap.dtype == paddle.float32:
+        # Paddle's CPU float32 division is within one ulp, not correctly rounded, on
+        # some CPUs (MKL's vectorized kernel), which moves IoUs that sit on an
+        # assignment threshold. A float32 quotient computed in float64 and rounded
+        # once is the correctly rounded one, as torch's division gives.
+        return (overlap.astype("float64") / union.astype("float64")).astype("float32")
+    return overlap / union
