@@ -62,7 +62,7 @@ help:
 	@echo "make align-forward  forward stage; CKPT=, SHAPE=NxCxHxW, SEED=, PERTURB=param.name"
 	@echo "make align-loss     anchors, targets, GHM losses; CKPT=, SHAPE=2x3xHxW, SEED=, ITERS="
 	@echo "make align-backward training steps and the whole lr schedule; CKPT=, SHAPE=, SEED=, STEPS=, ITERS_PER_EPOCH="
-	@echo "make align-data | align-predict | align-metric | align-train   data pipeline, detections, COCO metric, K training iterations on the tiny COCO; SCALE=long,short, TRAIN_ITERS="
+	@echo "make align-data | align-predict | align-metric | align-train   data pipeline, detections, COCO metric, K training iterations on the tiny COCO; SCALE=WxH, TRAIN_ITERS="
 	@echo "make train-full     COCO=/path GPUS=0,1 RESUME=1 MMDET_LOG=scalars.json R50=backbone.pdparams (no COCO: smoke run on the tiny COCO)"
 	@echo "make tiny-coco      write the tiny synthetic COCO to $(TINY_COCO)"
 	@echo "make bench-ghm      GHM-C / GHM-R speed, mmdet vs Paddle"

@@ -23,16 +23,15 @@ left at the libraries' defaults and recorded.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import paddle
 import torch
 
+from align.engine.atomic_write import write_json
 from bench.machine import load_average, machine_info
 from paddle_impl.config import get_config
 from paddle_impl.model.ghm_loss import GHMC, GHMR
@@ -203,10 +202,7 @@ def main(argv=None) -> int:
 
     report = dict(environment=environment(args.repeats), rows=rows,
                   load_average_before=load_before, load_average_after=load_average())
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+    print(f"wrote {write_json(args.out, report, indent=2)}")
     return 0
 
 

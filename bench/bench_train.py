@@ -1,7 +1,7 @@
 """Time one training step of mmdet's GHM RetinaNet (torch) against ours (Paddle).
 
     python -m bench.bench_train [--repeats 3] [--out reports/bench_train.json]
-                                [--sizes 512x768,800x1344] [--threads N] [--ckpt mmdet.pth]
+                                [--sizes 768x512,1344x800] [--threads N] [--ckpt mmdet.pth]
 
 A step is one training iteration on a batch of 2 images: forward, head loss
 (anchor targets and one GHM-C and one GHM-R call per FPN level), backward,
@@ -43,18 +43,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
-import numpy as np
-
+from align.engine.atomic_write import write_json
 from bench.machine import load_average, machine_info
+from paddle_impl.arguments import parse_size
 
-DEFAULT_SIZES = "512x768,800x1344"
+DEFAULT_SIZES = "768x512,1344x800"
 BATCH = 2
 
 
@@ -101,58 +99,44 @@ def paddle_loss_timer(trainer, watch: Stopwatch):
         model.target_builder = builder
 
 
-def timed_step(trainer, loss_timer, images, batch) -> tuple[float, float, float]:
-    """One training step; returns (step seconds, head-loss seconds, total loss)."""
+def timed_step(side, loss_timer, inputs) -> tuple[float, float, float]:
+    """One training step of a side; returns (step seconds, head-loss seconds, total loss)."""
     watch = Stopwatch()
-    with loss_timer(trainer, watch):
+    with loss_timer(side, watch):
         start = time.perf_counter()
-        if hasattr(trainer, "step"):  # ours: the engine's train_step
-            losses, _, _ = trainer.step(images, batch)
-        else:
-            losses, _ = trainer.forward_backward(images, batch)
-            trainer.optimizer_step()
+        values = side.train_step(inputs)
         seconds = time.perf_counter() - start
-    total = sum(float(v.detach()) for kind in ("loss_cls", "loss_bbox") for v in losses[kind])
-    return seconds, watch.seconds, total
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must be HxW, got {text!r}") from None
-    if h < 32 or w < 32:
-        raise argparse.ArgumentTypeError(f"size must be at least 32x32, got {text!r}")
-    return h, w
+    return seconds, watch.seconds, float(values.losses["loss.total"])
 
 
 def measure(size: tuple[int, int], repeats: int, ckpts, seed: int) -> dict:
     """Warm-up and ``repeats`` timed steps of both sides on one batch size."""
-    from align.backward.stage import BackwardOptions, PaddleTrainer, TorchTrainer
-    from align.ghm_pair import build_paddle_model, build_torch_model, seeded_images
-    from align.loss.fake_batch import random_batch
+    from align.ghm.fake_batch import random_batch
+    from align.ghm.pair import build_paddle_model, build_torch_model, seeded_images
+    from align.ghm.sides import FakeInputs, MmdetSide, PaddleSide
     from paddle_impl.config import get_config
 
     cfg = get_config()["optimizer"]
-    opts = BackwardOptions(steps=repeats + 1, lr=cfg["lr"])
-    torch_side = TorchTrainer(build_torch_model(ckpts), opts, cfg["warmup_iters"])
-    paddle_side = PaddleTrainer(build_paddle_model(ckpts), opts, cfg["warmup_iters"])
-    images = seeded_images((BATCH, 3) + size, seed)
+    settings = dict(lr=cfg["lr"], warmup=cfg["warmup_iters"], iters_per_epoch=repeats + 1)
+    torch_side = MmdetSide(build_torch_model(ckpts), **settings)
+    paddle_side = PaddleSide.from_config(build_paddle_model(ckpts), **settings)
     batch = random_batch(size, seed, num_images=BATCH)
+    inputs = FakeInputs(seeded_images((BATCH, 3) + size, seed), batch)
 
     samples = {"mmdet": [], "paddle": []}
     warmup = {}
     for k in range(repeats + 1):
         for name, trainer, timer in (("mmdet", torch_side, torch_loss_timer),
                                      ("paddle", paddle_side, paddle_loss_timer)):
-            step_s, loss_s, total = timed_step(trainer, timer, images, batch)
+            step_s, loss_s, total = timed_step(trainer, timer, inputs)
             if k == 0:
                 warmup[name] = dict(step_s=step_s, loss_s=loss_s, total_loss=total)
             else:
                 samples[name].append((step_s, loss_s))
-            print(f"  {size[0]}x{size[1]} {'warm-up' if k == 0 else f'repeat {k}':9s} {name:6s} "
+            print(f"  {size[1]}x{size[0]} {'warm-up' if k == 0 else f'repeat {k}':9s} {name:6s} "
                   f"step {step_s:7.2f} s, head loss {loss_s:6.2f} s", flush=True)
 
+    # ``size``: (H, W) of the batch tensor; printed as WxH like every size the commands take.
     row = dict(size=list(size), batch=BATCH, gt_boxes_per_image=[len(b) for b in batch.gt_bboxes])
     for name, values in samples.items():
         row[f"{name}_step_s"] = statistics.median(v[0] for v in values)
@@ -192,7 +176,7 @@ def print_table(rows: list[dict]) -> None:
     print(f"{'size':>9s} {'mmdet step':>11s} {'paddle step':>12s} {'ratio':>6s}   "
           f"{'mmdet loss':>16s} {'paddle loss':>17s} {'ratio':>6s}   {'loss rel diff':>13s}")
     for r in rows:
-        size = f"{r['size'][0]}x{r['size'][1]}"
+        size = f"{r['size'][1]}x{r['size'][0]}"
         print(f"{size:>9s} {r['mmdet_step_s']:>9.2f} s {r['paddle_step_s']:>10.2f} s "
               f"{r['step_ratio_mmdet_over_paddle']:>6.2f}   "
               f"{r['mmdet_loss_s']:>7.2f} s ({100 * r['mmdet_loss_share']:3.0f}%) "
@@ -207,7 +191,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per side and size")
     parser.add_argument("--out", default="reports/bench_train.json", help="JSON report path")
     parser.add_argument("--sizes", default=DEFAULT_SIZES,
-                        help="comma-separated batch sizes HxW (default %(default)s)")
+                        help="comma-separated image sizes WxH (default %(default)s)")
     parser.add_argument("--ckpt", help="mmdet checkpoint (default: the seeded synthetic one)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int,
@@ -219,7 +203,8 @@ def main(argv=None) -> int:
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
     try:
-        sizes = [parse_size(s) for s in args.sizes.split(",")]
+        # (h, w): the batch tensor's own order.
+        sizes = [parse_size(s)[::-1] for s in args.sizes.split(",")]
     except argparse.ArgumentTypeError as err:
         parser.error(str(err))
 
@@ -231,7 +216,7 @@ def main(argv=None) -> int:
     import paddle
     import torch
 
-    from align.ghm_pair import prepare_checkpoints
+    from align.ghm.pair import prepare_checkpoints
 
     paddle.set_device("cpu")
     threads = torch.get_num_threads() if args.threads is None else args.threads
@@ -247,10 +232,7 @@ def main(argv=None) -> int:
                   wall_s=time.perf_counter() - started)
     print_table(rows)
     print(f"load average before {load_before}, after {report['load_average_after']}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+    print(f"wrote {write_json(args.out, report, indent=2)}")
     return 0
 
 

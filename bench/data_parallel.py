@@ -59,9 +59,6 @@ import json
 import math
 import os
 import platform
-import shutil
-import signal
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -78,38 +75,29 @@ configure_cpu()
 
 import paddle  # noqa: E402
 
+from align.engine.atomic_write import write_json  # noqa: E402
+from align.ghm.sides import PaddleSide, summed_terms  # noqa: E402
+from bench.distributed_run import (BATCH_PER_PROCESS, WARMUP_ITERS, WORLD_SIZE, LaunchError,  # noqa: E402
+                                   run_distributed)
 from bench.machine import load_average  # noqa: E402
-from paddle_impl.engine import checkpoint as ckpt  # noqa: E402
-from paddle_impl.arguments import parse_scale  # noqa: E402
-from paddle_impl.engine.report import read_jsonl  # noqa: E402
-from paddle_impl.engine.train_step import LossForward, train_step  # noqa: E402
-from paddle_impl.engine.trainer import coco_paths, seed_everything  # noqa: E402
-from paddle_impl.engine.weights import set_ghm_buffers  # noqa: E402
-from paddle_impl.engine.atomic_write import write_json  # noqa: E402
+from paddle_impl.arguments import parse_size  # noqa: E402
 from paddle_impl.config import get_config  # noqa: E402
 from paddle_impl.data.dataset import CocoDetection, build_dataloader  # noqa: E402
-from paddle_impl.model.detector import RetinaNet  # noqa: E402
-from paddle_impl.engine.lr_schedule import WarmupMultiStepLR  # noqa: E402
-from paddle_impl.engine.optimizer import SGD  # noqa: E402
 from paddle_impl.data.tiny_coco import generate  # noqa: E402
 from paddle_impl.data.transforms import Collate  # noqa: E402
+from paddle_impl.engine import checkpoint as ckpt  # noqa: E402
+from paddle_impl.engine.lr_schedule import WarmupMultiStepLR  # noqa: E402
+from paddle_impl.engine.optimizer import SGD  # noqa: E402
+from paddle_impl.engine.train_step import LossForward  # noqa: E402
+from paddle_impl.engine.trainer import coco_paths, seed_everything  # noqa: E402
+from paddle_impl.engine.weights import set_ghm_buffers  # noqa: E402
+from paddle_impl.model.detector import RetinaNet  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-# The training program as a script for the launcher (which cannot take ``-m``): the
-# console script the project installs beside this interpreter.
-TRAIN_COMMAND = str(Path(sys.executable).parent / "ghm-train")
-WORLD_SIZE = 2
-BATCH_PER_PROCESS = 2
-WARMUP_ITERS = 2
 # (a) vs (b): relative differences allowed for losses, gradient norms, parameters and
 # buffers. float32 rounding of a different summation order would stay near 1e-7 to 1e-6;
 # a missing gradient average changes the update by a factor of 2.
 TOLERANCE = 1e-5
 LOSS_KEYS = ("loss", "loss_cls", "loss_bbox")
-
-
-class LaunchError(RuntimeError):
-    """``paddle.distributed.launch`` failed or timed out; the message names its logs."""
 
 
 # Data --------------------------------------------------------------------------------------------
@@ -173,80 +161,11 @@ def iters_per_epoch(train_set: CocoDetection, seed: int) -> int:
     return len(rank_loaders(train_set, seed)[0])
 
 
-# (a): the launched run ---------------------------------------------------------------------------
-
-def _last_lines(path: Path, count: int = 3) -> str:
-    """The last non-empty lines of a worker log, indented, for an error message ('' without the file)."""
-    if not path.is_file():
-        return ""
-    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()][-count:]
-    return f"\n  {path.name}:\n" + "\n".join(f"    {line}" for line in lines)
-
-
-def train_args(coco: Path, run_dir: Path, iters: int, lr: float, seed: int, scale: tuple[int, int],
-               epochs: int) -> list[str]:
-    """``paddle_impl.train`` arguments of the distributed run."""
-    return ["--coco", str(coco), "--work-dir", str(run_dir), "--batch-size", str(BATCH_PER_PROCESS),
-            "--lr", repr(lr), "--warmup-iters", str(WARMUP_ITERS), "--epochs", str(epochs),
-            "--milestones", str(epochs + 1), "--max-iters", str(iters), "--scale", f"{scale[0]}x{scale[1]}",
-            "--num-workers", "0", "--seed", str(seed), "--eval-interval", "0", "--no-progress"]
-
-
-def run_distributed(coco: Path, work_dir: Path, iters: int, lr: float, seed: int,
-                    scale: tuple[int, int], epochs: int, timeout: float = 1200) -> dict[str, Any]:
-    """Run (a) and read back its log and final checkpoint.
-
-    Returns ``{'command', 'wall_s', 'log': [per-iteration records], 'model_state': {name: array}
-    (rank 0's), 'ghm': [per-rank {key: array}], 'momentum': {name: array}}``. Raises
-    :class:`LaunchError` naming the logs when the launcher fails or times out.
-    """
-    run_dir, log_dir, out_file = work_dir / "dp2", work_dir / "launch_log", work_dir / "launch.out"
-    for path in (run_dir, log_dir):
-        shutil.rmtree(path, ignore_errors=True)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", str(WORLD_SIZE),
-               "--max_restart", "0", "--log_dir", str(log_dir), TRAIN_COMMAND,
-               *train_args(coco, run_dir, iters, lr, seed, scale, epochs)]
-    where = f"launcher output {out_file}, worker logs {log_dir}/workerlog.0 and workerlog.1"
-    started = time.perf_counter()
-    with open(out_file, "w") as out:
-        proc = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        try:
-            code = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            # The workers run in sessions of their own; the launcher's SIGTERM handler stops them.
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            raise LaunchError(f"paddle.distributed.launch did not finish in {timeout:g} s; {where}") from None
-    wall = time.perf_counter() - started
-    if code != 0:
-        raise LaunchError(f"paddle.distributed.launch exited with status {code}; {where}"
-                          f"{_last_lines(log_dir / 'workerlog.0')}{_last_lines(log_dir / 'workerlog.1')}")
-    log = read_jsonl(run_dir / "log.jsonl")
-    if [r["iter"] for r in log] != list(range(1, iters + 1)):
-        raise LaunchError(f"{run_dir / 'log.jsonl'} has iterations {[r['iter'] for r in log]}, "
-                          f"expected 1..{iters}; {where}")
-    state = ckpt.load_checkpoint(run_dir / "latest.ckpt")
-    if state["world_size"] != WORLD_SIZE or state["iter"] != iters:
-        raise LaunchError(f"{run_dir / 'latest.ckpt'}: world_size {state['world_size']}, iter {state['iter']}; "
-                          f"expected {WORLD_SIZE} and {iters}; {where}")
-    return {"command": command, "wall_s": wall, "log": log, "model_state": state["model"],
-            "ghm": state["ghm_per_rank"], "momentum": state["optimizer"]["momentum_buffers"]}
-
-
 # (b) and (c): in this process --------------------------------------------------------------------
 
-def build_training(lr: float, seed: int, epochs: int, ipe: int):
-    """Model, loss layer, optimizer and schedule as ``Trainer.__init__`` builds them on every rank.
-
-    Returns ``(model, loss_forward, optimizer, schedule)``; the schedule is the
-    distributed run's (its iterations per epoch, total batch 4).
-    """
+def build_training(lr: float, seed: int, epochs: int, ipe: int) -> PaddleSide:
+    """Model, loss layer, optimizer and schedule as ``Trainer.__init__`` builds them on every rank,
+    as a training side; the schedule is the distributed run's (its iterations per epoch, total batch 4)."""
     cfg = get_config()
     cfg["optimizer"]["max_epochs"] = epochs
     cfg["optimizer"]["warmup_iters"] = WARMUP_ITERS
@@ -254,14 +173,12 @@ def build_training(lr: float, seed: int, epochs: int, ipe: int):
     seed_everything(seed)
     model = RetinaNet.from_config(cfg)
     model.train()
-    loss_forward = LossForward(model)
-    optimizer = SGD(model, lr=lr, cfg=cfg)
     schedule = WarmupMultiStepLR.from_config(ipe, WORLD_SIZE * BATCH_PER_PROCESS, cfg=cfg, base_lr=lr)
-    return model, loss_forward, optimizer, schedule
+    return PaddleSide(model, SGD(model, lr=lr, cfg=cfg), schedule, loss_forward=LossForward(model),
+                      terms=summed_terms)
 
 
-def data_parallel_step(model: RetinaNet, loss_forward, optimizer: SGD, schedule: WarmupMultiStepLR,
-                       batches: Sequence[dict[str, Any]], ghm: list[dict[str, np.ndarray]],
+def data_parallel_step(side: PaddleSide, batches: Sequence[dict[str, Any]], ghm: list[dict[str, np.ndarray]],
                        reduce: str = "mean") -> dict[str, Any]:
     """One optimizer step of ``len(batches)`` emulated ranks, rank ``r`` on ``batches[r]``.
 
@@ -269,13 +186,14 @@ def data_parallel_step(model: RetinaNet, loss_forward, optimizer: SGD, schedule:
     place in the list) and the loss composition of ``Trainer._step``; its
     gradients are kept aside. The gradients are then summed in rank order and,
     with ``reduce='mean'``, divided by the number of ranks (with ``'sum'``
-    not: the control). Then clip + SGD and the schedule step, as ``Trainer._step``.
+    not: the control). Then the side's step: clip + SGD and the schedule step, as ``Trainer._step``.
 
     Returns ``{'lr', 'grad_norm', 'ranks': [{'loss', 'loss_cls', 'loss_bbox'}...]}``.
     """
     if reduce not in ("mean", "sum"):
         raise ValueError(f"reduce must be 'mean' or 'sum', got {reduce!r}")
-    params = [(name, p) for name, p in optimizer.parameters().items() if not p.stop_gradient]
+    model, loss_forward = side.model, side.loss_forward
+    params = [(name, p) for name, p in side.optimizer.parameters().items() if not p.stop_gradient]
     per_rank_grads, ranks = [], []
 
     def keep_rank(rank: int, losses: dict[str, float]) -> None:
@@ -291,7 +209,7 @@ def data_parallel_step(model: RetinaNet, loss_forward, optimizer: SGD, schedule:
         total = loss_cls + loss_bbox
         total.backward()
         keep_rank(rank, {"loss": float(total), "loss_cls": float(loss_cls), "loss_bbox": float(loss_bbox)})
-        optimizer.clear_grad()
+        side.optimizer.clear_grad()
 
     def reduce_gradients() -> None:
         # The last rank's gradients stay in place: their slots receive the reduced values.
@@ -314,8 +232,8 @@ def data_parallel_step(model: RetinaNet, loss_forward, optimizer: SGD, schedule:
 
     # The last rank's step: its forward and backward, the reduction, the update.
     set_ghm_buffers(model, ghm[-1])
-    step = train_step(loss_forward, optimizer, schedule, batches[-1], after_backward=reduce_gradients)
-    ranks[-1] = {"loss": step.loss, "loss_cls": step.loss_cls, "loss_bbox": step.loss_bbox}
+    step = side.train_step(batches[-1], after_backward=reduce_gradients)
+    ranks[-1] = dict(step.losses)
     return {"lr": step.lr, "grad_norm": step.grad_norm, "ranks": ranks}
 
 
@@ -329,7 +247,8 @@ def run_emulation(train_set: CocoDetection, iters: int, lr: float, seed: int, ep
     """
     started = time.perf_counter()
     loaders = rank_loaders(train_set, seed)
-    model, loss_forward, optimizer, schedule = build_training(lr, seed, epochs, len(loaders[0]))
+    side = build_training(lr, seed, epochs, len(loaders[0]))
+    model = side.model
     init = {name: p.numpy().copy() for name, p in model.named_parameters()}
     collate = Collate()
     ghm = [ckpt.ghm_buffers(model.state_dict()) for _ in range(WORLD_SIZE if mode == "ranks" else 1)]
@@ -340,13 +259,13 @@ def run_emulation(train_set: CocoDetection, iters: int, lr: float, seed: int, ep
         if mode == "joined":
             samples = [train_set[k] for b in batches for k in b["keys"]]
             batches = [collate.batch(samples)]
-        record = data_parallel_step(model, loss_forward, optimizer, schedule, batches, ghm, reduce)
+        record = data_parallel_step(side, batches, ghm, reduce)
         record["keys"], record["flips"] = keys, flips
         records.append(record)
     return {"wall_s": time.perf_counter() - started, "iterations": records,
             "params": {name: p.numpy().copy() for name, p in model.named_parameters()},
             "init_params": init, "ghm": ghm,
-            "momentum": {k: v.numpy().copy() for k, v in optimizer.momentum_buffers().items()}}
+            "momentum": {k: v.numpy().copy() for k, v in side.optimizer.momentum_buffers().items()}}
 
 
 # Comparison --------------------------------------------------------------------------------------
@@ -437,7 +356,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=4, help="training iterations (default %(default)s)")
     p.add_argument("--lr", type=float, default=0.01, help="learning rate (default %(default)s)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scale", type=parse_scale, default=(128, 96),
+    p.add_argument("--scale", type=parse_size, default=(128, 96),
                    help="resize scale WxH (default 128x96)")
     p.add_argument("--train-images", type=int, default=40,
                    help="training images generated before the padded-shape filter (default %(default)s)")

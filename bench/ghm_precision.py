@@ -50,8 +50,8 @@ def main(argv=None) -> int:
     import torch
     from mmdet.models.losses import GHMC as MMDetGHMC
 
-    from align.ghm_pair import build_torch_model, parse_shape, prepare_checkpoints, seeded_images
-    from align.loss.fake_batch import default_batch
+    from align.ghm.pair import build_torch_model, parse_shape, prepare_checkpoints, seeded_images
+    from align.ghm.fake_batch import default_batch
     from align.loss.stage import mmdet_inputs
     from paddle_impl.config import get_config
     from paddle_impl.model.ghm_loss import GHMC

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     # As the training program does, before Paddle's MKL makes its first call.
     configure_cpu()
     from paddle_impl import train
-    from paddle_impl.engine.atomic_write import write_json
+    from align.engine.atomic_write import write_json
 
     root = make_dataset(args.work_dir / "data", args.images, args.seed)
     run_dir = args.work_dir / "run"

@@ -1,7 +1,9 @@
 """Argument types shared by the command-line programs.
 
-Sizes: every command takes an image size as ``WxH`` (width first, as mmdet's
-``Resize(scale=(w, h))``), parsed by :func:`parse_scale`.
+Sizes: every command takes an image size as ``WxH``, width first, as mmdet's
+``Resize(scale=(w, h))`` (``1333x800``); ``W,H`` is read the same way. All
+are parsed by :func:`parse_size`, which returns ``(w, h)``. A tensor shape
+(the stages' ``SHAPE``) is written in the tensor's own order, ``NxCxHxW``.
 """
 from __future__ import annotations
 
@@ -9,14 +11,18 @@ import argparse
 import math
 
 
-def parse_scale(text: str) -> tuple[int, int]:
-    """``WxH`` -> ``(w, h)``, mmdet's ``Resize(scale=(w, h))`` order."""
+class SizeError(argparse.ArgumentTypeError, ValueError):
+    """A size that is not ``WxH`` with both sides large enough (argparse and the stages both report it)."""
+
+
+def parse_size(text: str, minimum: int = 32) -> tuple[int, int]:
+    """``"WxH"`` (or ``"W,H"``) -> ``(w, h)``, mmdet's ``Resize(scale=(w, h))`` order."""
     try:
-        w, h = (int(v) for v in text.lower().split("x"))
+        w, h = (int(v) for v in text.lower().replace(",", "x").split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected WxH such as 1333x800, got {text!r}") from None
-    if w < 32 or h < 32:
-        raise argparse.ArgumentTypeError(f"scale {text!r} too small: both sides must be >= 32")
+        raise SizeError(f"a size is WxH, width first, such as 1333x800; got {text!r}") from None
+    if w < minimum or h < minimum:
+        raise SizeError(f"size {text!r} too small: both sides must be >= {minimum}")
     return w, h
 
 

@@ -25,19 +25,9 @@ class DataError(Exception):
     """An image or annotation that cannot be used; the message names the file and the image id."""
 
 
-class WriteError(OSError):
-    """A file could not be written (permissions, disk full, a file where a folder should be);
-    the message names the path and the cause, and the previous content of the path is intact."""
-
-
 class NonFiniteLossError(FloatingPointError):
     """A training loss (or the gradient norm) became NaN or infinite; the message names the
     iteration and the term. Nothing from that iteration was saved."""
-
-
-def write_error(path: os.PathLike | str, err: OSError) -> WriteError:
-    """A :class:`WriteError` for ``err`` raised while writing ``path``."""
-    return WriteError(f"{path}: cannot write ({err.strerror or err})")
 
 
 def one_line(err: BaseException) -> str:

@@ -41,14 +41,14 @@ os.environ.setdefault("GLOG_minloglevel", "2")
 import numpy as np  # noqa: E402
 
 from paddle_impl.data.coco_classes import COCO_CATEGORY_IDS, COCO_CLASSES  # noqa: E402
-from paddle_impl.engine.atomic_write import atomic_write, write_json  # noqa: E402
+from align.engine.atomic_write import atomic_write, write_json  # noqa: E402
 from paddle_impl.evaluation.coco_eval import detections_to_coco_json, evaluate_bbox  # noqa: E402
 from paddle_impl.config import get_config  # noqa: E402
 from paddle_impl.model.detector import RetinaNet  # noqa: E402
 from paddle_impl.boxes.postprocess import Detections  # noqa: E402
 from paddle_impl.engine.weights import convert_torch_checkpoint, load_weights, load_weights_file  # noqa: E402
 from paddle_impl.errors import InputError, run_command  # noqa: E402
-from paddle_impl.arguments import parse_scale  # noqa: E402
+from paddle_impl.arguments import parse_size  # noqa: E402
 from paddle_impl.data.transforms import Collate, load_image, test_pipeline  # noqa: E402
 
 
@@ -61,7 +61,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="COCO results json to write")
     p.add_argument("--draw-dir", help="write one PNG per image with the boxes drawn")
     p.add_argument("--draw-thr", type=float, default=0.3, help="lowest score drawn (default 0.3)")
-    p.add_argument("--scale", type=parse_scale, help="test resize scale WxH (default 1333x800)")
+    p.add_argument("--scale", type=parse_size, help="test resize scale WxH (default 1333x800)")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="with an error, also print its Python traceback (or set GHM_TRACEBACK=1)")
     return p.parse_args(argv)

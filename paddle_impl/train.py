@@ -79,7 +79,7 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from paddle_impl.arguments import epochs_list, learning_rate, non_negative, parse_scale, positive
+from paddle_impl.arguments import epochs_list, learning_rate, non_negative, parse_size, positive
 from paddle_impl.errors import InputError, run_command
 
 # Quiet the C++ logs of Paddle before it is imported.
@@ -113,7 +113,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="also checkpoint every K iterations (0: only per epoch)")
     p.add_argument("--num-workers", type=non_negative, default=2)
     p.add_argument("--seed", type=non_negative, default=0)
-    p.add_argument("--scale", type=parse_scale, help="resize scale WxH for training and evaluation "
+    p.add_argument("--scale", type=parse_size, help="resize scale WxH for training and evaluation "
                                                "(default 1333x800; smoke 320x192)")
     p.add_argument("--mmdet-log", help="mmdet json log (vis_data/scalars.json) to overlay in the report")
     p.add_argument("--reports", help="also copy train.html into this folder")

@@ -5,8 +5,9 @@ import sys
 
 from align.backward.stage import (DEFAULT_ITERS_PER_EPOCH, DEFAULT_SHAPE, BackwardOptions, first_divergence,
                                   run_backward)
-from align.ghm_pair import BUILD_DIR, add_dtype_arguments, extra_dtype
-from align.stage_cli import run_stage, stage_parser
+from align.engine.cli import stage_parser
+from align.ghm.pair import BUILD_DIR, add_dtype_arguments, extra_dtype
+from align.ghm.suite import run_stage
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,17 +50,17 @@ def _details(result) -> list[str]:
     for title, _, rows in result.extra_tables:
         if title.startswith("Per step"):
             lines.append(title)
-            for row in rows:
-                (step, lr, loss_t, loss_p, loss_rel, norm_t, norm_p, norm_rel, clipped,
-                 grad_rel, _, param_rel, _, momentum_rel, ghm_rel, flips) = row
-                lines.append(f"  step {step:>3}: lr {lr:.3e} loss {loss_t:.6f} / {loss_p:.6f} rel {loss_rel:.1e}, "
-                             f"grad norm {norm_t:.4f} / {norm_p:.4f} rel {norm_rel:.1e}"
-                             f"{' (clipped)' if clipped else ''}; worst rel: grad {grad_rel:.1e}, "
-                             f"param {param_rel:.1e}, momentum {momentum_rel:.1e}, GHM acc_sum {ghm_rel:.1e}; "
-                             f"ReLU flips {flips}")
+            for r in rows:
+                lines.append(f"  step {r.step:>3}: lr {r.lr:.3e} loss {r.loss_mmdet:.6f} / {r.loss_paddle:.6f} "
+                             f"rel {r.loss_rel:.1e}, grad norm {r.grad_norm_mmdet:.4f} / {r.grad_norm_paddle:.4f} "
+                             f"rel {r.grad_norm_rel:.1e}{' (clipped)' if r.clipped else ''}; worst rel: grad "
+                             f"{r.worst_grad_rel:.1e}, param {r.worst_param_rel:.1e}, momentum "
+                             f"{r.worst_momentum_rel:.1e}, GHM acc_sum {r.ghm_acc_sum_rel:.1e}; "
+                             f"ReLU flips {r.relu_flips}")
     lines.append("Worst difference per category:")
-    for run, category, count, rel, name, tol, within in result.extra_tables[0][2]:
-        lines.append(f"  {run} {category:44s} {rel:.2e} (tol {tol:.0e}, {'ok' if within else 'OVER'}) {name}")
+    for r in result.extra_tables[0].rows:
+        lines.append(f"  {r.run} {r.category:44s} {r.worst_rel:.2e} (tol {r.tolerance:.0e}, "
+                     f"{'ok' if r.within else 'OVER'}) {r.worst_tensor}")
     schedule = result.meta["lr_schedule"]
     if schedule:
         lines.append(f"learning rate over the whole schedule ({schedule['iterations']} iterations, "

@@ -5,16 +5,17 @@ import sys
 
 from align.data.pipelines import parse_scale
 from align.data.stage import DEFAULT_SCALE, DataOptions, first_divergence, run_data
-from align.ghm_pair import BUILD_DIR
-from align.stage_cli import run_stage, stage_parser
+from align.engine.cli import stage_parser
+from align.ghm.pair import BUILD_DIR
+from align.ghm.suite import run_stage
 
 
 def main(argv: list[str] | None = None) -> int:
     p = stage_parser("data", __doc__, ckpt_help="accepted for a uniform command line; the data stage uses no weights",
                      seed_help="seed of the tiny COCO (default %(default)s)", build_dir=BUILD_DIR,
                      build_dir_help="where the tiny COCO is generated (default %(default)s)")
-    p.add_argument("--scale", default=",".join(map(str, DEFAULT_SCALE)),
-                   help="Resize bound LONG,SHORT for both pipelines (default %(default)s, the config's)")
+    p.add_argument("--scale", default="x".join(map(str, DEFAULT_SCALE)),
+                   help="Resize bound WxH (mmdet's scale=(w, h)) for both pipelines (default %(default)s, the config's)")
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--input-atol", type=float, default=1e-6)
     p.add_argument("--inject-flip-mismatch", action="store_true",

@@ -19,15 +19,13 @@ TINY_VAL_IMAGES = 4
 
 
 def parse_scale(text: str) -> tuple[int, int]:
-    """``"1333,800"`` or ``"1333x800"`` -> ``(1333, 800)``: the (long, short) bound of a keep-ratio resize."""
-    parts = text.lower().replace("x", ",").split(",")
+    """``SCALE`` (``WxH`` or ``W,H``, e.g. ``1333,800``) -> ``(w, h)``: the bound of a keep-ratio resize."""
+    from paddle_impl.arguments import parse_size
+
     try:
-        scale = tuple(int(v) for v in parts)
-    except ValueError:
-        scale = ()
-    if len(scale) != 2 or min(scale) < 32:
-        raise ValueError(f"SCALE must be two integers >= 32 such as 1333,800, got {text!r}")
-    return scale  # type: ignore[return-value]
+        return parse_size(text)
+    except ValueError as err:
+        raise ValueError(f"SCALE: {err}") from None
 
 
 def tiny_coco_root(build_dir: Path, seed: int) -> Path:

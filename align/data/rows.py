@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from align.compare import TensorDiff, diff_arrays, missing_row
+from align.engine.compare import TensorDiff, diff_arrays, missing_row
 
 
 def abs_row(name: str, reference: Any, test: Any, atol: float) -> TensorDiff:

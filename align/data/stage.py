@@ -19,17 +19,34 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
-from align.compare import TensorDiff, first_failure, reprod_log_diff
 from align.data.pipelines import (mmdet_batch, mmdet_dataset, mmdet_preprocessor, mmdet_setup,
                                   our_dataset, tiny_coco_root)
 from align.data.rows import abs_row, absent_row, exact_row
-from align.ghm_pair import BUILD_DIR
-from align.report import StageResult, environment_info, write_stage_report
+from align.engine.cli import progress
+from align.engine.compare import TensorDiff, first_failure, reprod_log_diff
+from align.engine.report import Headline, StageResult
+from align.ghm.pair import BUILD_DIR
+from align.ghm.suite import write_report
 
 DEFAULT_SCALE = (1333, 800)
+
+
+class ImageRow(NamedTuple):
+    """One image of one pass, as the report's table shows it."""
+
+    pass_name: str
+    batch: int
+    img_id: int
+    img_shape: str
+    pad_shape: str
+    flip_mmdet: bool
+    flip_paddle: bool
+    boxes: int
+    ignored: int
 
 
 @dataclass
@@ -91,10 +108,10 @@ IMAGE_KEYS = ("img_shape", "pad_shape", "scale_factor", "flip", "gt_bboxes", "gt
 
 
 def compare_pass(name: str, mm_ds, our_ds, preprocessor, collate, training: bool, opts: DataOptions,
-                 torch_out: dict, paddle_out: dict) -> tuple[list[TensorDiff], list[list]]:
+                 torch_out: dict, paddle_out: dict) -> tuple[list[TensorDiff], list[ImageRow]]:
     """Rows of one pass over a dataset (``name`` prefixes every key); fills the reprod_log dicts."""
     rows: list[TensorDiff] = []
-    table: list[list] = []
+    table: list[ImageRow] = []
     mm_ids = np.array([mm_ds.get_data_info(i)["img_id"] for i in range(len(mm_ds))], np.int64)
     our_ids = np.array(our_ds.img_ids, np.int64)
     rows.append(exact_row(f"{name}.img_ids", mm_ids, our_ids))
@@ -121,9 +138,9 @@ def compare_pass(name: str, mm_ds, our_ds, preprocessor, collate, training: bool
                 rows.append(exact_row(f"{img_key}.{field}", r_img[field], g_img[field]))
                 torch_out[f"{img_key}.{field}"] = r_img[field]
                 paddle_out[f"{img_key}.{field}"] = g_img[field]
-            table.append([name, b, r_img["img_id"], str(tuple(r_img["img_shape"].tolist())),
-                          str(tuple(r_img["pad_shape"].tolist())), bool(r_img["flip"]), bool(g_img["flip"]),
-                          len(r_img["gt_labels"]), len(r_img["ignored_labels"])])
+            table.append(ImageRow(name, b, r_img["img_id"], str(tuple(r_img["img_shape"].tolist())),
+                                  str(tuple(r_img["pad_shape"].tolist())), bool(r_img["flip"]), bool(g_img["flip"]),
+                                  len(r_img["gt_labels"]), len(r_img["ignored_labels"])))
     return rows, table
 
 
@@ -140,22 +157,22 @@ def run_data(opts: DataOptions) -> StageResult:
 
     t0 = time.perf_counter()
     rows: list[TensorDiff] = []
-    table: list[list] = []
+    table: list[ImageRow] = []
     torch_out: dict[str, np.ndarray] = {}
     paddle_out: dict[str, np.ndarray] = {}
-    for flip in (True, False):
-        mm_ds = mmdet_dataset(cfg, root, train=True, scale=opts.scale, flip_prob=1.0 if flip else 0.0)
-        ours_flip = (not flip) if opts.inject_flip_mismatch else flip
-        our_ds = our_dataset(root, train=True, scale=opts.scale, flip=ours_flip, seed=opts.seed)
-        r, t = compare_pass(f"train.flip_{'on' if flip else 'off'}", mm_ds, our_ds, preprocessor, collate,
-                            True, opts, torch_out, paddle_out)
+    # Training with the flip forced on, then off, then the test pipeline.
+    for flip in progress((True, False, None), "data"):
+        train = flip is not None
+        mm_ds = mmdet_dataset(cfg, root, train=train, scale=opts.scale, flip_prob=1.0 if flip else 0.0)
+        if train:
+            ours_flip = (not flip) if opts.inject_flip_mismatch else flip
+            our_ds = our_dataset(root, train=True, scale=opts.scale, flip=ours_flip, seed=opts.seed)
+        else:
+            our_ds = our_dataset(root, train=False, scale=opts.scale)
+        name = f"train.flip_{'on' if flip else 'off'}" if train else "test"
+        r, t = compare_pass(name, mm_ds, our_ds, preprocessor, collate, train, opts, torch_out, paddle_out)
         rows += r
         table += t
-    mm_ds = mmdet_dataset(cfg, root, train=False, scale=opts.scale)
-    our_ds = our_dataset(root, train=False, scale=opts.scale)
-    r, t = compare_pass("test", mm_ds, our_ds, preprocessor, collate, False, opts, torch_out, paddle_out)
-    rows += r
-    table += t
     seconds = time.perf_counter() - t0
 
     reprod = reprod_log_diff(paddle_out, torch_out, opts.reports, "data", opts.input_atol)
@@ -171,7 +188,7 @@ def run_data(opts: DataOptions) -> StageResult:
         "flip_mismatch_injected": opts.inject_flip_mismatch,
         "seconds": round(seconds, 2),
     }
-    result = StageResult(
+    return write_report(StageResult(
         stage="data",
         title="Data: tiny COCO through mmdet's pipelines and preprocessor vs Paddle's",
         passed=all(row.passed for row in rows),
@@ -179,15 +196,15 @@ def run_data(opts: DataOptions) -> StageResult:
         thresholds={"network input (abs)": opts.input_atol,
                     "image lists, shapes, scale factors, flips, boxes, labels": "exact"},
         meta=meta,
-        env=environment_info(),
         extra_tables=[("Images per pass and batch",
                        ["pass", "batch", "img_id", "img_shape", "pad_shape", "flip mmdet", "flip paddle",
                         "boxes", "ignored"], table)],
         reprod_log=reprod,
         reprod_log_threshold=opts.input_atol,
-    )
-    write_stage_report(result, opts.reports)
-    return result
+        reprod_log_check=opts.input_atol,
+        headline=Headline.largest_abs(rows, opts.input_atol,
+                                      "largest |diff| (network inputs within the bound, the rest exact)"),
+    ), opts.reports)
 
 
 def first_divergence(result: StageResult) -> str | None:

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import sys
 
+from align.engine.cli import stage_parser
 from align.forward.stage import DEFAULT_SHAPE, ForwardOptions, first_divergence, run_forward
-from align.ghm_pair import BUILD_DIR
-from align.stage_cli import run_stage, stage_parser
+from align.ghm.pair import BUILD_DIR
+from align.ghm.suite import run_stage
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,11 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
-from align.capture import PaddleComparer, TorchRecorder, perturb_parameter
-from align.compare import TensorDiff, diff_arrays, first_failure, reprod_log_diff
-from align.ghm_pair import (BUILD_DIR, build_paddle_model, build_torch_model, parse_shape,
+from align.engine.capture import PaddleComparer, TorchRecorder, perturb_parameter
+from align.engine.cli import progress_bar
+from align.engine.compare import TensorDiff, diff_arrays, first_failure, reprod_log_diff
+from align.engine.report import Headline, StageResult
+from align.ghm.pair import (BUILD_DIR, build_paddle_model, build_torch_model, parse_shape,
                             prepare_checkpoints, seeded_images)
-from align.report import StageResult, environment_info, write_stage_report
+from align.ghm.suite import write_report
 
 DEFAULT_SHAPE = "2x3x800x1344"
 BACKBONE_NAMES = ["C2", "C3", "C4", "C5"]
@@ -94,12 +96,15 @@ def run_forward(opts: ForwardOptions) -> StageResult:
     images = seeded_images(shape, opts.seed)
     timings = {"setup_s": time.perf_counter() - t0}
 
-    t0 = time.perf_counter()
-    torch_out, torch_layers = run_torch(torch_model, images, opts.layers)
-    timings["torch_forward_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    paddle_out, layer_rows = run_paddle(paddle_model, images, torch_layers, opts)
-    timings["paddle_forward_s"] = time.perf_counter() - t0
+    with progress_bar("forward", total=2) as bar:
+        t0 = time.perf_counter()
+        torch_out, torch_layers = run_torch(torch_model, images, opts.layers)
+        timings["torch_forward_s"] = time.perf_counter() - t0
+        bar.update(1)
+        t0 = time.perf_counter()
+        paddle_out, layer_rows = run_paddle(paddle_model, images, torch_layers, opts)
+        timings["paddle_forward_s"] = time.perf_counter() - t0
+        bar.update(1)
     del torch_layers
 
     tensors: list[TensorDiff] = [
@@ -122,7 +127,7 @@ def run_forward(opts: ForwardOptions) -> StageResult:
         "layers_compared": len(layer_rows),
         **{k: round(v, 3) for k, v in timings.items()},
     }
-    result = StageResult(
+    return write_report(StageResult(
         stage="forward",
         title="Forward: mmdet GHM RetinaNet vs Paddle",
         passed=passed,
@@ -130,11 +135,11 @@ def run_forward(opts: ForwardOptions) -> StageResult:
         layers=layer_rows,
         thresholds={"rel_max": opts.rel_tol, "mean_abs": opts.mean_tol},
         meta=meta,
-        env=environment_info(),
         reprod_log=reprod,
-    )
-    write_stage_report(result, opts.reports)
-    return result
+        reprod_log_check=opts.mean_tol,
+        headline=Headline.worst(tensors, opts.rel_tol, "worst output, max|diff| / max|ref|"),
+        seconds={"mmdet": timings["torch_forward_s"], "paddle": timings["paddle_forward_s"]},
+    ), opts.reports)
 
 
 def first_divergence(result: StageResult) -> str | None:

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import sys
 
-from align.ghm_pair import BUILD_DIR
+from align.engine.cli import stage_parser
+from align.ghm.pair import BUILD_DIR
+from align.ghm.suite import run_stage
 from align.loss.stage import DEFAULT_SHAPE, LossOptions, first_divergence, run_loss
-from align.stage_cli import run_stage, stage_parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,15 +24,12 @@ def main(argv: list[str] | None = None) -> int:
                        reports=args.reports, build_dir=args.build_dir)
 
     def summary(result) -> str:
-        worst = max(result.tensors, key=lambda t: t.rel_max)
-        return f"({len(result.tensors)} compared; worst {worst.name}: rel {worst.rel_max:.2e})"
+        worst, m = max(result.tensors, key=lambda t: t.rel_max), result.meta
+        return (f"({len(result.tensors)} compared; worst {worst.name}: rel {worst.rel_max:.2e}; "
+                f"time in the loss over {opts.iters} iterations: mmdet {m['mmdet_loss_s']:.2f} s, "
+                f"paddle {m['paddle_loss_s']:.2f} s)")
 
-    def timing(result) -> list[str]:
-        m = result.meta
-        return [f"time in the loss over {opts.iters} iterations: mmdet {m['mmdet_loss_s']:.2f} s, "
-                f"paddle {m['paddle_loss_s']:.2f} s"]
-
-    return run_stage(lambda: run_loss(opts), label=lambda r: "loss", summary=summary, notes=timing,
+    return run_stage(lambda: run_loss(opts), label=lambda r: "loss", summary=summary,
                      first_divergence=first_divergence, verbose=args.verbose, report=opts.reports / "loss.html")
 
 

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import sys
 
-from align.ghm_pair import BUILD_DIR
+from align.engine.cli import stage_parser
+from align.ghm.pair import BUILD_DIR
+from align.ghm.suite import run_stage
 from align.metric.stage import MetricOptions, first_divergence, run_metric
-from align.stage_cli import run_stage, stage_parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,8 +23,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_metric(opts)
 
     def details(result) -> list[str]:
-        return [f"{name:>16}: mmdet {raw_mm:.12f} paddle {raw_pd:.12f}  reported {rep_mm:.3f} / {rep_pd:.3f}"
-                for name, raw_mm, raw_pd, rep_mm, rep_pd in result.extra_tables[0][2]]
+        return [f"{r.metric:>16}: mmdet {r.mmdet_raw:.12f} paddle {r.paddle_raw:.12f}  "
+                f"reported {r.mmdet_reported:.3f} / {r.paddle_reported:.3f}" for r in result.extra_tables[0].rows]
 
     def summary(result) -> str:
         worst = max(result.tensors, key=lambda t: t.max_abs if t.max_abs == t.max_abs else float("inf"))

@@ -27,18 +27,30 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
-from align.compare import TensorDiff, first_failure, reprod_log_diff
 from align.data.pipelines import VAL_SPLIT, ann_file, mmdet_setup, our_dataset, tiny_coco_root
 from align.data.rows import exact_row
-from align.ghm_pair import BUILD_DIR
-from align.report import StageResult, environment_info, write_stage_report
+from align.engine.compare import TensorDiff, first_failure, reprod_log_diff
+from align.engine.report import Headline, StageResult
+from align.ghm.pair import BUILD_DIR
+from align.ghm.suite import write_report
 
 # Relative to each box's size, so tiny objects are matched as often as large ones.
 JITTER_REL = 0.04
 WRONG_LABEL_RATE = 0.2
+
+
+class MetricRow(NamedTuple):
+    """One COCO box metric: both raw values and both as reported (rounded to 3 decimals)."""
+
+    metric: str
+    mmdet_raw: float
+    paddle_raw: float
+    mmdet_reported: float
+    paddle_reported: float
 
 
 @dataclass
@@ -190,8 +202,8 @@ def run_metric(opts: MetricOptions) -> StageResult:
     rows: list[TensorDiff] = [exact_row(name, torch_out[name], paddle_out[name]) for name in torch_out]
     reprod = reprod_log_diff(paddle_out, torch_out, opts.reports, "metric", 0.0)
 
-    table = [[name, float(stats[i]), ours.get(name, float("nan")), torch_out[f"reported.{name}"],
-              paddle_out[f"reported.{name}"]] for i, name in enumerate(BBOX_METRIC_NAMES)]
+    table = [MetricRow(name, float(stats[i]), ours.get(name, float("nan")), torch_out[f"reported.{name}"],
+                       paddle_out[f"reported.{name}"]) for i, name in enumerate(BBOX_METRIC_NAMES)]
     meta = {
         "seed": opts.seed,
         "annotations": str(ann),
@@ -202,21 +214,20 @@ def run_metric(opts: MetricOptions) -> StageResult:
         "mmdet_s": round(mmdet_s, 3),
         "paddle_s": round(paddle_s, 3),
     }
-    result = StageResult(
+    return write_report(StageResult(
         stage="metric",
         title="Metric: mmdet's CocoMetric vs Paddle's evaluate_bbox on the same detections",
         passed=all(row.passed for row in rows),
         tensors=rows,
         thresholds={"records, 12 raw numbers, 12 reported numbers": "exact"},
         meta=meta,
-        env=environment_info(),
         extra_tables=[("COCO box metrics", ["metric", "mmdet raw", "paddle raw", "mmdet reported",
                                             "paddle rounded"], table)],
         reprod_log=reprod,
         reprod_log_threshold=0.0,
-    )
-    write_stage_report(result, opts.reports)
-    return result
+        reprod_log_check=0.0,
+        headline=Headline.largest_abs(rows, 0.0, "largest |diff| of the COCO numbers"),
+    ), opts.reports)
 
 
 def first_divergence(result: StageResult) -> str | None:

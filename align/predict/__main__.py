@@ -4,16 +4,17 @@ from __future__ import annotations
 import sys
 
 from align.data.pipelines import parse_scale
-from align.ghm_pair import BUILD_DIR
+from align.engine.cli import stage_parser
+from align.ghm.pair import BUILD_DIR
+from align.ghm.suite import run_stage
 from align.predict.stage import DEFAULT_SCALE, PredictOptions, first_divergence, run_predict
-from align.stage_cli import run_stage, stage_parser
 
 
 def main(argv: list[str] | None = None) -> int:
     p = stage_parser("predict", __doc__, ckpt_help="mmdet checkpoint (default: the seeded synthetic one, "
                                                    "plus its sharpened variant)", build_dir=BUILD_DIR)
-    p.add_argument("--scale", default=",".join(map(str, DEFAULT_SCALE)),
-                   help="test Resize bound LONG,SHORT for both pipelines (default %(default)s, the config's)")
+    p.add_argument("--scale", default="x".join(map(str, DEFAULT_SCALE)),
+                   help="test Resize bound WxH (mmdet's scale=(w, h)) for both pipelines (default %(default)s, the config's)")
     p.add_argument("--score-thr", type=float, help="override test_cfg.score_thr on both sides")
     p.add_argument("--box-atol", type=float, default=1e-3, help="pixels (default %(default)s)")
     p.add_argument("--score-atol", type=float, default=1e-5)
@@ -28,9 +29,10 @@ def main(argv: list[str] | None = None) -> int:
         return run_predict(opts)
 
     def details(result) -> list[str]:
-        return [f"{row[0]:>9} image {row[1]}: detections mmdet {row[2]} paddle {row[3]}; "
-                f"max |box diff| {row[6]:.2e} px, max |score diff| {row[7]:.2e}; reordered pairs {row[8]}"
-                for row in result.extra_tables[0][2]]
+        return [f"{row.run:>9} image {row.image}: detections mmdet {row.detections_mmdet} paddle "
+                f"{row.detections_paddle}; max |box diff| {row.max_box_diff_px:.2e} px, "
+                f"max |score diff| {row.max_score_diff:.2e}; reordered pairs {row.reordered}"
+                for row in result.extra_tables[0].rows]
 
     def summary(result) -> str:
         m = result.meta

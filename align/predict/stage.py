@@ -43,17 +43,20 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
-from align.compare import TensorDiff, first_failure, reprod_log_diff
-from align.data.pipelines import (mmdet_batch, mmdet_dataset, mmdet_setup, our_dataset, parse_scale,
+from align.data.pipelines import (mmdet_batch, mmdet_dataset, mmdet_setup, our_dataset,
                                   tiny_coco_root)
 from align.data.rows import abs_row, exact_row
-from align.ghm_pair import (BUILD_DIR, Checkpoints, build_paddle_model, build_torch_model,
+from align.engine.atomic_write import atomic_write
+from align.engine.cli import progress
+from align.engine.compare import TensorDiff, first_failure, reprod_log_diff
+from align.engine.report import Headline, StageResult
+from align.ghm.pair import (BUILD_DIR, Checkpoints, build_paddle_model, build_torch_model,
                             prepare_checkpoints, seeded_images)
-from align.report import StageResult, environment_info, write_stage_report
-from paddle_impl.engine.atomic_write import atomic_write
+from align.ghm.suite import write_report
 
 DEFAULT_SCALE = (1333, 800)
 SHARPEN_MEAN = -6.0
@@ -170,8 +173,22 @@ def pair_order(ref: dict, got: dict, box_atol: float, score_atol: float) -> tupl
     return order, reordered
 
 
+class ImageRow(NamedTuple):
+    """One image of one run, as the report's detection table shows it."""
+
+    run: str
+    image: int
+    detections_mmdet: int
+    detections_paddle: int
+    top_score_mmdet: float
+    lowest_score_mmdet: float
+    max_box_diff_px: float
+    max_score_diff: float
+    reordered: int
+
+
 def compare_run(name: str, ref: list[dict], got: list[dict], opts: PredictOptions,
-                torch_out: dict, paddle_out: dict) -> tuple[list[TensorDiff], list[list]]:
+                torch_out: dict, paddle_out: dict) -> tuple[list[TensorDiff], list[ImageRow]]:
     """Rows of one run: per image count, labels, boxes, scores."""
     rows, table = [], []
     for r, g in zip(ref, got):
@@ -192,9 +209,9 @@ def compare_run(name: str, ref: list[dict], got: list[dict], opts: PredictOption
                     if n_ref == n_got and n_ref else (0.0 if n_ref == n_got else float("nan")))
         score_diff = (float(np.abs(r["scores"] - g["scores"]).max())
                       if n_ref == n_got and n_ref else (0.0 if n_ref == n_got else float("nan")))
-        table.append([name, r["img_id"], n_ref, n_got,
-                      float(r["scores"].max()) if n_ref else float("nan"),
-                      float(r["scores"].min()) if n_ref else float("nan"), box_diff, score_diff, reordered])
+        table.append(ImageRow(name, r["img_id"], n_ref, n_got,
+                              float(r["scores"].max()) if n_ref else float("nan"),
+                              float(r["scores"].min()) if n_ref else float("nan"), box_diff, score_diff, reordered))
     return rows, table
 
 
@@ -216,11 +233,11 @@ def run_predict(opts: PredictOptions) -> StageResult:
         runs.append(("sharpened", prepare_checkpoints(str(sharp), opts.seed, opts.build_dir)))
 
     rows: list[TensorDiff] = []
-    table: list[list] = []
+    table: list[ImageRow] = []
     torch_out: dict[str, np.ndarray] = {}
     paddle_out: dict[str, np.ndarray] = {}
     seconds = {"mmdet_s": 0.0, "paddle_s": 0.0}
-    for name, ckpts in runs:
+    for name, ckpts in progress(runs, "predict"):
         t0 = time.perf_counter()
         ref = mmdet_predictions(build_torch_model(ckpts), mm_ds, opts.score_thr)
         seconds["mmdet_s"] += time.perf_counter() - t0
@@ -241,8 +258,9 @@ def run_predict(opts: PredictOptions) -> StageResult:
         "resize_scale": list(opts.scale),
         "test_cfg": test_cfg,
         "score_thr_overridden": opts.score_thr is not None,
-        "detections_per_run": {name: int(sum(row[2] for row in table if row[0] == name)) for name, _ in runs},
-        "reordered_pairs": int(sum(row[8] for row in table)),
+        "detections_per_run": {name: int(sum(row.detections_mmdet for row in table if row.run == name))
+                               for name, _ in runs},
+        "reordered_pairs": int(sum(row.reordered for row in table)),
         "worst_box_abs_diff_px": max((row.max_abs for row in rows if row.name.endswith(".bboxes")),
                                      default=float("nan")),
         "worst_score_abs_diff": max((row.max_abs for row in rows if row.name.endswith(".scores")),
@@ -251,7 +269,7 @@ def run_predict(opts: PredictOptions) -> StageResult:
         "checkpoint_synthetic": given.synthetic,
         **{k: round(v, 2) for k, v in seconds.items()},
     }
-    result = StageResult(
+    return write_report(StageResult(
         stage="predict",
         title="Predict: mmdet's model.predict vs Paddle's predict on tiny-COCO val images",
         passed=all(row.passed for row in rows),
@@ -259,15 +277,16 @@ def run_predict(opts: PredictOptions) -> StageResult:
         thresholds={"boxes (abs px)": opts.box_atol, "scores (abs)": opts.score_atol,
                     "detection counts, labels": "exact"},
         meta=meta,
-        env=environment_info(),
         extra_tables=[("Detections per run and image",
                        ["run", "img_id", "mmdet dets", "paddle dets", "max score", "min score",
                         "max |box diff| px", "max |score diff|", "reordered"], table)],
         reprod_log=reprod,
         reprod_log_threshold=opts.score_atol,
-    )
-    write_stage_report(result, opts.reports)
-    return result
+        reprod_log_check=opts.score_atol,
+        headline=Headline.largest_abs([r for r in rows if r.name.endswith(".bboxes")], opts.box_atol,
+                                      "largest box |diff|, px"),
+        seconds={"mmdet": seconds["mmdet_s"], "paddle": seconds["paddle_s"]},
+    ), opts.reports)
 
 
 def first_divergence(result: StageResult) -> str | None:

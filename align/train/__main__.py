@@ -4,8 +4,9 @@ from __future__ import annotations
 import sys
 
 from align.data.pipelines import parse_scale
-from align.ghm_pair import BUILD_DIR, add_dtype_arguments, extra_dtype
-from align.stage_cli import run_stage, stage_parser
+from align.engine.cli import stage_parser
+from align.ghm.pair import BUILD_DIR, add_dtype_arguments, extra_dtype
+from align.ghm.suite import run_stage
 from align.train.stage import DEFAULT_SCALE, FLIP_MODES, STAGE, TrainOptions, first_divergence, run_train
 
 
@@ -16,8 +17,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=0.00125,
                    help="base learning rate of both sides (default %(default)s: 0.01 x 2/16 images)")
     p.add_argument("--warmup-iters", type=int, help="linear warm-up length (default: iters // 2)")
-    p.add_argument("--scale", default=",".join(map(str, DEFAULT_SCALE)),
-                   help="train Resize bound LONG,SHORT for both pipelines (default %(default)s)")
+    p.add_argument("--scale", default="x".join(map(str, DEFAULT_SCALE)),
+                   help="train Resize bound WxH (mmdet's scale=(w, h)) for both pipelines (default %(default)s)")
     p.add_argument("--flip", choices=FLIP_MODES, default="seeded",
                    help="seeded: the same seeded decision per sample on both sides; on/off: forced")
     add_dtype_arguments(p)
@@ -45,10 +46,10 @@ def _details(result) -> list[str]:
         if not title.startswith("Loss per iteration"):
             continue
         lines.append(title)
-        for (it, epoch, images, flips, lr, loss_t, loss_p, loss_rel, norm_t, norm_p, norm_rel) in rows:
-            lines.append(f"  iter {it:>3} (epoch {epoch}, images {images}, flips {flips}): lr {lr:.3e} "
-                         f"loss mmdet {loss_t:.6f} paddle {loss_p:.6f} rel {loss_rel:.1e}; "
-                         f"grad norm {norm_t:.4f} / {norm_p:.4f} rel {norm_rel:.1e}")
+        for r in rows:
+            lines.append(f"  iter {r.iter:>3} (epoch {r.epoch}, images {r.images}, flips {r.flips}): lr {r.lr:.3e} "
+                         f"loss mmdet {r.mmdet_loss:.6f} paddle {r.paddle_loss:.6f} rel {r.loss_rel_diff:.1e}; "
+                         f"grad norm {r.grad_norm_mmdet:.4f} / {r.grad_norm_paddle:.4f} rel {r.grad_norm_rel_diff:.1e}")
     for dtype, run in result.meta["runs"].items():
         lines.append(f"{dtype} ({run['role']}): worst loss rel {run['worst_loss_rel_diff']:.2e} "
                      f"(iteration {run['worst_loss_rel_diff_iteration']}), worst grad norm rel "

@@ -66,20 +66,24 @@ of the losses breaks.
 """
 from __future__ import annotations
 
-import copy
+import contextlib
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
-from align.compare import TensorDiff, diff_arrays, first_failure, reprod_log_diff
 from align.data.pipelines import mmdet_batch, mmdet_dataset, mmdet_setup, our_dataset, tiny_coco_root
-from align.ghm_pair import (BUILD_DIR, MODEL_DTYPES, Checkpoints, build_paddle_model, build_torch_model,
+from align.engine.cli import progress
+from align.engine.compare import TensorDiff, first_failure, reprod_log_diff
+from align.engine.paired import train_in_lockstep, value_series
+from align.engine.report import Headline, StageResult
+from align.ghm.pair import (BUILD_DIR, MODEL_DTYPES, Checkpoints, build_paddle_model, build_torch_model,
                             prepare_checkpoints)
+from align.ghm.sides import MmdetSide, PaddleSide, summed_terms
+from align.ghm.suite import write_report
 from align.loss.stage import LEVELS, PaddleGHMRecorder, TorchGHMRecorder
-from align.report import StageResult, environment_info, write_stage_report
 
 # File stem of the report: ``train.html`` is the report of a real training run (``make train-full``).
 STAGE = "train_align"
@@ -87,8 +91,38 @@ DEFAULT_SCALE = (320, 192)
 BATCH_SIZE = 2
 FLIP_MODES = ("seeded", "on", "off")
 VALUE_NAMES = ("loss_cls", "loss_bbox", "loss", "grad_norm", "lr")
+LR_TOL = 1e-10
+
+
+class IterationRow(NamedTuple):
+    """One iteration of a run, as the report's per-iteration table shows it."""
+
+    iter: int
+    epoch: int
+    images: str
+    flips: str
+    lr: float
+    mmdet_loss: float
+    paddle_loss: float
+    loss_rel_diff: float
+    grad_norm_mmdet: float
+    grad_norm_paddle: float
+    grad_norm_rel_diff: float
+
+
 ITERATION_COLUMNS = ["iter", "epoch", "images", "flips", "lr", "mmdet loss", "paddle loss", "loss rel diff",
                      "grad norm mmdet", "grad norm paddle", "grad norm rel diff"]
+class BinRow(NamedTuple):
+    """A GHM call whose bin counts differ between the sides."""
+
+    iter: int
+    loss: str  # "ghmc" or "ghmr"
+    level: str
+    bins: str
+    mmdet_counts: str
+    paddle_counts: str
+
+
 BIN_COLUMNS = ["iter", "loss", "level", "bins that differ", "mmdet counts", "paddle counts"]
 
 
@@ -144,97 +178,13 @@ class BatchPlan:
         return [self.dataset.draws_flip(k) for k in keys]
 
 
-class TorchTrainer:
-    """mmdet's model trained through ``train_step`` with mmengine's optimizer wrapper and schedulers.
-
-    When the model is not float32 (``build_torch_model(..., dtype="float64")``),
-    its ``DetDataPreprocessor`` is put back to float32, so the ``(N, 3, H, W)``
-    inputs it produces are bit for bit those of mmdet's float32 training, and a
-    forward hook widens them to the model's dtype; ``train_step`` itself is
-    mmdet's.
-    """
-
-    def __init__(self, model, cfg, opts: TrainOptions, warmup: int, iters_per_epoch: int):
-        import torch
-        from mmengine.optim import build_optim_wrapper
-        from mmengine.registry import PARAM_SCHEDULERS
-
-        optim_cfg = copy.deepcopy(cfg.optim_wrapper)
-        optim_cfg.optimizer.lr = opts.lr
-        self.model = model
-        self.model.train()
-        self.dtype = next(model.parameters()).dtype
-        if self.dtype != torch.float32:
-            # module.double() also widened the preprocessor's mean and std
-            # buffers, which would normalize in float64 instead of as mmdet does.
-            model.data_preprocessor.float()
-            model.data_preprocessor.register_forward_hook(self._widen_inputs)
-        self.wrapper = build_optim_wrapper(model, optim_cfg)
-        self.iters_per_epoch = iters_per_epoch
-        self.schedulers = []
-        for sched_cfg in cfg.param_scheduler:
-            sched_cfg = copy.deepcopy(sched_cfg)
-            if not sched_cfg.get("by_epoch", True):
-                sched_cfg["end"] = warmup
-            self.schedulers.append(PARAM_SCHEDULERS.build(
-                sched_cfg, default_args=dict(optimizer=self.wrapper, epoch_length=iters_per_epoch)))
-
-    def _widen_inputs(self, _module, _args, output: dict) -> dict:
-        """The preprocessor's ``inputs`` ``(N, 3, H, W)`` float32 -> the model's dtype."""
-        output["inputs"] = output["inputs"].to(self.dtype)
-        return output
-
-    def step(self, it: int, samples: list[dict]) -> dict[str, float]:
-        from mmengine.logging import MessageHub
-
-        lr = self.wrapper.optimizer.param_groups[0]["lr"]
-        log_vars = self.model.train_step(mmdet_batch(samples), self.wrapper)
-        grad_norm = MessageHub.get_current_instance().get_scalar("train/grad_norm").current()
-        for s in self.schedulers:
-            if not s.by_epoch:
-                s.step()
-        if (it + 1) % self.iters_per_epoch == 0:
-            for s in self.schedulers:
-                if s.by_epoch:
-                    s.step()
-        # parse_losses hands back the loss tensors themselves, still attached to the graph.
-        value = {k: float(log_vars[k].detach()) for k in ("loss_cls", "loss_bbox", "loss")}
-        return {**value, "grad_norm": float(grad_norm), "lr": float(lr)}
-
-
-class PaddleTrainer:
-    """Our model with ``SGD`` (clip, then step) and ``WarmupMultiStepLR``; the
-    ``(N, 3, H, W)`` float32 image batch is cast to the model's dtype."""
-
-    def __init__(self, model, opts: TrainOptions, warmup: int, iters_per_epoch: int):
-        from paddle_impl.config import get_config
-        from paddle_impl.engine.lr_schedule import WarmupMultiStepLR
-        from paddle_impl.engine.optimizer import SGD
-
-        o = get_config()["optimizer"]
-        self.model = model
-        self.model.train()
-        self.dtype = model.parameters()[0].dtype
-        self.optimizer = SGD(model, lr=opts.lr)
-        self.schedule = WarmupMultiStepLR(
-            base_lr=opts.lr, iters_per_epoch=iters_per_epoch, warmup_start_factor=o["warmup_start_factor"],
-            warmup_iters=warmup, milestones=o["milestones"], gamma=o["gamma"], max_epochs=o["max_epochs"])
-        self.max_norm = o["clip_grad_max_norm"]
-
-    def step(self, batch: dict) -> dict[str, float]:
-        from paddle_impl.engine.train_step import train_step
-
-        result = train_step(self.model.loss, self.optimizer, self.schedule, batch, max_norm=self.max_norm)
-        return {"loss_cls": result.loss_cls, "loss_bbox": result.loss_bbox, "loss": result.loss,
-                "grad_norm": result.grad_norm, "lr": result.lr}
-
-
 @dataclass
 class TrainRun:
     """Both sides trained ``iters`` iterations in one precision.
 
     Attributes:
         dtype: "float32" or "float64".
+        rows: the compared values of every iteration, in execution order.
         mmdet, paddle: per name of `VALUE_NAMES`, the ``(iters,)`` float64 values.
         iteration_rows: one row of `ITERATION_COLUMNS` per iteration.
         bin_rows: the GHM calls whose bin counts differ (see `ghm_bin_differences`).
@@ -242,10 +192,11 @@ class TrainRun:
     """
 
     dtype: str
+    rows: list[TensorDiff]
     mmdet: dict[str, np.ndarray]
     paddle: dict[str, np.ndarray]
-    iteration_rows: list[list]
-    bin_rows: list[list]
+    iteration_rows: list[IterationRow]
+    bin_rows: list[BinRow]
     seconds: dict[str, float]
 
     def rel(self, name: str) -> np.ndarray:
@@ -254,7 +205,8 @@ class TrainRun:
 
     def first_bin_difference(self) -> str | None:
         r = self.bin_rows[0] if self.bin_rows else None
-        return None if r is None else f"iteration {r[0]}, {r[1]} {r[2]} (bins {r[3]}: {r[4]} vs {r[5]})"
+        return None if r is None else (f"iteration {r.iter}, {r.loss} {r.level} "
+                                       f"(bins {r.bins}: {r.mmdet_counts} vs {r.paddle_counts})")
 
     def summary(self) -> dict:
         """The run's figures for the report's meta."""
@@ -284,46 +236,50 @@ class TrainData:
 
 
 def train_pair(opts: TrainOptions, dtype: str, data: TrainData, ckpts: Checkpoints, warmup: int) -> TrainRun:
-    """Train mmdet's model and ours ``opts.iters`` iterations in ``dtype``, side by side."""
+    """Train mmdet's model and ours ``opts.iters`` iterations in ``dtype``, in lockstep."""
     from paddle_impl.data.transforms import Collate
 
     plan, our_ds = data.plan, data.our_ds
-    torch_side = TorchTrainer(build_torch_model(ckpts, dtype), data.cfg, opts, warmup, plan.iters_per_epoch)
-    paddle_side = PaddleTrainer(build_paddle_model(ckpts, dtype), opts, warmup, plan.iters_per_epoch)
+    settings = dict(lr=opts.lr, warmup=warmup, iters_per_epoch=plan.iters_per_epoch, terms=summed_terms)
+    mmdet = MmdetSide(build_torch_model(ckpts, dtype), cfg=data.cfg, **settings)
+    paddle = PaddleSide.from_config(build_paddle_model(ckpts, dtype), **settings)
     collate = Collate()
-    t_head, p_head = torch_side.model.bbox_head, paddle_side.model.bbox_head
+    t_head, p_head = mmdet.model.bbox_head, paddle.model.bbox_head
     recorders = {"ghmc": (TorchGHMRecorder(t_head.loss_cls, "cls"), PaddleGHMRecorder(p_head.loss_cls)),
                  "ghmr": (TorchGHMRecorder(t_head.loss_bbox, "bbox"), PaddleGHMRecorder(p_head.loss_bbox))}
+    planned = []
 
-    history = {"mmdet": {n: [] for n in VALUE_NAMES}, "paddle": {n: [] for n in VALUE_NAMES}}
-    seconds = {"mmdet_s": 0.0, "paddle_s": 0.0}
+    def batches():
+        for it in range(opts.iters):
+            keys = plan.keys(it)
+            flips = plan.flips(keys)
+            samples = [our_ds[k] for k in keys]
+            if [s["flip"] for s in samples] != flips:
+                raise RuntimeError("our dataset flipped differently from the plan")
+            planned.append((keys, flips))
+            yield (mmdet_batch([data.mm_ds[f][k.index] for k, f in zip(keys, flips)]), collate.batch(samples))
+
+    def tolerance(_step: int, name: str) -> tuple[float, float]:
+        return (LR_TOL if name == "lr" else opts.loss_rel_tol), math.inf
+
+    with contextlib.ExitStack() as stack:
+        for recorder in (r for pair in recorders.values() for r in pair):
+            stack.enter_context(recorder)
+        run = train_in_lockstep(mmdet, paddle, batches(), label=lambda step: f"iter{step:03d}",
+                                tolerance=tolerance,
+                                progress=lambda items: progress(items, f"train {dtype}", total=opts.iters))
     iteration_rows = []
-    for it in range(opts.iters):
-        keys = plan.keys(it)
-        flips = plan.flips(keys)
-        t0 = time.perf_counter()
-        with recorders["ghmc"][0], recorders["ghmr"][0]:
-            t_vals = torch_side.step(it, [data.mm_ds[f][k.index] for k, f in zip(keys, flips)])
-        seconds["mmdet_s"] += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        samples = [our_ds[k] for k in keys]
-        if [s["flip"] for s in samples] != flips:
-            raise RuntimeError("our dataset flipped differently from the plan")
-        with recorders["ghmc"][1], recorders["ghmr"][1]:
-            p_vals = paddle_side.step(collate.batch(samples))
-        seconds["paddle_s"] += time.perf_counter() - t0
-        for n in VALUE_NAMES:
-            history["mmdet"][n].append(t_vals[n])
-            history["paddle"][n].append(p_vals[n])
-        iteration_rows.append([it + 1, keys[0].epoch, str([our_ds.img_ids[k.index] for k in keys]),
-                               str(flips), t_vals["lr"], t_vals["loss"], p_vals["loss"],
-                               abs(p_vals["loss"] - t_vals["loss"]) / abs(t_vals["loss"]),
-                               t_vals["grad_norm"], p_vals["grad_norm"],
-                               abs(p_vals["grad_norm"] - t_vals["grad_norm"]) / abs(t_vals["grad_norm"])])
-    return TrainRun(dtype=dtype,
-                    mmdet={n: np.array(v, np.float64) for n, v in history["mmdet"].items()},
-                    paddle={n: np.array(v, np.float64) for n, v in history["paddle"].items()},
-                    iteration_rows=iteration_rows, bin_rows=ghm_bin_differences(recorders), seconds=seconds)
+    for record, (keys, flips) in zip(run.steps, planned):
+        t, p = record.reference, record.test
+        iteration_rows.append(IterationRow(
+            record.step, keys[0].epoch, str([our_ds.img_ids[k.index] for k in keys]), str(flips), t.lr,
+            t.losses["loss"], p.losses["loss"], abs(p.losses["loss"] - t.losses["loss"]) / abs(t.losses["loss"]),
+            t.grad_norm, p.grad_norm, abs(p.grad_norm - t.grad_norm) / abs(t.grad_norm)))
+    return TrainRun(dtype=dtype, rows=run.rows,
+                    mmdet={n: np.array(v, np.float64) for n, v in value_series(run, "reference", VALUE_NAMES).items()},
+                    paddle={n: np.array(v, np.float64) for n, v in value_series(run, "test", VALUE_NAMES).items()},
+                    iteration_rows=iteration_rows, bin_rows=ghm_bin_differences(recorders),
+                    seconds={"mmdet_s": run.seconds["mmdet"], "paddle_s": run.seconds["paddle"]})
 
 
 def run_train(opts: TrainOptions) -> StageResult:
@@ -360,12 +316,7 @@ def run_train(opts: TrainOptions) -> StageResult:
     extra = (train_pair(opts, opts.extra_dtype, data, ckpts, warmup)
              if opts.extra_dtype not in (None, opts.dtype) else None)
 
-    rows: list[TensorDiff] = []
-    for it in range(opts.iters):
-        for n in VALUE_NAMES:
-            tol = 1e-10 if n == "lr" else opts.loss_rel_tol
-            rows.append(diff_arrays(f"iter{it + 1:03d}.{n}", main.mmdet[n][it], main.paddle[n][it],
-                                    rel_tol=tol, mean_tol=np.inf, ref_label="mmdet"))
+    rows = main.rows
     reprod = reprod_log_diff(main.paddle, main.mmdet, opts.reports, STAGE, opts.loss_rel_tol)
 
     summary = main.summary()
@@ -400,38 +351,48 @@ def run_train(opts: TrainOptions) -> StageResult:
                     BIN_COLUMNS, extra.bin_rows[:20])]
     curves_title = (f"Total loss per iteration, {main.dtype} (left), and |paddle - mmdet| / |mmdet| "
                     f"(right, log scale){f', with the {extra.dtype} run for comparison' if extra else ''}")
-    result = StageResult(
+    return write_report(StageResult(
         stage=STAGE,
         title="Train: K iterations on the tiny COCO, mmdet vs Paddle, each with its own pipeline",
         passed=all(row.passed for row in rows),
         tensors=rows,
         thresholds={"precision of the checked run": main.dtype,
-                    "losses, grad norm (rel)": opts.loss_rel_tol, "lr (rel)": 1e-10},
+                    "losses, grad norm (rel)": opts.loss_rel_tol, "lr (rel)": LR_TOL},
         meta=meta,
-        env=environment_info(),
         extra_tables=tables,
         figures=[(curves_title, loss_curves_png(
             main.mmdet["loss"], main.paddle["loss"], opts.loss_rel_tol, label=main.dtype,
             extra=(extra.dtype, extra.mmdet["loss"], extra.paddle["loss"]) if extra else None))],
         reprod_log=reprod,
-    )
-    write_stage_report(result, opts.reports)
-    return result
+        reprod_log_check=opts.loss_rel_tol,
+        reprod_log_why=(f"losses and gradient norms are bounded relative to their size (rel "
+                        f"{opts.loss_rel_tol:.0e}), where reprod_log bounds the absolute difference"),
+        headline=Headline.worst(rows, opts.loss_rel_tol, f"worst loss or grad norm ({main.dtype}), rel"),
+        seconds={"mmdet": main.seconds["mmdet_s"], "paddle": main.seconds["paddle_s"]},
+        side_run=_side_run(extra) if extra else "",
+    ), opts.reports)
 
 
-def ghm_bin_differences(recorders: dict) -> list[list]:
-    """``[iteration, loss, level, bins, mmdet counts, paddle counts]`` of every GHM call whose bin
-    counts differ between the sides, in call order (5 calls per iteration, one per level)."""
+def ghm_bin_differences(recorders: dict) -> list[BinRow]:
+    """Every GHM call whose bin counts differ between the sides, in call order
+    (5 calls per iteration, one per level)."""
     rows = []
     for kind, (t_rec, p_rec) in recorders.items():
         for call, (t_counts, p_counts) in enumerate(zip(t_rec.counts, p_rec.counts)):
             if np.array_equal(t_counts, p_counts):
                 continue
             bins = np.flatnonzero(t_counts != p_counts)
-            rows.append([call // len(LEVELS) + 1, kind, LEVELS[call % len(LEVELS)], str(bins.tolist()),
-                         str(t_counts[bins].tolist()), str(p_counts[bins].tolist())])
-    rows.sort(key=lambda r: (r[0], LEVELS.index(r[2])))
+            rows.append(BinRow(call // len(LEVELS) + 1, kind, LEVELS[call % len(LEVELS)], str(bins.tolist()),
+                               str(t_counts[bins].tolist()), str(p_counts[bins].tolist())))
+    rows.sort(key=lambda r: (r.iter, LEVELS.index(r.level)))
     return rows
+
+
+def _side_run(run: TrainRun) -> str:
+    s = run.summary()
+    return (f"{run.dtype}: worst loss rel {s['worst_loss_rel_diff']:.2e} (iteration "
+            f"{s['worst_loss_rel_diff_iteration']}), first GHM bin-count difference: "
+            f"{s['first_ghm_bin_count_difference'] or 'none'} (not part of the verdict)")
 
 
 def first_divergence(result: StageResult) -> str | None:

@@ -44,6 +44,7 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
+from paddle_impl.arguments import parse_size
 from paddle_impl.data.coco_classes import COCO_CATEGORY_IDS, COCO_CLASSES
 
 # COCO's supercategories, as contiguous runs of COCO_CLASSES.
@@ -307,7 +308,7 @@ def generate(out_dir: str | os.PathLike, train: int = 8, val: int = 4, seed: int
     if seed < 0:
         raise ValueError(f"seed must be non-negative, got {seed}")
     if min(base_h, base_w) < 64:
-        raise ValueError(f"size {base_h}x{base_w} is too small: both sides must be >= 64")
+        raise ValueError(f"size {base_w}x{base_h} (WxH) is too small: both sides must be >= 64")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not an empty folder (pass overwrite=True / --force)")
 
@@ -333,11 +334,9 @@ def generate(out_dir: str | os.PathLike, train: int = 8, val: int = 4, seed: int
     return out_dir
 
 
-def _parse_size(text: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected HxW such as 320x480, got {text!r}") from None
+def _base_size(text: str) -> tuple[int, int]:
+    """``--size WxH`` -> ``(h, w)``, the order `generate` takes."""
+    w, h = parse_size(text, minimum=1)
     return h, w
 
 
@@ -348,8 +347,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--train", type=int, default=8, help="training images (default 8)")
     parser.add_argument("--val", type=int, default=4, help="validation images (default 4)")
     parser.add_argument("--seed", type=int, default=0, help="seed (default 0)")
-    parser.add_argument("--size", type=_parse_size, default=(320, 480),
-                        help="landscape base size HxW (default 320x480)")
+    parser.add_argument("--size", type=_base_size, default=(320, 480),
+                        help="landscape base size WxH (default 480x320)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty out_dir")
     args = parser.parse_args(argv)
     try:

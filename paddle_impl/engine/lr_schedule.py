@@ -31,7 +31,7 @@ the first milestone keeps both effects: the decays apply to the warming-up lr.
 The products are rounded at every step, so the closed form ``base_lr * factor``
 differs from mmengine in the last bits. `WarmupMultiStepLR` replays mmengine's
 Python float arithmetic in the same order and is identical to it, iteration by
-iteration; ``align/schedule.py`` diffs the two.
+iteration; ``align/ghm/schedule.py`` diffs the two.
 """
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ from paddle_impl.config import get_config
 from paddle_impl.data.dataset import CocoDetection, build_dataloader, check_image_files
 from paddle_impl.data.samplers import resume_position
 from paddle_impl.engine import checkpoint as ckpt
-from paddle_impl.engine.atomic_write import check_writable_dir, remove_stale_temp_files, write_json
+from align.engine.atomic_write import check_writable_dir, remove_stale_temp_files, write_json
 from paddle_impl.engine.lr_schedule import WarmupMultiStepLR
 from paddle_impl.engine.optimizer import SGD, scaled_lr
 from paddle_impl.engine.report import (append_jsonl, format_eta, read_mmdet_log, render_report,

@@ -31,7 +31,7 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from paddle_impl.engine.atomic_write import write_json
+from align.engine.atomic_write import write_json
 
 logger = logging.getLogger(__name__)
 

@@ -36,8 +36,8 @@ def options(tmp_path, **overrides) -> BackwardOptions:
                            reports=tmp_path, **overrides)
 
 
-def per_step(result) -> list[list]:
-    return next(rows for title, _, rows in result.extra_tables if title.startswith("Per step"))
+def per_step(result) -> list:
+    return next(t.rows for t in result.extra_tables if t.title.startswith("Per step"))
 
 
 def failed_kinds(result) -> set[str]:
@@ -55,9 +55,9 @@ def test_float64_training_steps_meet_targets(tmp_path):
     assert any(t.name.startswith("grad.backbone.layer4") for t in result.tensors)
 
     steps = per_step(result)
-    lrs = [row[1] for row in steps]
+    lrs = [row.lr for row in steps]
     assert lrs[1] > lrs[0], "the warm-up should raise the learning rate"
-    assert all(row[8] for row in steps), "the gradient norm should exceed max_norm at every step"
+    assert all(row.clipped for row in steps), "the gradient norm should exceed max_norm at every step"
     # The differences are tiny next to how far the weights move.
     worst_param = max(t.max_abs for t in result.tensors if t.name.startswith("param."))
     assert result.meta["largest_parameter_change_mmdet"] > 1e4 * worst_param
@@ -67,11 +67,11 @@ def test_float64_training_steps_meet_targets(tmp_path):
     assert schedule["iterations"] == 12 * 50 and schedule["max_abs_diff"] <= 1e-14
     assert any(t.name == "lr_schedule.12_epochs_x_50_iters" and t.passed for t in result.tensors)
     boundaries = next(rows for title, _, rows in result.extra_tables if title.startswith("Learning rate over"))
-    assert [row[1] for row in boundaries] == [0, 499, 500, 399, 400, 549, 550, 599]
+    assert [row.iteration for row in boundaries] == [0, 499, 500, 399, 400, 549, 550, 599]
 
 
 def test_schedule_difference_fails(monkeypatch):
-    from align import schedule
+    from align.ghm import schedule
 
     original = schedule.paddle_lrs
 

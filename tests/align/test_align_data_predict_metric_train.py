@@ -82,10 +82,11 @@ def test_metric_stage_gives_identical_numbers(build_dir, tmp_path):
     result = run_metric(MetricOptions(reports=tmp_path, build_dir=build_dir))
     failed = [(t.name, t.reason) for t in result.tensors if not t.passed]
     assert result.passed, failed[:5]
-    table = {row[0]: row for row in result.extra_tables[0][2]}
+    table = {row.metric: row for row in result.extra_tables[0].rows}
     assert len(table) == 12
-    assert 0 < table["bbox_mAP"][1] < 1
-    assert all(row[1] == row[2] and row[3] == row[4] for row in table.values())
+    assert 0 < table["bbox_mAP"].mmdet_raw < 1
+    assert all(row.mmdet_raw == row.paddle_raw and row.mmdet_reported == row.paddle_reported
+               for row in table.values())
     assert_stage_files(tmp_path, "metric")
 
 

@@ -1,4 +1,4 @@
-"""Tests of the model-agnostic alignment engine (align.compare, align.capture, align.report)."""
+"""Tests of the model-agnostic alignment engine (align.engine.compare, align.engine.capture, align.engine.report)."""
 from __future__ import annotations
 
 import base64
@@ -9,8 +9,10 @@ import re
 import numpy as np
 import pytest
 
-from align.compare import diff_arrays, echo_reprod_log, first_failure, reprod_log_diff, reprod_log_passed
-from align.report import StageResult, environment_info, sha256_of, write_index, write_stage_report
+from align.engine.compare import diff_arrays, echo_reprod_log, first_failure, reprod_log_diff, reprod_log_passed
+from align.engine.environment import environment_info, sha256_of
+from align.engine.report import Headline, StageResult, write_index, write_stage_report
+from align.ghm.suite import PACKAGES
 
 
 # ---------------------------------------------------------------- diff_arrays
@@ -267,7 +269,7 @@ def _input():
 def _record_torch():
     import torch
 
-    from align.capture import TorchRecorder
+    from align.engine.capture import TorchRecorder
 
     net = _torch_net()
     with TorchRecorder(net) as recorder, torch.no_grad():
@@ -288,7 +290,7 @@ def test_torch_recorder_keys_in_execution_order_with_repeat_suffix():
 def test_torch_recorder_removes_hooks_even_on_error():
     import torch
 
-    from align.capture import TorchRecorder
+    from align.engine.capture import TorchRecorder
 
     net = _torch_net()
     with pytest.raises(RuntimeError):
@@ -300,7 +302,7 @@ def test_torch_recorder_removes_hooks_even_on_error():
 
 
 def test_paddle_comparer_all_rows_pass_on_equal_models():
-    from align.capture import PaddleComparer
+    from align.engine.capture import PaddleComparer
 
     torch_net = _torch_net()
     reference = _record_torch()
@@ -313,7 +315,7 @@ def test_paddle_comparer_all_rows_pass_on_equal_models():
 
 
 def test_perturbed_parameter_is_the_first_failing_layer():
-    from align.capture import PaddleComparer, perturb_parameter
+    from align.engine.capture import PaddleComparer, perturb_parameter
 
     torch_net = _torch_net()
     reference = _record_torch()
@@ -331,7 +333,7 @@ def test_perturbed_parameter_is_the_first_failing_layer():
 
 
 def test_perturb_all_zero_parameter_changes_it():
-    from align.capture import perturb_parameter
+    from align.engine.capture import perturb_parameter
 
     net, _ = _paddle_net(_torch_net())
     net.head[0].bias.set_value(np.zeros(2, np.float32))
@@ -340,7 +342,7 @@ def test_perturb_all_zero_parameter_changes_it():
 
 
 def test_paddle_comparer_reports_missing_layers_on_both_sides():
-    from align.capture import PaddleComparer
+    from align.engine.capture import PaddleComparer
 
     torch_net = _torch_net()
     reference = {}
@@ -364,7 +366,7 @@ def test_paddle_comparer_reports_missing_layers_on_both_sides():
 
 
 def test_paddle_comparer_removes_hooks_on_error():
-    from align.capture import PaddleComparer
+    from align.engine.capture import PaddleComparer
 
     net, paddle = _paddle_net(_torch_net())
     with pytest.raises(Exception):
@@ -466,10 +468,13 @@ def test_index_lists_stages_with_verdicts(tmp_path):
     assert re.search(r'<tr class="pass">\s*<td><a href="forward.html">', index)
     assert EVIL not in index
     assert "http://" not in index and "https://" not in index
+    # The client's order comes first, whatever the alphabet says.
+    index = write_index(tmp_path, order=("loss", "forward")).read_text()
+    assert index.index("loss.html") < index.index("forward.html")
 
 
 def test_environment_info_and_sha256(tmp_path):
-    info = environment_info()
+    info = environment_info(PACKAGES)
     for key in ("python", "platform", "cpu_count", "torch", "paddle", "mmdet", "mmcv", "mmengine",
                 "numpy", "reprod_log", "git_commit", "timestamp_utc"):
         assert key in info
@@ -478,3 +483,51 @@ def test_environment_info_and_sha256(tmp_path):
     path = tmp_path / "blob.bin"
     path.write_bytes(b"abc")
     assert sha256_of(path) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+def test_report_says_when_reprod_log_and_the_verdict_disagree(tmp_path):
+    # reprod_log's absolute mean check fails an entry the stage's relative bound accepts.
+    result = _result(passed_layers=True)
+    result.reprod_log_threshold = None
+    result.reprod_log = {"iter0.loss.total": 2e-6, "cls": 1e-8}
+    result.reprod_log_check = 1e-6
+    result.reprod_log_why = "loss terms are bounded relative to their size"
+    json_path, html_path = write_stage_report(result, tmp_path)
+    sentence = json.loads(json_path.read_text())["reprod_log_disagreement"]
+    assert "diff check failed" in sentence and "1 of 2" in sentence and "iter0.loss.total" in sentence
+    assert "loss terms are bounded relative to their size" in sentence and "passes" in sentence
+    assert "diff check failed" in html_path.read_text()
+
+    # The other way round: reprod_log's mean passes, the verdict fails on a maximum.
+    failing = _result(passed_layers=False)
+    failing.reprod_log_threshold = None
+    failing.reprod_log_check = 1.0
+    sentence = json.loads(write_stage_report(failing, tmp_path)[0].read_text())["reprod_log_disagreement"]
+    assert "passes every entry, yet the stage fails at backbone.relu" in sentence
+
+    # Agreement: no sentence.
+    agreeing = _result(passed_layers=True)
+    agreeing.reprod_log_check = 1e-5
+    assert json.loads(write_stage_report(agreeing, tmp_path)[0].read_text())["reprod_log_disagreement"] is None
+
+
+def test_index_shows_headline_times_and_side_run(tmp_path):
+    result = _result(passed_layers=True)
+    result.headline = Headline.worst(result.layers, 1e-5, "worst layer rel")
+    result.seconds = {"mmdet": 12.25, "paddle": 8.5}
+    result.side_run = "float32: 10 ReLU flips (not part of the verdict)"
+    document = json.loads(write_stage_report(result, tmp_path)[0].read_text())
+    assert document["headline"] == {"label": "worst layer rel", "value": 0.0, "bound": 1e-5,
+                                    "where": "backbone.conv1"}
+    index = (tmp_path / "index.html").read_text()
+    assert "worst layer rel" in index and "1.000e-05" in index
+    assert "mmdet 12.2 s" in index and "paddle 8.5 s" in index and "10 ReLU flips" in index
+    # Named rows are written as plain lists.
+    assert document["extra_tables"][0]["rows"] == [[EVIL, 1.5e-7]]
+
+
+def test_headline_ranks_nan_first():
+    rows = [diff_arrays("a", np.ones(2), np.ones(2) * 1.5), diff_arrays("b", np.ones(2), np.array([np.nan, 1]))]
+    assert Headline.worst(rows, None).where == "b"
+    assert Headline.largest_abs(rows, None).where == "b"
+    assert Headline.worst([], None) is None

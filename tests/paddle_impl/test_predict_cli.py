@@ -118,7 +118,7 @@ def test_weights_that_do_not_fit_name_the_key(coco, weights, tmp_path, capsys):
 
 def test_predict_stage_fails_on_a_perturbed_weight(tmp_path, monkeypatch):
     import align.predict.stage as stage
-    from align.ghm_pair import build_paddle_model
+    from align.ghm.pair import build_paddle_model
 
     def perturbed(ckpts, *args, **kwargs):
         model = build_paddle_model(ckpts, *args, **kwargs)

@@ -555,11 +555,11 @@ def test_tiny_coco_content(coco_root):
 
 def test_tiny_coco_cli_and_atomic_writes(tmp_path, monkeypatch, capsys):
     out = tmp_path / "cli"
-    assert tiny_coco.main([str(out), "--train", "2", "--val", "1", "--size", "96x128"]) == 0
+    assert tiny_coco.main([str(out), "--train", "2", "--val", "1", "--size", "128x96"]) == 0
     assert sorted(p.name for p in (out / "train2017").iterdir()) == ["000000000001.png", "000000000002.png"]
     assert tiny_coco.main([str(out), "--train", "2"]) == 2
     assert "exists" in capsys.readouterr().err
-    assert tiny_coco.main([str(tmp_path / "x"), "--size", "20x300"]) == 2
+    assert tiny_coco.main([str(tmp_path / "x"), "--size", "300x20"]) == 2
 
     before = _tree(out)
 

@@ -24,7 +24,7 @@ import paddle
 import pytest
 import torch
 
-from align.schedule import mmengine_lrs, paddle_lrs
+from align.ghm.schedule import mmengine_lrs, paddle_lrs
 from paddle_impl.config import get_config
 from paddle_impl.engine.lr_schedule import WarmupMultiStepLR
 from paddle_impl.engine.optimizer import SGD, clip_grad_norm_, scaled_lr

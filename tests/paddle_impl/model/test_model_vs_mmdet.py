@@ -8,8 +8,8 @@ import paddle
 import pytest
 import torch
 
-from align.capture import PaddleComparer, TorchRecorder
-from align.compare import diff_arrays
+from align.engine.capture import PaddleComparer, TorchRecorder
+from align.engine.compare import diff_arrays
 from tests.mmdet_fixtures import build_mmdet, mmdet_model_cfg, port_weights, seeded
 from paddle_impl.config import get_config
 from paddle_impl.model.detector import RetinaNet

@@ -6,7 +6,7 @@ mirrors the torch state-dict names. Only leaf layers (no children) are
 hooked by default, so every number in the table comes from one primitive
 operation and the first failing row points at the operation that diverged.
 
-Keys: a layer called several times in one forward (mmdet's Bottleneck reuses
+Keys: a layer called several times in one forward (a ResNet Bottleneck reuses
 one ``relu`` three times; the shared RetinaHead runs once per FPN level) is
 keyed ``name``, ``name#1``, ``name#2``, ... in call order. Outputs that are
 tuples or lists add ``[i]``, dicts add ``[key]``.
@@ -52,7 +52,41 @@ def _select(named: dict[str, Any], names: list[str] | None, is_leaf: Callable[[A
     return selected
 
 
-class TorchRecorder:
+class _CallHooks:
+    """Forward hooks on named layers, active inside a ``with`` block; each call of a layer is
+    keyed by `call_key`. ``register`` names the layer method that adds a forward hook; what
+    the hooks collect (``collected``, a dict or list) is cleared when a block starts. A
+    subclass says what a hook does (`_hook`)."""
+
+    def __init__(self, layers: dict[str, Any], register: str, collected):
+        self._layers = layers
+        self._register_method = register
+        self._collected = collected
+        self._calls: Counter[str] = Counter()
+        self._handles: list = []
+
+    def _next_key(self, name: str) -> str:
+        key = call_key(name, self._calls[name])
+        self._calls[name] += 1
+        return key
+
+    def _hook(self, name: str) -> Callable:
+        raise NotImplementedError
+
+    def __enter__(self):
+        self._collected.clear()
+        self._calls.clear()
+        for name, layer in self._layers.items():
+            self._handles.append(getattr(layer, self._register_method)(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+class TorchRecorder(_CallHooks):
     """Record the outputs of a torch module's layers during a forward pass.
 
     Usage::
@@ -70,16 +104,14 @@ class TorchRecorder:
     def __init__(self, module, names: list[str] | None = None):
         self.module = module
         self.records: dict[str, np.ndarray] = {}
-        self._layers = _select(dict(module.named_modules()), names, lambda m: next(m.children(), None) is None)
-        self._calls: Counter[str] = Counter()
-        self._handles: list = []
+        super().__init__(_select(dict(module.named_modules()), names, lambda m: next(m.children(), None) is None),
+                         "register_forward_hook", self.records)
 
     def _hook(self, name: str):
         import torch
 
         def hook(_module, _inputs, output):
-            key = call_key(name, self._calls[name])
-            self._calls[name] += 1
+            key = self._next_key(name)
             for sub_key, tensor in _flatten(key, output, lambda v: isinstance(v, torch.Tensor)):
                 tensor = tensor.detach().cpu()
                 if tensor.dtype in (torch.float16, torch.bfloat16):
@@ -87,18 +119,6 @@ class TorchRecorder:
                 self.records[sub_key] = tensor.numpy().copy()
 
         return hook
-
-    def __enter__(self) -> "TorchRecorder":
-        self.records.clear()
-        self._calls.clear()
-        for name, layer in self._layers.items():
-            self._handles.append(layer.register_forward_hook(self._hook(name)))
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
 
 
 def paddle_to_numpy(tensor) -> np.ndarray:
@@ -110,7 +130,7 @@ def paddle_to_numpy(tensor) -> np.ndarray:
     return np.array(tensor.numpy(), copy=True)
 
 
-class PaddleComparer:
+class PaddleComparer(_CallHooks):
     """Diff a Paddle layer's layer outputs against recorded reference outputs, as they happen.
 
     Usage::
@@ -143,18 +163,15 @@ class PaddleComparer:
         self.rel_tol = rel_tol
         self.mean_tol = mean_tol
         self.rows: list[TensorDiff] = []
-        self._layers = _select(
-            dict(layer.named_sublayers()), names, lambda m: next(iter(m.children()), None) is None
-        )
-        self._calls: Counter[str] = Counter()
-        self._handles: list = []
+        super().__init__(_select(dict(layer.named_sublayers()), names,
+                                 lambda m: next(iter(m.children()), None) is None),
+                         "register_forward_post_hook", self.rows)
 
     def _hook(self, name: str):
         import paddle
 
         def hook(_layer, _inputs, output):
-            key = call_key(name, self._calls[name])
-            self._calls[name] += 1
+            key = self._next_key(name)
             for sub_key, tensor in _flatten(key, output, lambda v: isinstance(v, paddle.Tensor)):
                 array = paddle_to_numpy(tensor)
                 if sub_key in self.reference:
@@ -171,18 +188,9 @@ class PaddleComparer:
 
         return hook
 
-    def __enter__(self) -> "PaddleComparer":
-        self.rows.clear()
-        self._calls.clear()
-        for name, layer in self._layers.items():
-            self._handles.append(layer.register_forward_post_hook(self._hook(name)))
-        return self
-
     def __exit__(self, *exc_info) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self.rows = self._with_missing_rows(self.rows)
+        super().__exit__(*exc_info)
+        self.rows[:] = self._with_missing_rows(self.rows)
 
     def _with_missing_rows(self, rows: list[TensorDiff]) -> list[TensorDiff]:
         produced = {row.name for row in rows}
@@ -232,3 +240,77 @@ def perturb_parameter(layer, name: str, scale: float = 1e-3, seed: int = 0) -> f
     noise = np.random.default_rng(seed).normal(0.0, sigma, size=value.shape)
     param.set_value((value + noise).astype(param.numpy().dtype))
     return sigma
+
+
+class ReluMaskCensus:
+    """Counts the elements whose ReLU mask differs between a torch model and a Paddle model.
+
+    During torch's forward pass every ``nn.ReLU`` records its mask (output > 0)
+    per call; during Paddle's forward pass of the same batch each ReLU call,
+    matched by layer name and call index (the layers have the same names and
+    run in the same order), compares its mask with torch's. torch's ReLUs may
+    work in place, so its pre-activations are not seen; at a disagreement
+    Paddle's |pre-activation| shows how close to zero the element was.
+
+    Call `start_step` before each step's torch forward pass and
+    `finish_step` (the step's flips) after Paddle's; `layers` maps a ReLU
+    layer's name to ``[flips, elements, largest |Paddle pre-activation| at a
+    flip]`` over all steps so far.
+    """
+
+    def __init__(self, torch_model, paddle_model):
+        import paddle
+        import torch
+
+        self._masks: dict[tuple[str, int], np.ndarray] = {}
+        self._torch_calls: Counter[str] = Counter()
+        self._paddle_calls: Counter[str] = Counter()
+        self.step_flips = 0
+        self.layers: dict[str, list] = {}
+        self._handles = [m.register_forward_hook(self._torch_hook(n))
+                         for n, m in torch_model.named_modules() if isinstance(m, torch.nn.ReLU)]
+        self._handles += [l.register_forward_post_hook(self._paddle_hook(n))
+                          for n, l in paddle_model.named_sublayers() if isinstance(l, paddle.nn.ReLU)]
+
+    def start_step(self) -> None:
+        self._masks.clear()
+        self._torch_calls.clear()
+        self._paddle_calls.clear()
+        self.step_flips = 0
+
+    def finish_step(self) -> int:
+        if self._masks:
+            raise RuntimeError(f"torch's ReLU calls {sorted(self._masks)[:5]} have no Paddle "
+                               "counterpart: the execution orders differ")
+        return self.step_flips
+
+    def _torch_hook(self, name: str):
+        def hook(_module, _inputs, output):
+            key = (name, self._torch_calls[name])
+            self._torch_calls[name] += 1
+            self._masks[key] = (output.detach() > 0).numpy()
+        return hook
+
+    def _paddle_hook(self, name: str):
+        def hook(_layer, inputs, output):
+            key = (name, self._paddle_calls[name])
+            self._paddle_calls[name] += 1
+            reference = self._masks.pop(key, None)
+            mine = (output > 0).numpy()
+            if reference is None or reference.shape != mine.shape:
+                raise RuntimeError(f"Paddle's ReLU call {key} of shape {mine.shape} has no torch "
+                                   "counterpart: the execution orders differ")
+            flips = reference != mine
+            count = int(flips.sum())
+            row = self.layers.setdefault(name, [0, 0, 0.0])
+            row[0] += count
+            row[1] += flips.size
+            if count:
+                row[2] = max(row[2], float(np.abs(inputs[0].numpy()[flips]).max()))
+            self.step_flips += count
+        return hook
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()

@@ -14,9 +14,11 @@ import logging
 import math
 import os
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+
+from .atomic_write import atomic_write
 
 DEFAULT_REL_TOL = 1e-5
 DEFAULT_MEAN_TOL = 1e-5
@@ -210,13 +212,8 @@ def _save_reprod_log(arrays: dict[str, np.ndarray], path: str) -> None:
     logger = ReprodLogger()
     for key, value in arrays.items():
         logger.add(key, np.asarray(value))
-    tmp = f"{path}.tmp{os.getpid()}.npy"
-    try:
-        logger.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    # np.save appends ".npy" to a name without it: the temporary name keeps the suffix.
+    atomic_write(path, logger.save, keep_suffix=True)
 
 
 def reprod_log_diff(
@@ -304,25 +301,119 @@ def _write_reprod_report(helper, log_path: str, diff_threshold: float, skipped: 
     later log record of the process (including the next stage's report)
     would be appended to this stage's log file.
     """
-    root = logging.getLogger("root")
-    handlers_before, level_before = list(root.handlers), root.level
-    tmp = f"{log_path}.tmp{os.getpid()}"
-    try:
-        # Its stdout handler binds sys.stdout when it is made: the console gets
-        # reprod_log's per-key lines only when asked for (`echo_reprod_log`).
-        with contextlib.nullcontext() if _ECHO_REPROD_LOG else contextlib.redirect_stdout(io.StringIO()):
-            helper.report(diff_method="mean", diff_threshold=diff_threshold, path=tmp)
-    finally:
-        for handler in [h for h in root.handlers if h not in handlers_before]:
-            root.removeHandler(handler)
-            handler.close()
-        root.setLevel(level_before)
-    try:
+    def write(tmp: str) -> None:
+        root = logging.getLogger("root")
+        handlers_before, level_before = list(root.handlers), root.level
+        try:
+            # Its stdout handler binds sys.stdout when it is made: the console gets
+            # reprod_log's per-key lines only when asked for (`echo_reprod_log`).
+            with contextlib.nullcontext() if _ECHO_REPROD_LOG else contextlib.redirect_stdout(io.StringIO()):
+                helper.report(diff_method="mean", diff_threshold=diff_threshold, path=tmp)
+        finally:
+            for handler in [h for h in root.handlers if h not in handlers_before]:
+                root.removeHandler(handler)
+                handler.close()
+            root.setLevel(level_before)
         if skipped:
             with open(tmp, "a", encoding="utf-8") as handle:
                 for key, why in skipped.items():
                     handle.write(f"{key}: {why}\n")
-        os.replace(tmp, log_path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+
+    atomic_write(log_path, write)
+
+
+# ------------------------------------------------------- named tensors and scalars
+
+
+def to_numpy(tensor, keep: bool = True) -> np.ndarray:
+    """A numpy array of a torch or Paddle tensor (same shape and dtype).
+
+    With ``keep`` the array is a copy that later in-place updates of the
+    tensor leave alone; without it a torch tensor may be returned as a view,
+    for a comparison made at once. (Paddle's ``numpy()`` always copies.)
+    """
+    if type(tensor).__module__.startswith("torch"):
+        array = tensor.detach().cpu().numpy()
+        return array.copy() if keep else array
+    if isinstance(tensor, np.ndarray):
+        return tensor.copy() if keep else tensor
+    return tensor.numpy()
+
+
+def worst_of(rows: list[TensorDiff]) -> tuple[float, str]:
+    """``(rel_max, name)`` of `worst_row`; ``(nan, "")`` for no rows."""
+    worst = worst_row(rows)
+    return (worst.rel_max, worst.name) if worst else (math.nan, "")
+
+
+def worst_row(rows: Iterable[TensorDiff]) -> TensorDiff | None:
+    """The row with the largest ``rel_max``, a NaN one first; None for no rows."""
+    return max(rows, key=lambda r: math.inf if math.isnan(r.rel_max) else r.rel_max, default=None)
+
+
+def compare_named(prefix: str, reference: Mapping[str, Any], test: Mapping[str, Any], tol: float,
+                  logs: tuple[dict, dict] | None = None) -> list[TensorDiff]:
+    """One row per tensor of ``reference`` against ``test``, by name.
+
+    Rows are named ``{prefix}.{name}``; a name on one side only is a failed
+    row. ``logs``, when given, is a ``(reference, test)`` pair of dicts that
+    receives the compared arrays under the row names (for reprod_log).
+    Without it the tensors are converted one at a time and dropped, so no
+    copy of a whole model is held.
+    """
+    rows = []
+    keep = logs is not None
+    for name, tensor in reference.items():
+        key = f"{prefix}.{name}"
+        ref = to_numpy(tensor, keep)
+        if name not in test:
+            rows.append(missing_row(key, ref_shape=ref.shape, reason="missing in paddle"))
+            continue
+        tst = to_numpy(test[name], keep)
+        rows.append(diff_arrays(key, ref, tst, rel_tol=tol, mean_tol=tol))
+        if logs is not None:
+            logs[0][key], logs[1][key] = ref, tst
+    for name in sorted(test.keys() - reference.keys()):
+        rows.append(missing_row(f"{prefix}.{name}", test_shape=tuple(test[name].shape),
+                                reason="missing in reference"))
+    return rows
+
+
+def worst_named(prefix: str, reference: Mapping[str, Any], test: Mapping[str, Any]) -> tuple[float, str]:
+    """``(max over names of max|test - ref| / max|ref|, its row name)``: the
+    informational per-step figure, without the full checks of `diff_arrays`.
+
+    A name on one side only or a shape mismatch counts as NaN, which ranks
+    worst; a NaN in the data propagates to NaN as well.
+    """
+    worst, worst_name = -1.0, ""
+    for name in reference.keys() | test.keys():
+        if name in reference and name in test:
+            ref, tst = to_numpy(reference[name], keep=False), to_numpy(test[name], keep=False)
+            if ref.shape != tst.shape:
+                rel = math.nan
+            elif ref.size == 0:
+                rel = 0.0
+            else:
+                scale = float(np.abs(ref).max())
+                diff = float(np.abs(tst - ref).max())
+                rel = diff / scale if scale > 0 else (0.0 if diff == 0 else math.inf)
+        else:
+            rel = math.nan
+        if math.isnan(rel) or rel > worst:
+            worst, worst_name = rel, f"{prefix}.{name}"
+            if math.isnan(rel):
+                break
+    return worst, worst_name
+
+
+def compare_scalars(reference: Mapping[str, float], test: Mapping[str, float], tol: float,
+                    logs: tuple[dict, dict] | None) -> list[TensorDiff]:
+    """Rows for scalars named alike on both sides (losses, norms, learning rates)."""
+    rows = []
+    for name, ref in reference.items():
+        ref, tst = np.float64(ref), np.float64(test[name])
+        rows.append(diff_arrays(name, ref, tst, rel_tol=tol, mean_tol=tol))
+        if logs is not None:
+            logs[0][name], logs[1][name] = ref, tst
+    return rows

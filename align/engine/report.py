@@ -8,44 +8,64 @@ Every string coming from models or users is escaped by jinja2's autoescape.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime as _dt
-import hashlib
 import io
 import json
 import math
 import numbers
 import os
-import platform
-import subprocess
-import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jinja2
 
-from .compare import TensorDiff, first_failure, json_float
+from .atomic_write import write_text
+from .compare import TensorDiff, first_failure, json_float, worst_row
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-# Stages in the order `make align` runs them (each builds on the ones before); others follow alphabetically.
-STAGE_ORDER = ("forward", "loss", "backward", "data", "predict", "metric", "train_align")
-
 # Threshold names under which a stage may pass its relative tolerance (drawn on the layer figure).
 REL_THRESHOLD_KEYS = ("rel_tol", "rel_max")
 
-# Distribution names to look up per reported package (Paddle ships under two names).
-_PACKAGES = {
-    "torch": ("torch",),
-    "paddle": ("paddlepaddle", "paddlepaddle-gpu"),
-    "mmdet": ("mmdet",),
-    "mmcv": ("mmcv", "mmcv-full", "mmcv-lite"),
-    "mmengine": ("mmengine",),
-    "numpy": ("numpy",),
-    "reprod_log": ("reprod_log", "reprod-log"),
-}
+
+class Table(NamedTuple):
+    """A table of a stage report; each row a sequence of cells (a NamedTuple reads best)."""
+
+    title: str
+    columns: Sequence[str]
+    rows: Sequence[Sequence[Any]]
+
+
+@dataclass
+class Headline:
+    """The one figure the index shows for a stage: the worst difference beside its bound.
+
+    Attributes:
+        label: what the figure is, e.g. ``"worst output, max|diff| / max|ref|"``.
+        value: the figure.
+        bound: the bound it is checked against (None: informational).
+        where: the row it comes from.
+    """
+
+    label: str
+    value: float
+    bound: float | None = None
+    where: str = ""
+
+    @classmethod
+    def worst(cls, rows: Sequence[TensorDiff], bound: float | None,
+              label: str = "worst max|diff| / max|ref|") -> "Headline | None":
+        """The row of ``rows`` with the largest relative difference (NaN first); None for no rows."""
+        row = worst_row(rows)
+        return None if row is None else cls(label, row.rel_max, bound, row.name)
+
+    @classmethod
+    def largest_abs(cls, rows: Sequence[TensorDiff], bound: float | None,
+                    label: str = "largest max|diff|") -> "Headline | None":
+        """The row of ``rows`` with the largest absolute difference (NaN first); None for no rows."""
+        row = max(rows, key=lambda r: math.inf if math.isnan(r.max_abs) else r.max_abs, default=None)
+        return None if row is None else cls(label, row.max_abs, bound, row.name)
 
 
 @dataclass
@@ -64,11 +84,19 @@ class StageResult:
             ``"rel_tol"`` or ``"rel_max"`` entry is drawn on the layer figure.
         meta: provenance (seed, input shape, checkpoint path and sha256, ...).
         env: see `environment_info`.
-        extra_tables: ``(title, columns, rows)``, each row a sequence of cells.
+        extra_tables: `Table` s (plain ``(title, columns, rows)`` tuples are converted).
         figures: ``(title, png_bytes)``.
         reprod_log: key -> mean absolute difference computed by reprod_log.
         reprod_log_threshold: when set, reprod_log rows above it (or not
             finite) are shown failing.
+        reprod_log_check: the ``diff_threshold`` of reprod_log's own check
+            (its "diff check passed/failed" line in ``<stage>_diff.log``).
+        reprod_log_why: why the stage's verdict may differ from that check
+            (the bound the verdict uses instead), said in the report when it does.
+        headline: the stage's figure for the index.
+        seconds: time each side took, by side name.
+        side_run: summary of an informational run beside the checked one
+            (e.g. at float32 when the verdict is taken in float64).
     """
 
     stage: str
@@ -79,80 +107,18 @@ class StageResult:
     thresholds: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     env: dict[str, Any] = field(default_factory=dict)
-    extra_tables: list[tuple[str, Sequence[str], Sequence[Sequence[Any]]]] = field(default_factory=list)
+    extra_tables: list[Table] = field(default_factory=list)
     figures: list[tuple[str, bytes]] = field(default_factory=list)
     reprod_log: dict[str, float] = field(default_factory=dict)
     reprod_log_threshold: float | None = None
+    reprod_log_check: float | None = None
+    reprod_log_why: str = ""
+    headline: Headline | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    side_run: str = ""
 
-
-def sha256_of(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in chunks (checkpoints are hundreds of MB)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _package_version(module: str, distributions: Sequence[str]) -> str:
-    # An already imported module is what actually ran: prefer its own version.
-    loaded = sys.modules.get(module)
-    if loaded is not None and isinstance(getattr(loaded, "__version__", None), str):
-        return loaded.__version__
-    from importlib import metadata
-
-    for dist in distributions:
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
-    return "not installed"
-
-
-def _git(*args: str) -> str | None:
-    try:
-        done = subprocess.run(
-            ["git", "-C", str(REPO_ROOT), *args],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip() if done.returncode == 0 else None
-
-
-def environment_info() -> dict[str, Any]:
-    """Interpreter, machine, package versions, git commit of this checkout, and a UTC timestamp."""
-    info: dict[str, Any] = {
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-    }
-    for module, dists in _PACKAGES.items():
-        info[module] = _package_version(module, dists)
-    commit = _git("rev-parse", "HEAD")
-    info["git_commit"] = commit or "unavailable"
-    if commit:
-        status = _git("status", "--porcelain", "--untracked-files=no")
-        info["git_dirty"] = bool(status) if status is not None else "unknown"
-    info["timestamp_utc"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    return info
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        # mkstemp creates the file private (0600); reports are for everyone.
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    def __post_init__(self) -> None:
+        self.extra_tables = [Table(*table) for table in self.extra_tables]
 
 
 def format_number(value: Any) -> str:
@@ -261,6 +227,28 @@ def _reprod_rows(result: StageResult) -> list[dict[str, Any]]:
     return rows
 
 
+def reprod_log_disagreement(result: StageResult) -> str | None:
+    """A sentence when reprod_log's own mean check and the stage's verdict disagree, else None."""
+    check = result.reprod_log_check
+    if check is None or not result.reprod_log:
+        return None
+    failing = {k: float(v) for k, v in result.reprod_log.items() if not (math.isfinite(float(v)) and v <= check)}
+    passed = _verdict(result)
+    if passed and failing:
+        name = max(failing, key=lambda k: math.inf if not math.isfinite(failing[k]) else failing[k])
+        why = result.reprod_log_why or ("the verdict bounds each compared row as the thresholds above say, "
+                                        "not by one absolute mean")
+        return (f"reprod_log's own check (mean |diff| <= {check:.0e}) says \"diff check failed\" for "
+                f"{len(failing)} of {len(result.reprod_log)} entries (largest: {name}, mean {failing[name]:.2e}), "
+                f"yet the stage passes: {why}.")
+    if not passed and not failing:
+        first, _, _ = _first_divergence(result)
+        return (f"reprod_log's own check (mean |diff| <= {check:.0e}) passes every entry, yet the stage fails"
+                f"{f' at {first}' if first else ''}: a mean over a tensor hides a difference its maximum shows, "
+                f"and the verdict bounds the maximum.")
+    return None
+
+
 def _jsonable(value: Any) -> Any:
     """``value`` made strict-JSON: numpy values to Python, non-finite floats to strings, others to str."""
     if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
@@ -292,6 +280,11 @@ def stage_json(result: StageResult) -> dict[str, Any]:
         "layers": [row.to_dict() for row in result.layers],
         "reprod_log": {k: json_float(v) for k, v in result.reprod_log.items()},
         "reprod_log_threshold": result.reprod_log_threshold,
+        "reprod_log_check": result.reprod_log_check,
+        "reprod_log_disagreement": reprod_log_disagreement(result),
+        "headline": None if result.headline is None else _jsonable(dataclasses.asdict(result.headline)),
+        "seconds": _jsonable(result.seconds),
+        "side_run": result.side_run,
         "extra_tables": [
             {"title": title, "columns": list(columns), "rows": _jsonable(rows)}
             for title, columns, rows in result.extra_tables
@@ -329,30 +322,36 @@ def render_stage_html(result: StageResult) -> str:
         first_layer_index=layer_index,
         first_tensor_index=tensor_index,
         reprod_rows=_reprod_rows(result),
+        reprod_disagreement=reprod_log_disagreement(result),
         figures=[(title, _data_uri(png)) for title, png in figures],
     )
 
 
-def write_stage_report(result: StageResult, out_dir: str | os.PathLike) -> tuple[Path, Path]:
-    """Write ``{stage}.json`` and ``{stage}.html`` in ``out_dir`` (atomically), then refresh the index."""
+def write_stage_report(result: StageResult, out_dir: str | os.PathLike,
+                       order: Sequence[str] = ()) -> tuple[Path, Path]:
+    """Write ``{stage}.json`` and ``{stage}.html`` in ``out_dir`` (atomically), then refresh the index.
+
+    ``order``: the stage names in the order the index lists them (see `write_index`).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / f"{result.stage}.json"
     html_path = out / f"{result.stage}.html"
     document = json.dumps(stage_json(result), indent=2, allow_nan=False)
     html = render_stage_html(result)
-    _atomic_write(html_path, html.encode("utf-8"))
-    _atomic_write(json_path, document.encode("utf-8"))
-    write_index(out)
+    write_text(html_path, html)
+    write_text(json_path, document)
+    write_index(out, order)
     return json_path, html_path
 
 
-def _stage_sort_key(stage: str) -> tuple[int, str]:
-    return (STAGE_ORDER.index(stage) if stage in STAGE_ORDER else len(STAGE_ORDER), stage)
+def write_index(out_dir: str | os.PathLike, order: Sequence[str] = ()) -> Path:
+    """Write ``index.html`` linking every ``{stage}.html`` that has a stage ``{stage}.json`` beside it.
 
-
-def write_index(out_dir: str | os.PathLike) -> Path:
-    """Write ``index.html`` linking every ``{stage}.html`` that has a stage ``{stage}.json`` beside it."""
+    Stages named in ``order`` come first, in that order (a client lists its
+    stages in the order they build on each other); the others follow alphabetically.
+    """
+    order = list(order)
     out = Path(out_dir)
     stages = []
     for json_path in out.glob("*.json"):
@@ -365,6 +364,8 @@ def write_index(out_dir: str | os.PathLike) -> Path:
             continue
         if not isinstance(document, dict) or "stage" not in document or "passed" not in document:
             continue
+        headline = document.get("headline") if isinstance(document.get("headline"), dict) else None
+        seconds = document.get("seconds") if isinstance(document.get("seconds"), dict) else {}
         stages.append(
             {
                 "stage": document["stage"],
@@ -372,14 +373,17 @@ def write_index(out_dir: str | os.PathLike) -> Path:
                 "passed": document["passed"] is True,
                 "first_divergence": document.get("first_divergence"),
                 "href": html_path.name,
+                "headline": headline,
+                "seconds": seconds,
+                "side_run": document.get("side_run") or "",
             }
         )
-    stages.sort(key=lambda s: _stage_sort_key(s["stage"]))
+    stages.sort(key=lambda s: (order.index(s["stage"]) if s["stage"] in order else len(order), s["stage"]))
     html = _environment().get_template("index.html.j2").render(
         stages=stages,
         passed=bool(stages) and all(s["passed"] for s in stages),
         generated=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     )
     index_path = out / "index.html"
-    _atomic_write(index_path, html.encode("utf-8"))
+    write_text(index_path, html)
     return index_path

@@ -3,7 +3,8 @@
 A stage's ``__main__`` adds its own options to :func:`stage_parser`, builds
 its options, and hands :func:`run_stage` the function that runs it and the
 lines that summarise its result. Exit status: 0 PASS, 1 FAIL, 2 bad input
-(one line on stderr naming the file or option; ``GHM_TRACEBACK=1`` adds the traceback).
+(one line on stderr naming the file or option; the client's traceback
+variable, e.g. ``<NAME>_TRACEBACK=1``, adds the traceback).
 """
 from __future__ import annotations
 
@@ -12,15 +13,17 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, TypeVar
 
-from align.compare import echo_reprod_log
-from align.report import StageResult
+from .compare import echo_reprod_log
+from .report import StageResult
+
+T = TypeVar("T")
 
 # Bad input or a fault of the machine (a file where a folder should be, a full disk): one line.
 BAD_INPUT = (KeyError, ValueError, OSError)
-# Set to show the Python traceback of such an error too.
-TRACEBACK_ENV = "GHM_TRACEBACK"
+# Set to show the Python traceback of such an error too (a client may name its own variable).
+TRACEBACK_ENV = "ALIGN_TRACEBACK"
 
 
 def stage_parser(stage: str, description: str, *, ckpt_help: str, seed_help: Optional[str] = None,
@@ -36,6 +39,21 @@ def stage_parser(stage: str, description: str, *, ckpt_help: str, seed_help: Opt
     return p
 
 
+def progress(items: Iterable[T], desc: str, total: Optional[int] = None) -> Iterable[T]:
+    """``items`` with a tqdm bar on stderr while they are consumed; the bar is removed when
+    done (the stage's summary line stays) and not drawn when stderr is not a terminal."""
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, total=total, leave=False, disable=None, dynamic_ncols=True)
+
+
+def progress_bar(desc: str, total: int):
+    """A tqdm bar for a stage made of ``total`` steps that are not a loop (``update(1)`` after each)."""
+    from tqdm import tqdm
+
+    return tqdm(desc=desc, total=total, leave=False, disable=None, dynamic_ncols=True)
+
+
 def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
@@ -43,9 +61,9 @@ def _one_line(err: BaseException) -> str:
 def run_stage(run: Callable[[], StageResult], *, label: Callable[[StageResult], str],
               summary: Callable[[StageResult], str], first_divergence: Callable[[StageResult], object],
               report: Path, details: Callable[[StageResult], Iterable[str]] = lambda result: (),
-              notes: Callable[[StageResult], Iterable[str]] = lambda result: (), verbose: bool = False) -> int:
-    """Run a stage and print its outcome: details, ``<label>: PASS|FAIL  <summary>``, notes,
-    the first divergence after a FAIL, the report's path.
+              verbose: bool = False, traceback_env: str = TRACEBACK_ENV) -> int:
+    """Run a stage and print its outcome: ``<label>: PASS|FAIL  <summary>``, the first
+    divergence after a FAIL, the report's path; with ``verbose`` the details first.
 
     Args:
         run: builds the options and runs the stage; a ``KeyError``, ``ValueError``
@@ -54,22 +72,23 @@ def run_stage(run: Callable[[], StageResult], *, label: Callable[[StageResult], 
         summary: the figures after PASS/FAIL.
         first_divergence: named after a FAIL.
         report: the HTML report's path, printed last.
-        details: lines printed before the verdict; notes: lines right after it.
-        verbose: also echo reprod_log's report lines (``-v``).
+        details: lines printed before the verdict with ``verbose`` (the report has them all).
+        verbose: also print the details and echo reprod_log's report lines (``-v``).
+        traceback_env: the environment variable that, set to anything but 0,
+            shows the traceback of a bad-input error.
     """
     echo_reprod_log(verbose)
     try:
         result = run()
     except BAD_INPUT as err:
-        if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+        if os.environ.get(traceback_env, "") not in ("", "0"):
             traceback.print_exc()
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
-    for line in details(result):
-        print(line)
+    if verbose:
+        for line in details(result):
+            print(line)
     print(f"{label(result)}: {'PASS' if result.passed else 'FAIL'}  {summary(result)}")
-    for line in notes(result):
-        print(line)
     if not result.passed:
         print(f"first divergence: {first_divergence(result)}")
     print(f"report: {report}")

@@ -12,11 +12,16 @@ from __future__ import annotations
 
 import copy
 from types import SimpleNamespace
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 
-__all__ = ["mmengine_lrs", "paddle_lrs"]
+from align.engine.compare import TensorDiff, diff_arrays
+
+__all__ = ["mmengine_lrs", "paddle_lrs", "schedule_comparison", "BoundaryRow", "LR_TOL"]
+
+# Learning rates are compared to within rounding.
+LR_TOL = 1e-12
 
 
 def mmengine_lrs(iters_per_epoch: int, max_epochs: Optional[int] = None,
@@ -98,3 +103,42 @@ def paddle_lrs(iters_per_epoch: int, max_epochs: Optional[int] = None,
         lrs[it] = scheduler()
         scheduler.step()
     return lrs
+
+
+class BoundaryRow(NamedTuple):
+    """A boundary iteration of the whole learning-rate schedule."""
+
+    boundary: str
+    iteration: int
+    epoch: int
+    mmengine_lr: float
+    paddle_lr: float
+    abs_diff: float
+
+
+def schedule_comparison(iters_per_epoch: int) -> tuple[TensorDiff, list[BoundaryRow], dict]:
+    """Every iteration's learning rate over the config's whole schedule: mmengine's schedulers vs ours.
+
+    Returns the ``(iters_per_epoch * max_epochs,)`` diff row, a table of the
+    schedule's boundary iterations and figures for the report's meta.
+    """
+    from paddle_impl.config import get_config
+
+    o = get_config()["optimizer"]
+    ref, ours = mmengine_lrs(iters_per_epoch), paddle_lrs(iters_per_epoch)
+    row = diff_arrays(f"lr_schedule.{o['max_epochs']}_epochs_x_{iters_per_epoch}_iters", ref, ours,
+                      rel_tol=LR_TOL, mean_tol=LR_TOL, ref_label="mmengine")
+    boundaries = {"first iteration": 0, "last warm-up iteration": o["warmup_iters"] - 1,
+                  "first after warm-up": o["warmup_iters"]}
+    for m in o["milestones"]:
+        boundaries[f"last of epoch {m}"] = m * iters_per_epoch - 1
+        boundaries[f"first of epoch {m + 1}"] = m * iters_per_epoch
+    boundaries["last iteration"] = ref.size - 1
+    table = [BoundaryRow(label, it, it // iters_per_epoch + 1, float(ref[it]), float(ours[it]),
+                         float(abs(ours[it] - ref[it])))
+             for label, it in boundaries.items() if 0 <= it < ref.size]
+    differing = np.flatnonzero(ref != ours)
+    meta = {"iters_per_epoch": iters_per_epoch, "iterations": int(ref.size),
+            "max_abs_diff": row.max_abs, "iterations_not_bitwise_equal": int(differing.size),
+            "first_iteration_not_bitwise_equal": int(differing[0]) if differing.size else None}
+    return row, table, meta

@@ -7,7 +7,7 @@ at any moment leaves either the previous file or the complete new one, plus
 at most a temporary file named ``.<name>.<random>.tmp``, which
 :func:`remove_stale_temp_files` clears on the next start. A failed write
 (permissions, a full disk, a file where a folder should be) raises
-:class:`~paddle_impl.errors.WriteError` naming the path and the cause.
+:class:`WriteError` naming the path and the cause.
 """
 from __future__ import annotations
 
@@ -18,12 +18,20 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from paddle_impl.errors import WriteError, write_error
-
-__all__ = ["atomic_write", "write_bytes", "write_text", "write_json", "remove_stale_temp_files",
+__all__ = ["WriteError", "write_error", "atomic_write", "write_bytes", "write_text", "write_json", "remove_stale_temp_files",
            "check_writable_dir"]
 
 TEMP_SUFFIX = ".tmp"
+
+
+class WriteError(OSError):
+    """A file could not be written (permissions, disk full, a file where a folder should be);
+    the message names the path and the cause, and the previous content of the path is intact."""
+
+
+def write_error(path: os.PathLike | str, err: OSError) -> WriteError:
+    """A :class:`WriteError` for ``err`` raised while writing ``path``."""
+    return WriteError(f"{path}: cannot write ({err.strerror or err})")
 
 
 def _umask() -> int:
@@ -46,11 +54,13 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *, keep_suffix: bool = False) -> Path:
     """Create or replace ``path`` with what ``write(temporary_name)`` writes.
 
     ``write`` receives the name of an empty temporary file beside ``path``
-    and fills it (any library's save function fits). On any exception the
+    and fills it (any library's save function fits). With ``keep_suffix``
+    the temporary name ends in ``path``'s own suffix too
+    (``.<name>.<random>.tmp.npy``), for savers that append a missing one. On any exception the
     temporary file is removed and ``path`` keeps its previous content;
     an ``OSError`` becomes a :class:`WriteError` naming ``path``.
     """
@@ -58,7 +68,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+        suffix = TEMP_SUFFIX + (path.suffix if keep_suffix else "")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
         os.close(fd)
         write(tmp)
         with open(tmp, "rb+") as f:
@@ -96,14 +107,17 @@ def write_json(path: str | os.PathLike, obj: Any, indent: int | None = None) -> 
 def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
     """Delete the temporary files interrupted writes left in ``folder``; returns them.
 
-    Only names :func:`atomic_write` makes (``.<name>.<random>.tmp``) are touched.
+    Only names :func:`atomic_write` makes (``.<name>.<random>.tmp``, or
+    ``.<name>.<random>.tmp<suffix>``) are touched.
     """
     folder = Path(folder)
     removed = []
     if not folder.is_dir():
         return removed
-    for candidate in folder.glob(f".*{TEMP_SUFFIX}"):
-        if candidate.is_file() and candidate.name.count(".") >= 3:
+    for candidate in folder.glob(f".*{TEMP_SUFFIX}*"):
+        stem = candidate.name[: -len(candidate.suffix)] if not candidate.name.endswith(TEMP_SUFFIX) \
+            else candidate.name
+        if candidate.is_file() and stem.endswith(TEMP_SUFFIX) and stem.count(".") >= 3:
             with contextlib.suppress(FileNotFoundError):
                 candidate.unlink()
                 removed.append(candidate)

@@ -1,0 +1,44 @@
+"""What the GHM stages share around the engine: the stage order, the packages every report
+records, and the command-line runner with this project's traceback variable."""
+import functools
+
+from align.engine.cli import run_stage as _run_stage
+
+# Set to show the traceback of a bad-input error (as for every command of the project).
+TRACEBACK_ENV = "GHM_TRACEBACK"
+
+# The order in which `make align` runs the stages (each builds on the ones before).
+STAGE_ORDER = ("forward", "loss", "backward", "data", "predict", "metric", "train_align")
+
+# Module name -> the distribution names it may be installed under.
+PACKAGES = {
+    "torch": ("torch",),
+    "paddle": ("paddlepaddle", "paddlepaddle-gpu"),
+    "mmdet": ("mmdet",),
+    "mmcv": ("mmcv", "mmcv-full", "mmcv-lite"),
+    "mmengine": ("mmengine",),
+    "numpy": ("numpy",),
+    "reprod_log": ("reprod_log", "reprod-log"),
+}
+
+
+def environment():
+    """`environment_info` of the packages above."""
+    from align.engine.environment import environment_info
+
+    return environment_info(PACKAGES)
+
+
+def write_report(result, reports):
+    """Write a stage's JSON and HTML into ``reports`` (with `environment` as its ``env`` when it
+    has none) and refresh the index in this suite's order; returns ``result``."""
+    from align.engine.report import write_stage_report
+
+    if not result.env:
+        result.env = environment()
+    write_stage_report(result, reports, STAGE_ORDER)
+    return result
+
+
+# The engine's stage runner with this project's traceback variable.
+run_stage = functools.partial(_run_stage, traceback_env=TRACEBACK_ENV)

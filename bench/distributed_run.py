@@ -1,0 +1,90 @@
+"""Run (a) of the data-parallel benchmark: ``paddle.distributed.launch`` of the training program on
+2 CPU processes (gloo), and its log and final checkpoint read back. See `bench.data_parallel`."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from paddle_impl.engine import checkpoint as ckpt
+from paddle_impl.engine.report import read_jsonl
+
+ROOT = Path(__file__).resolve().parent.parent
+# The training program as a script for the launcher (which cannot take ``-m``).
+TRAIN_COMMAND = str(Path(sys.executable).parent / "ghm-train")
+WORLD_SIZE = 2
+BATCH_PER_PROCESS = 2
+WARMUP_ITERS = 2
+
+
+class LaunchError(RuntimeError):
+    """``paddle.distributed.launch`` failed or timed out; the message names its logs."""
+
+
+def _last_lines(path: Path, count: int = 3) -> str:
+    """The last non-empty lines of a worker log, indented, for an error message ('' without the file)."""
+    if not path.is_file():
+        return ""
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()][-count:]
+    return f"\n  {path.name}:\n" + "\n".join(f"    {line}" for line in lines)
+
+
+def train_args(coco: Path, run_dir: Path, iters: int, lr: float, seed: int, scale: tuple[int, int],
+               epochs: int) -> list[str]:
+    """``paddle_impl.train`` arguments of the distributed run."""
+    return ["--coco", str(coco), "--work-dir", str(run_dir), "--batch-size", str(BATCH_PER_PROCESS),
+            "--lr", repr(lr), "--warmup-iters", str(WARMUP_ITERS), "--epochs", str(epochs),
+            "--milestones", str(epochs + 1), "--max-iters", str(iters), "--scale", f"{scale[0]}x{scale[1]}",
+            "--num-workers", "0", "--seed", str(seed), "--eval-interval", "0", "--no-progress"]
+
+
+def run_distributed(coco: Path, work_dir: Path, iters: int, lr: float, seed: int,
+                    scale: tuple[int, int], epochs: int, timeout: float = 1200) -> dict[str, Any]:
+    """Run (a) and read back its log and final checkpoint.
+
+    Returns ``{'command', 'wall_s', 'log': [per-iteration records], 'model_state': {name: array}
+    (rank 0's), 'ghm': [per-rank {key: array}], 'momentum': {name: array}}``. Raises
+    :class:`LaunchError` naming the logs when the launcher fails or times out.
+    """
+    run_dir, log_dir, out_file = work_dir / "dp2", work_dir / "launch_log", work_dir / "launch.out"
+    for path in (run_dir, log_dir):
+        shutil.rmtree(path, ignore_errors=True)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", str(WORLD_SIZE),
+               "--max_restart", "0", "--log_dir", str(log_dir), TRAIN_COMMAND,
+               *train_args(coco, run_dir, iters, lr, seed, scale, epochs)]
+    where = f"launcher output {out_file}, worker logs {log_dir}/workerlog.0 and workerlog.1"
+    started = time.perf_counter()
+    with open(out_file, "w") as out:
+        proc = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            # The workers run in sessions of their own; the launcher's SIGTERM handler stops them.
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            raise LaunchError(f"paddle.distributed.launch did not finish in {timeout:g} s; {where}") from None
+    wall = time.perf_counter() - started
+    if code != 0:
+        raise LaunchError(f"paddle.distributed.launch exited with status {code}; {where}"
+                          f"{_last_lines(log_dir / 'workerlog.0')}{_last_lines(log_dir / 'workerlog.1')}")
+    log = read_jsonl(run_dir / "log.jsonl")
+    if [r["iter"] for r in log] != list(range(1, iters + 1)):
+        raise LaunchError(f"{run_dir / 'log.jsonl'} has iterations {[r['iter'] for r in log]}, "
+                          f"expected 1..{iters}; {where}")
+    state = ckpt.load_checkpoint(run_dir / "latest.ckpt")
+    if state["world_size"] != WORLD_SIZE or state["iter"] != iters:
+        raise LaunchError(f"{run_dir / 'latest.ckpt'}: world_size {state['world_size']}, iter {state['iter']}; "
+                          f"expected {WORLD_SIZE} and {iters}; {where}")
+    return {"command": command, "wall_s": wall, "log": log, "model_state": state["model"],
+            "ghm": state["ghm_per_rank"], "momentum": state["optimizer"]["momentum_buffers"]}

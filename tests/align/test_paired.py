@@ -1,0 +1,91 @@
+"""The engine's paired training loop on two toy sides (no framework needed)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from align.engine.compare import compare_named
+from align.engine.paired import StepValues, train_in_lockstep, value_series
+
+
+class ToySide:
+    """Gradient descent on ``w`` for the loss ``sum((w - target)**2) * scale``."""
+
+    def __init__(self, name: str, scale: float = 1.0, drop_term: bool = False, skip_hook: bool = False):
+        self.name, self.scale, self.drop_term, self.skip_hook = name, scale, drop_term, skip_hook
+        self.w = np.zeros(3)
+        self.grad = None
+        self.lr = 0.1
+        self.log: list[str] = []
+
+    def train_step(self, batch, after_backward=None) -> StepValues:
+        self.log.append(f"{self.name} forward")
+        residual = self.w - batch
+        loss = float((residual ** 2).sum()) * self.scale
+        self.grad = 2 * residual * self.scale
+        if after_backward is not None and not self.skip_hook:
+            after_backward()
+        norm = float(np.linalg.norm(self.grad))
+        self.w = self.w - self.lr * self.grad
+        self.grad = None
+        self.log.append(f"{self.name} update")
+        losses = {"loss": loss} if self.drop_term else {"loss": loss, "loss.half": loss / 2}
+        return StepValues(losses=losses, grad_norm=norm, lr=self.lr)
+
+    def gradients(self):
+        return {"w": self.grad}
+
+    def parameters(self):
+        return {"w": self.w}
+
+    def state(self):
+        return {}
+
+
+BATCHES = [(np.array([1.0, 2.0, 3.0]),) * 2, (np.array([0.5, -1.0, 2.0]),) * 2]
+
+
+def run(ref, test, **kwargs):
+    return train_in_lockstep(ref, test, BATCHES, label=lambda step: f"step{step}",
+                             tolerance=lambda step, name: (1e-6, 1e-6), **kwargs)
+
+
+def test_identical_sides_pass_with_rows_in_execution_order():
+    ref, test = ToySide("torch"), ToySide("paddle")
+    seen = []
+
+    def at_gradients(step):
+        # Both sides hold their gradients of this step here.
+        assert ref.grad is not None and test.grad is not None
+        seen.append(step)
+        return compare_named("grad", ref.gradients(), test.gradients(), 1e-6)
+
+    result = run(ref, test, at_gradients=at_gradients,
+                 after_step=lambda record: compare_named("param", ref.parameters(), test.parameters(), 1e-6))
+    assert seen == [1, 2]
+    assert [r.name for r in result.rows[:6]] == ["step1.loss", "step1.loss.half", "grad.w", "step1.grad_norm",
+                                                 "step1.lr", "param.w"]
+    assert all(r.passed for r in result.rows) and len(result.steps) == 2
+    # The reference's forward runs first, and the test side's whole step inside the reference's.
+    assert ref.log[:1] == ["torch forward"] and test.log == ["paddle forward", "paddle update"] * 2
+    assert set(result.seconds) == {"torch", "paddle"} and all(v >= 0 for v in result.seconds.values())
+    assert value_series(result, "test", ["loss", "lr"])["lr"] == [0.1, 0.1]
+
+
+def test_a_different_side_fails_at_its_first_loss_row():
+    result = run(ToySide("torch"), ToySide("paddle", scale=1.0 + 1e-3))
+    first = next(r for r in result.rows if not r.passed)
+    assert first.name == "step1.loss"
+
+
+def test_a_missing_term_fails():
+    result = run(ToySide("torch"), ToySide("paddle", drop_term=True))
+    row = next(r for r in result.rows if r.name == "step1.loss.half")
+    assert not row.passed and "NaN in paddle" in row.reason and math.isnan(row.max_abs)
+
+
+def test_a_side_that_skips_the_hook_is_an_error():
+    with pytest.raises(RuntimeError, match="did not call after_backward"):
+        run(ToySide("torch", skip_hook=True), ToySide("paddle"))
