@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import sys
 
-from align.data.pipelines import parse_scale
 from align.data.stage import DEFAULT_SCALE, DataOptions, first_divergence, run_data
 from align.engine.cli import stage_parser
 from align.ghm.pair import BUILD_DIR
+from align.ghm.pipelines import parse_scale
 from align.ghm.suite import run_stage
 
 

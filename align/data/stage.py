@@ -23,13 +23,13 @@ from typing import NamedTuple
 
 import numpy as np
 
-from align.data.pipelines import (mmdet_batch, mmdet_dataset, mmdet_preprocessor, mmdet_setup,
-                                  our_dataset, tiny_coco_root)
-from align.data.rows import abs_row, absent_row, exact_row
 from align.engine.cli import progress
 from align.engine.compare import TensorDiff, first_failure, reprod_log_diff
 from align.engine.report import Headline, StageResult
+from align.engine.rows import abs_row, absent_row, exact_row
 from align.ghm.pair import BUILD_DIR
+from align.ghm.pipelines import (mmdet_batch, mmdet_dataset, mmdet_preprocessor, mmdet_setup,
+                                  our_dataset, tiny_coco_root)
 from align.ghm.suite import write_report
 
 DEFAULT_SCALE = (1333, 800)

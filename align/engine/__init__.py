@@ -1,7 +1,8 @@
 """The model-agnostic alignment engine.
 
 - `compare`: `diff_arrays` (the one pass/fail rule; NaN and Inf always fail),
-  comparisons of named tensors and scalars, reprod_log logs.
+  comparisons of named tensors and scalars, reprod_log logs; `rows`: rows
+  with an absolute bound or exact equality.
 - `capture`: torch forward hooks record layer outputs; Paddle hooks diff
   against them live; the ReLU-mask census.
 - `paired`: the protocol of a training "side" and the loop that trains two

@@ -14,6 +14,8 @@ import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILD_DIR = REPO_ROOT / "build"
+# The FPN levels the head runs on, in order; losses and targets are named after them.
+LEVELS = ("P3", "P4", "P5", "P6", "P7")
 
 
 @dataclass

@@ -27,8 +27,8 @@ import numpy as np
 
 from align.engine.paired import StepValues
 from align.ghm.fake_batch import FakeBatch
+from align.ghm.pair import LEVELS
 
-LEVELS = ("P3", "P4", "P5", "P6", "P7")
 GHM_LOSSES = ("bbox_head.loss_cls", "bbox_head.loss_bbox")
 
 # Loss dict (``{'loss_cls': [5 level scalars], 'loss_bbox': [...]}``, torch or Paddle) -> named terms.

@@ -20,11 +20,12 @@ from align.engine.cli import progress
 from align.engine.compare import TensorDiff, diff_arrays, first_failure, reprod_log_diff
 from align.engine.report import Headline, StageResult
 from align.ghm.fake_batch import FakeBatch, default_batch
-from align.ghm.pair import (BUILD_DIR, build_paddle_model, build_torch_model, parse_shape,
+from align.ghm.pair import (BUILD_DIR, LEVELS, build_paddle_model, build_torch_model, parse_shape,
                             prepare_checkpoints, seeded_images)
+from align.ghm.recorders import PaddleGHMRecorder, TorchGHMRecorder, ghm_records
+from align.ghm.sides import level_terms
 from align.ghm.suite import write_report
 
-LEVELS = ["P3", "P4", "P5", "P6", "P7"]
 DEFAULT_SHAPE = "2x3x800x1344"
 
 
@@ -42,81 +43,6 @@ class LossOptions:
     loss_rel_tol: float = 5e-6
     reports: Path = Path("reports")
     build_dir: Path = BUILD_DIR
-
-
-def reference_bin_counts(g, valid, edges) -> np.ndarray:
-    """Bin counts by the GHM definition: ``edges[i] <= g < edges[i+1]`` and valid."""
-    return np.array([int(((g >= edges[i]) & (g < edges[i + 1]) & valid).sum())
-                     for i in range(len(edges) - 1)], np.int64)
-
-
-class TorchGHMRecorder:
-    """Per call of mmdet's GHMC / GHMR: bin counts of its inputs and ``acc_sum`` after."""
-
-    def __init__(self, module, kind: str):
-        self.module, self.kind = module, kind
-        self.counts: list[np.ndarray] = []
-        self.acc_sums: list[np.ndarray] = []
-        self.seconds = 0.0
-        self.overhead = 0.0
-        self._handles = []
-
-    def _pre(self, module, args):
-        self._t0 = time.perf_counter()
-
-    def _post(self, module, args, output):
-        import torch
-
-        start = time.perf_counter()
-        self.seconds += start - self._t0
-        pred, target, label_weight = args[:3]
-        with torch.no_grad():
-            if self.kind == "cls":
-                if pred.dim() != target.dim():
-                    num_classes = pred.size(-1)
-                    in_range = (target >= 0) & (target < num_classes)
-                    onehot = torch.zeros_like(pred)
-                    rows = torch.nonzero(in_range, as_tuple=True)[0]
-                    onehot[rows, target[rows]] = 1
-                    target = onehot
-                    label_weight = label_weight.view(-1, 1).expand_as(pred)
-                g = (pred.sigmoid() - target).abs()
-            else:
-                diff = pred - target
-                g = (diff / torch.sqrt(module.mu * module.mu + diff * diff)).abs()
-            self.counts.append(reference_bin_counts(g, label_weight > 0, module.edges))
-        self.acc_sums.append(module.acc_sum.detach().numpy().copy())
-        self.overhead += time.perf_counter() - start
-
-    def __enter__(self):
-        self._handles = [self.module.register_forward_pre_hook(self._pre),
-                         self.module.register_forward_hook(self._post)]
-        return self
-
-    def __exit__(self, *exc):
-        for h in self._handles:
-            h.remove()
-
-
-class PaddleGHMRecorder:
-    """Per call of our GHMC / GHMR: its bin counts and ``acc_sum`` after."""
-
-    def __init__(self, layer):
-        self.layer = layer
-        self.counts: list[np.ndarray] = []
-        self.acc_sums: list[np.ndarray] = []
-        self._handle = None
-
-    def _post(self, layer, inputs, output):
-        self.counts.append(layer.last_bin_counts.numpy().astype(np.int64))
-        self.acc_sums.append(layer.acc_sum.numpy().copy())
-
-    def __enter__(self):
-        self._handle = self.layer.register_forward_post_hook(self._post)
-        return self
-
-    def __exit__(self, *exc):
-        self._handle.remove()
 
 
 def mmdet_inputs(batch: FakeBatch):
@@ -158,23 +84,9 @@ def paddle_targets(targets) -> dict[str, np.ndarray]:
     return out
 
 
-def loss_terms(losses: dict, it: int, to_float) -> dict[str, np.ndarray]:
-    out = {}
-    for kind in ("loss_cls", "loss_bbox"):
-        values = [to_float(v) for v in losses[kind]]
-        for name, v in zip(LEVELS, values):
-            out[f"iter{it}.{kind}.{name}"] = np.float64(v)
-        out[f"iter{it}.{kind}.sum"] = np.float64(sum(values))
-    out[f"iter{it}.loss.total"] = out[f"iter{it}.loss_cls.sum"] + out[f"iter{it}.loss_bbox.sum"]
-    return out
-
-
-def ghm_records(prefix: str, recorder) -> dict[str, np.ndarray]:
-    out = {}
-    for j, (c, a) in enumerate(zip(recorder.counts, recorder.acc_sums)):
-        out[f"{prefix}.call{j:02d}.bin_counts"] = c
-        out[f"{prefix}.call{j:02d}.acc_sum"] = a
-    return out
+def iteration_terms(losses: dict, it: int) -> dict[str, np.float64]:
+    """`level_terms` of one iteration's losses, named ``iter{it}.<term>``."""
+    return {f"iter{it}.{name}": value for name, value in level_terms(losses).items()}
 
 
 def run_loss(opts: LossOptions) -> StageResult:
@@ -221,9 +133,9 @@ def run_loss(opts: LossOptions) -> StageResult:
                                                   batch.gt_labels, batch.pad_shapes)
             p_losses = p_head.loss([paddle.to_tensor(c) for c in cls_np],
                                    [paddle.to_tensor(b) for b in box_np], targets)
-            p_terms = loss_terms(p_losses, it, lambda v: float(v))
+            p_terms = iteration_terms(p_losses, it)
         seconds["paddle_loss_s"] += time.perf_counter() - t0
-        t_loss_terms.update(loss_terms(t_losses, it, lambda v: float(v)))
+        t_loss_terms.update(iteration_terms(t_losses, it))
         p_loss_terms.update(p_terms)
 
     torch_out.update(ghm_records("ghmc", t_rec_c))

@@ -31,11 +31,11 @@ from typing import NamedTuple
 
 import numpy as np
 
-from align.data.pipelines import VAL_SPLIT, ann_file, mmdet_setup, our_dataset, tiny_coco_root
-from align.data.rows import exact_row
 from align.engine.compare import TensorDiff, first_failure, reprod_log_diff
 from align.engine.report import Headline, StageResult
+from align.engine.rows import exact_row
 from align.ghm.pair import BUILD_DIR
+from align.ghm.pipelines import VAL_SPLIT, ann_file, mmdet_setup, our_dataset, tiny_coco_root
 from align.ghm.suite import write_report
 
 # Relative to each box's size, so tiny objects are matched as often as large ones.

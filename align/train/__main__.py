@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import sys
 
-from align.data.pipelines import parse_scale
 from align.engine.cli import stage_parser
 from align.ghm.pair import BUILD_DIR, add_dtype_arguments, extra_dtype
+from align.ghm.pipelines import parse_scale
 from align.ghm.suite import run_stage
 from align.train.stage import DEFAULT_SCALE, FLIP_MODES, STAGE, TrainOptions, first_divergence, run_train
 

@@ -74,16 +74,16 @@ from typing import NamedTuple
 
 import numpy as np
 
-from align.data.pipelines import mmdet_batch, mmdet_dataset, mmdet_setup, our_dataset, tiny_coco_root
 from align.engine.cli import progress
 from align.engine.compare import TensorDiff, first_failure, reprod_log_diff
 from align.engine.paired import train_in_lockstep, value_series
 from align.engine.report import Headline, StageResult
-from align.ghm.pair import (BUILD_DIR, MODEL_DTYPES, Checkpoints, build_paddle_model, build_torch_model,
+from align.ghm.pair import (BUILD_DIR, LEVELS, MODEL_DTYPES, Checkpoints, build_paddle_model, build_torch_model,
                             prepare_checkpoints)
+from align.ghm.pipelines import mmdet_batch, mmdet_dataset, mmdet_setup, our_dataset, tiny_coco_root
+from align.ghm.recorders import PaddleGHMRecorder, TorchGHMRecorder
 from align.ghm.sides import MmdetSide, PaddleSide, summed_terms
 from align.ghm.suite import write_report
-from align.loss.stage import LEVELS, PaddleGHMRecorder, TorchGHMRecorder
 
 # File stem of the report: ``train.html`` is the report of a real training run (``make train-full``).
 STAGE = "train_align"

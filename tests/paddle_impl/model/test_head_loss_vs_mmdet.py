@@ -7,9 +7,9 @@ import pytest
 import torch
 from mmengine.structures import InstanceData
 
-from align.loss.stage import loss_terms
-from tests.mmdet_fixtures import build_mmdet_head, seeded
+from align.ghm.sides import level_terms
 from paddle_impl.model.detector import RetinaNet
+from tests.mmdet_fixtures import build_mmdet_head, seeded
 
 FEATS = [(16, 24), (8, 12), (4, 6), (2, 3), (1, 2)]  # a 128x192 batch
 BATCH_SHAPE = (128, 192)
@@ -87,11 +87,10 @@ def test_per_level_losses_and_momentum_equal_mmdet_over_iterations(case):
         targets = model.target_builder(FEATS, gt_bboxes, gt_labels, pad_shapes)
         p_losses = p_head.loss([paddle.to_tensor(c) for c in cls], [paddle.to_tensor(b) for b in box],
                                targets)
-        t_terms = loss_terms(t_losses, it, float)
-        p_terms = loss_terms(p_losses, it, float)
+        t_terms, p_terms = level_terms(t_losses), level_terms(p_losses)
         for key, ref in t_terms.items():
             assert np.isfinite(p_terms[key]) == np.isfinite(ref)
-            np.testing.assert_allclose(p_terms[key], ref, rtol=1e-6, atol=1e-9, err_msg=key)
+            np.testing.assert_allclose(p_terms[key], ref, rtol=1e-6, atol=1e-9, err_msg=f"iteration {it} {key}")
         for name in ("loss_cls", "loss_bbox"):
             np.testing.assert_allclose(getattr(p_head, name).acc_sum.numpy(),
                                        getattr(t_head, name).acc_sum.numpy(), rtol=1e-6, err_msg=name)

@@ -1,9 +1,8 @@
 """Comparison rows with an absolute tolerance or exact equality, on top of ``diff_arrays``.
 
 ``diff_arrays`` bounds the relative max difference and the mean absolute
-difference. The data, predict and metric stages state their tolerances in
-absolute terms (pixels, score units) or ask for equality; these helpers turn
-that into its two bounds.
+difference. Some comparisons state their tolerances in absolute terms (pixels,
+score units) or ask for equality; these helpers turn that into its two bounds.
 """
 from __future__ import annotations
 
@@ -11,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from align.engine.compare import TensorDiff, diff_arrays, missing_row
+from .compare import TensorDiff, diff_arrays, missing_row
 
 
 def abs_row(name: str, reference: Any, test: Any, atol: float) -> TensorDiff:
@@ -23,12 +22,12 @@ def abs_row(name: str, reference: Any, test: Any, atol: float) -> TensorDiff:
     ref = np.asarray(reference)
     ref_max = float(np.abs(ref).max()) if ref.size and np.isfinite(ref).all() else 0.0
     rel_tol = atol / ref_max if ref_max > 0 else 0.0
-    return diff_arrays(name, reference, test, rel_tol=rel_tol, mean_tol=atol, ref_label="mmdet")
+    return diff_arrays(name, reference, test, rel_tol=rel_tol, mean_tol=atol)
 
 
 def exact_row(name: str, reference: Any, test: Any) -> TensorDiff:
     """Passes only when shapes and every value are equal."""
-    return diff_arrays(name, reference, test, rel_tol=0.0, mean_tol=0.0, ref_label="mmdet")
+    return diff_arrays(name, reference, test, rel_tol=0.0, mean_tol=0.0)
 
 
 def absent_row(name: str, side: str) -> TensorDiff:

@@ -1,0 +1,94 @@
+"""What mmdet's and our GHM losses did in each call: the bin counts of their inputs and ``acc_sum`` after.
+
+The loss stage compares them call by call; the train stage lists the calls
+whose bin counts differ between the frameworks (where a rounding-level
+agreement of the losses breaks).
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+
+def reference_bin_counts(g, valid, edges) -> np.ndarray:
+    """Bin counts by the GHM definition: ``edges[i] <= g < edges[i+1]`` and valid."""
+    return np.array([int(((g >= edges[i]) & (g < edges[i + 1]) & valid).sum())
+                     for i in range(len(edges) - 1)], np.int64)
+
+
+class TorchGHMRecorder:
+    """Per call of mmdet's GHMC / GHMR: bin counts of its inputs and ``acc_sum`` after."""
+
+    def __init__(self, module, kind: str):
+        self.module, self.kind = module, kind
+        self.counts: list[np.ndarray] = []
+        self.acc_sums: list[np.ndarray] = []
+        self.seconds = 0.0
+        self.overhead = 0.0
+        self._handles = []
+
+    def _pre(self, module, args):
+        self._t0 = time.perf_counter()
+
+    def _post(self, module, args, output):
+        import torch
+
+        start = time.perf_counter()
+        self.seconds += start - self._t0
+        pred, target, label_weight = args[:3]
+        with torch.no_grad():
+            if self.kind == "cls":
+                if pred.dim() != target.dim():
+                    num_classes = pred.size(-1)
+                    in_range = (target >= 0) & (target < num_classes)
+                    onehot = torch.zeros_like(pred)
+                    rows = torch.nonzero(in_range, as_tuple=True)[0]
+                    onehot[rows, target[rows]] = 1
+                    target = onehot
+                    label_weight = label_weight.view(-1, 1).expand_as(pred)
+                g = (pred.sigmoid() - target).abs()
+            else:
+                diff = pred - target
+                g = (diff / torch.sqrt(module.mu * module.mu + diff * diff)).abs()
+            self.counts.append(reference_bin_counts(g, label_weight > 0, module.edges))
+        self.acc_sums.append(module.acc_sum.detach().numpy().copy())
+        self.overhead += time.perf_counter() - start
+
+    def __enter__(self):
+        self._handles = [self.module.register_forward_pre_hook(self._pre),
+                         self.module.register_forward_hook(self._post)]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+
+
+class PaddleGHMRecorder:
+    """Per call of our GHMC / GHMR: its bin counts and ``acc_sum`` after."""
+
+    def __init__(self, layer):
+        self.layer = layer
+        self.counts: list[np.ndarray] = []
+        self.acc_sums: list[np.ndarray] = []
+        self._handle = None
+
+    def _post(self, layer, inputs, output):
+        self.counts.append(layer.last_bin_counts.numpy().astype(np.int64))
+        self.acc_sums.append(layer.acc_sum.numpy().copy())
+
+    def __enter__(self):
+        self._handle = self.layer.register_forward_post_hook(self._post)
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.remove()
+
+
+def ghm_records(prefix: str, recorder) -> dict[str, np.ndarray]:
+    out = {}
+    for j, (c, a) in enumerate(zip(recorder.counts, recorder.acc_sums)):
+        out[f"{prefix}.call{j:02d}.bin_counts"] = c
+        out[f"{prefix}.call{j:02d}.acc_sum"] = a
+    return out
