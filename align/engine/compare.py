@@ -303,17 +303,22 @@ def _write_reprod_report(helper, log_path: str, diff_threshold: float, skipped: 
     """
     def write(tmp: str) -> None:
         root = logging.getLogger("root")
-        handlers_before, level_before = list(root.handlers), root.level
+        handlers_before, level_before, propagate_before = list(root.handlers), root.level, root.propagate
+        # Handlers other libraries put on that logger (Paddle adds a stderr one) would
+        # print every line too: only reprod_log's own handlers see them.
+        root.handlers = []
+        root.propagate = False
         try:
             # Its stdout handler binds sys.stdout when it is made: the console gets
             # reprod_log's per-key lines only when asked for (`echo_reprod_log`).
             with contextlib.nullcontext() if _ECHO_REPROD_LOG else contextlib.redirect_stdout(io.StringIO()):
                 helper.report(diff_method="mean", diff_threshold=diff_threshold, path=tmp)
         finally:
-            for handler in [h for h in root.handlers if h not in handlers_before]:
-                root.removeHandler(handler)
+            for handler in root.handlers:
                 handler.close()
+            root.handlers = handlers_before
             root.setLevel(level_before)
+            root.propagate = propagate_before
         if skipped:
             with open(tmp, "a", encoding="utf-8") as handle:
                 for key, why in skipped.items():

@@ -152,18 +152,29 @@ def test_reprod_log_diff_writes_three_files_and_returns_means(tmp_path):
     assert (tmp_path / "forward_diff.log").read_text() == log
 
 
-def test_reprod_log_lines_reach_the_console_only_when_asked(tmp_path, capsys):
-    paddle = {"logits": np.ones((2, 3), np.float32)}
-    torch = {"logits": np.full((2, 3), 1.5, np.float32)}
-    reprod_log_diff(paddle, torch, tmp_path, "quiet", diff_threshold=1e-5)
-    assert "logits" not in capsys.readouterr().out
+def test_reprod_log_lines_reach_the_console_only_when_asked(tmp_path, capfd):
+    import logging
+    import sys
+
+    # As paddle.distributed.utils.launch_utils does on import (outside pytest, whose own
+    # handlers make Paddle skip it): a stderr handler on the logger reprod_log uses.
+    other = logging.StreamHandler(sys.stderr)
+    logging.getLogger("root").addHandler(other)
+    try:
+        paddle = {"logits": np.ones((2, 3), np.float32)}
+        torch = {"logits": np.full((2, 3), 1.5, np.float32)}
+        reprod_log_diff(paddle, torch, tmp_path, "quiet", diff_threshold=1e-5)
+    finally:
+        logging.getLogger("root").removeHandler(other)
+    captured = capfd.readouterr()
+    assert "logits" not in captured.out and "logits" not in captured.err
     assert "diff check failed" in (tmp_path / "quiet_diff.log").read_text()
     echo_reprod_log(True)
     try:
         reprod_log_diff(paddle, torch, tmp_path, "loud", diff_threshold=1e-5)
     finally:
         echo_reprod_log(False)
-    assert "diff check failed" in capsys.readouterr().out
+    assert "diff check failed" in capfd.readouterr().out
     assert "diff check failed" in (tmp_path / "loud_diff.log").read_text()
 
 
