@@ -31,6 +31,7 @@ CKPT    ?=
 SHAPE   ?=
 SEED    ?= 0
 PERTURB ?=
+ISOLATE ?=
 REPORTS ?= reports
 
 ITERS   ?=
@@ -52,16 +53,17 @@ STAGES  := forward loss backward data predict metric train
 
 COMMON_ARGS = --reports $(REPORTS) --seed $(SEED) $(if $(CKPT),--ckpt $(CKPT)) $(if $(SHAPE),--shape $(SHAPE))
 
-.PHONY: help setup align $(addprefix align-,$(STAGES)) bench-ghm bench-train train-full tiny-coco \
+.PHONY: help setup align $(addprefix align-,$(STAGES)) align-example bench-ghm bench-train train-full tiny-coco \
         test test-fast clean distclean
 
 help:
 	@echo "make align          all alignment stages (set-up included)"
 	@echo "make test           the test suite (set-up included)"
 	@echo "make test-fast      the tests not marked slow"
-	@echo "make align-forward  forward stage; CKPT=, SHAPE=NxCxHxW, SEED=, PERTURB=param.name"
+	@echo "make align-forward  forward stage; CKPT=, SHAPE=NxCxHxW, SEED=, PERTURB=param.name, ISOLATE=1 (each layer's own error)"
 	@echo "make align-loss     anchors, targets, GHM losses; CKPT=, SHAPE=2x3xHxW, SEED=, ITERS="
-	@echo "make align-backward training steps and the whole lr schedule; CKPT=, SHAPE=, SEED=, STEPS=, ITERS_PER_EPOCH="
+	@echo "make align-backward training steps and the whole lr schedule; CKPT=, SHAPE=, SEED=, STEPS=, ITERS_PER_EPOCH=, ISOLATE=1"
+	@echo "make align-example  ResNet-18, mmdet's vs paddle.vision's, through python -m align.pair; PERTURB="
 	@echo "make align-data | align-predict | align-metric | align-train   data pipeline, detections, COCO metric, K training iterations on the tiny COCO; SCALE=WxH, TRAIN_ITERS="
 	@echo "make train-full     COCO=/path GPUS=0,1 RESUME=1 MMDET_LOG=scalars.json R50=backbone.pdparams (no COCO: smoke run on the tiny COCO)"
 	@echo "make tiny-coco      write the tiny synthetic COCO to $(TINY_COCO)"
@@ -104,14 +106,20 @@ align: $(SETUP)
 	done; echo "reports: $(REPORTS)/index.html"; exit $$status
 
 align-forward: $(SETUP)
-	$(PY) -m align.forward $(COMMON_ARGS) $(if $(PERTURB),--perturb $(PERTURB))
+	$(PY) -m align.forward $(COMMON_ARGS) $(if $(PERTURB),--perturb $(PERTURB)) $(if $(ISOLATE),--isolate)
 
 align-loss: $(SETUP)
 	$(PY) -m align.loss $(COMMON_ARGS) $(if $(ITERS),--iters $(ITERS))
 
 align-backward: $(SETUP)
 	$(PY) -m align.backward $(COMMON_ARGS) $(if $(STEPS),--steps $(STEPS)) \
-	  $(if $(ITERS_PER_EPOCH),--iters-per-epoch $(ITERS_PER_EPOCH))
+	  $(if $(ITERS_PER_EPOCH),--iters-per-epoch $(ITERS_PER_EPOCH)) $(if $(ISOLATE),--isolate)
+
+# A second model pair through the same engine: mmdet's ResNet-18 against paddle.vision's.
+align-example: $(SETUP)
+	$(PY) -m align.pair --torch align.examples.resnet18:build_torch --paddle align.examples.resnet18:build_paddle \
+	  --map align/examples/resnet18_map.json --isolate --backward --reports $(REPORTS) --seed $(SEED) \
+	  --name example $(if $(PERTURB),--perturb $(PERTURB))
 
 align-data: $(SETUP)
 	$(PY) -m align.data --reports $(REPORTS) --seed $(SEED) $(if $(SCALE),--scale $(SCALE))

@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
                         "%(default)s: COCO train2017 at 16 images per step; 0 skips it)")
     p.add_argument("--no-reprod-log", action="store_true",
                    help="skip the reprod_log .npy files (several copies of the model's arrays)")
+    p.add_argument("--isolate", action="store_true",
+                   help="also every layer at step 1 on mmdet's recorded input and output gradient (float32)")
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error("--steps must be at least 1")
@@ -36,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
                            lr=args.lr, warmup_iters=args.warmup_iters, dtype=args.dtype,
                            extra_dtype=extra_dtype(args),
                            clip_max_norm=args.clip_max_norm, reprod_log=not args.no_reprod_log,
-                           schedule_iters_per_epoch=args.iters_per_epoch,
+                           schedule_iters_per_epoch=args.iters_per_epoch, isolate=args.isolate,
                            reports=args.reports, build_dir=args.build_dir)
     return run_stage(lambda: run_backward(opts), label=lambda r: f"backward ({r.meta['dtype']})",
                      summary=lambda r: (f"({len(r.tensors)} compared); mmdet {r.meta['mmdet_s']:.1f} s, "

@@ -53,13 +53,16 @@ from align.engine.capture import ReluMaskCensus
 from align.engine.cli import progress
 from align.engine.compare import (TensorDiff, compare_named, first_failure, reprod_log_diff, to_numpy,
                                   worst_named, worst_of)
+from align.engine.isolate import (TorchCallRecorder, isolated_backward, isolated_forward, isolation_tables,
+                                  peak_memory_gb, spill_store, worst_per_kind)
 from align.engine.paired import PairedStep, train_in_lockstep
 from align.engine.report import StageResult
+from align.engine.weights import NameMap
 from align.ghm.fake_batch import random_batch
 from align.ghm.pair import (BUILD_DIR, MODEL_DTYPES, Checkpoints, build_paddle_model, build_torch_model,
                             parse_shape, prepare_checkpoints, seeded_images)
 from align.ghm.schedule import LR_TOL, schedule_comparison
-from align.ghm.sides import FakeInputs, MmdetSide, PaddleSide
+from align.ghm.sides import FakeInputs, MmdetSide, PaddleSide, data_samples
 from align.ghm.suite import write_report
 
 DEFAULT_SHAPE = "2x3x320x480"
@@ -89,6 +92,10 @@ class BackwardOptions:
     # reprod_log .npy files of both sides (step-1 gradients, final parameters
     # and momentum buffers: four copies of the model, twice that in float64).
     reprod_log: bool = True
+    # Every leaf layer at step 1 in float32 on mmdet's recorded input and output gradient
+    # (its own forward and backward error), beside the training runs.
+    isolate: bool = False
+    isolate_tol: float = 1e-5
     # The whole-schedule learning-rate comparison (0: skipped).
     schedule_iters_per_epoch: int = DEFAULT_ITERS_PER_EPOCH
     grad_tol: float = 1e-5
@@ -237,6 +244,33 @@ def build_initial_params(ckpts) -> dict[str, np.ndarray]:
     return {k: v.numpy().astype(np.float64) for k, v in load_mmdet_state_dict(ckpts.torch_path).items()}
 
 
+def run_isolated(opts: BackwardOptions, ckpts: Checkpoints, batch: FakeInputs):
+    """Step 1 in float32, each leaf layer alone: mmdet's model records every call's input, output
+    and output gradient of the loss; each layer of ours (and mmdet's, for the reference
+    gradients) then runs on them. Returns the rows, the report tables and figures for the meta."""
+    import torch
+
+    mmdet, ours = build_torch_model(ckpts), build_paddle_model(ckpts)
+    mmdet.train()
+    ours.train()
+    tol = dict(rel_tol=opts.isolate_tol, mean_tol=opts.isolate_tol)
+    with spill_store(True, opts.build_dir / "isolate") as store:
+        recorder = TorchCallRecorder(mmdet, store, grads=True)
+        with recorder:
+            losses = mmdet.loss(torch.from_numpy(batch.images), data_samples(batch.truth))
+            mmdet.parse_losses(losses)[0].backward()
+        forward_rows = isolated_forward(recorder.calls, store, ours, NameMap(), **tol)
+        backward_rows = isolated_backward(recorder.calls, store, mmdet, ours, NameMap(), **tol)
+        recorded = store.nbytes
+    kinds = {c.key: c.kind for c in recorder.calls}
+    tables = isolation_tables(forward_rows, backward_rows, [], kinds)
+    meta = {"isolated_rows": len(forward_rows) + len(backward_rows),
+            "isolated_recorded_gb": round(recorded / 2 ** 30, 2), "isolated_peak_memory_gb": round(peak_memory_gb(), 2),
+            "isolated_worst_per_kind": {row.kind: {"rel": row.worst_rel, "where": row.worst_call}
+                                        for row in worst_per_kind(forward_rows + backward_rows, kinds)}}
+    return forward_rows + backward_rows, tables, meta
+
+
 def run_backward(opts: BackwardOptions) -> StageResult:
     """Train both in ``opts.dtype`` (and ``opts.extra_dtype``), diff, write ``backward*`` files."""
     from paddle_impl.engine.optimizer import scaled_lr
@@ -259,7 +293,9 @@ def run_backward(opts: BackwardOptions) -> StageResult:
     reprod = (reprod_log_diff(main.logs[1], main.logs[0], opts.reports, "backward", opts.loss_tol)
               if opts.reprod_log else {})
     rows = main.rows + ([schedule[0]] if schedule else [])
-    passed = all(r.passed for r in rows)
+    isolated, isolated_tables, isolated_meta = (run_isolated(opts, ckpts, batches[0]) if opts.isolate
+                                                else ([], [], {}))
+    passed = all(r.passed for r in rows) and all(r.passed for r in isolated)
     summaries = [row for run in runs for row in summarize(run, opts)]
     ranked = sorted((r for r in main.rows if r.name.startswith("param.")),
                     key=lambda r: -(math.inf if math.isnan(r.rel_max) else r.rel_max))
@@ -303,6 +339,7 @@ def run_backward(opts: BackwardOptions) -> StageResult:
         "checkpoint_sha256": ckpts.sha256,
         "checkpoint_synthetic": ckpts.synthetic,
         **{k: round(v, 3) for k, v in main.seconds.items()},
+        **isolated_meta,
         "runs": {run.dtype: {
             "largest_parameter_change_mmdet": run.largest_change,
             "parameter_change_relative_mmdet": dict(zip(("median", "max"), run.relative_change)),
@@ -317,15 +354,16 @@ def run_backward(opts: BackwardOptions) -> StageResult:
         title="Backward: training steps, mmdet vs Paddle",
         passed=passed,
         tensors=rows,
-        layers=[],
+        layers=isolated,
         thresholds={"precision of the checked run": main.dtype,
                     "step-1 gradients (rel)": opts.grad_tol,
                     "step-1 losses, grad norm (rel)": opts.loss_tol_first,
                     "later losses, grad norms (rel)": opts.loss_tol,
                     "parameters, momentum, GHM acc_sum after the last step (rel)": opts.param_tol,
-                    "lr, per step and over the whole schedule (rel)": LR_TOL},
+                    "lr, per step and over the whole schedule (rel)": LR_TOL,
+                    **({"isolated layers at step 1, float32 (rel)": opts.isolate_tol} if opts.isolate else {})},
         meta=meta,
-        extra_tables=tables,
+        extra_tables=tables + isolated_tables,
         figures=[("Total loss per step and relative difference", loss_curve_png(runs))],
         reprod_log=reprod,
         reprod_log_check=opts.loss_tol,
@@ -338,5 +376,9 @@ def run_backward(opts: BackwardOptions) -> StageResult:
 
 
 def first_divergence(result: StageResult) -> str | None:
-    index = first_failure(result.tensors)
-    return None if index is None else result.tensors[index].name
+    """The first failed row of the training runs, else of the isolated layers."""
+    for rows in (result.tensors, result.layers):
+        index = first_failure(rows)
+        if index is not None:
+            return rows[index].name
+    return None

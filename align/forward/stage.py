@@ -4,7 +4,9 @@ The same seeded, normalized images go through mmdet's model and ours in eval
 mode. Compared outputs: backbone C2..C5, FPN P3..P7, and per level the head's
 ``cls_score`` ``(N, A*C, H, W)`` and ``bbox_pred`` ``(N, A*4, H, W)``. Every
 leaf layer's output is also diffed, matched by name, to locate the first
-divergence.
+divergence. With ``isolate`` every leaf layer of ours is also evaluated on
+mmdet's recorded input to that layer, so each layer's own error is measured
+apart from what accumulated upstream (`align.engine.isolate`).
 """
 from __future__ import annotations
 
@@ -18,7 +20,10 @@ import numpy as np
 from align.engine.capture import PaddleComparer, TorchRecorder, perturb_parameter
 from align.engine.cli import progress_bar
 from align.engine.compare import TensorDiff, diff_arrays, first_failure, reprod_log_diff
+from align.engine.isolate import (TorchCallRecorder, isolated_forward, isolation_tables, peak_memory_gb,
+                                  spill_store)
 from align.engine.report import Headline, StageResult
+from align.engine.weights import NameMap
 from align.ghm.pair import (BUILD_DIR, build_paddle_model, build_torch_model, parse_shape,
                             prepare_checkpoints, seeded_images)
 from align.ghm.suite import write_report
@@ -39,6 +44,9 @@ class ForwardOptions:
     mean_tol: float = 1e-5
     reports: Path = Path("reports")
     layers: bool = True
+    # Also every leaf layer on mmdet's recorded input (its own error, float32); the recorded
+    # activations are spilled under ``build_dir`` while the layers are compared.
+    isolate: bool = False
     build_dir: Path = BUILD_DIR
 
 
@@ -82,6 +90,20 @@ def run_paddle(model, images: np.ndarray, reference_layers: dict, opts: ForwardO
     return outputs, comparer.rows if opts.layers else []
 
 
+def run_isolated(torch_model, paddle_model, images: np.ndarray, opts: ForwardOptions):
+    """Every Paddle leaf layer on mmdet's recorded input; returns the rows, the layer kinds by
+    call key and the bytes recorded (spilled to disk under ``opts.build_dir``)."""
+    import torch
+
+    with spill_store(True, opts.build_dir / "isolate") as store:
+        recorder = TorchCallRecorder(torch_model, store)
+        with torch.no_grad(), recorder:
+            run_torch(torch_model, images, record_layers=False)
+        rows = isolated_forward(recorder.calls, store, paddle_model, NameMap(), rel_tol=opts.rel_tol,
+                                mean_tol=opts.mean_tol)
+        return rows, {c.key: c.kind for c in recorder.calls}, store.nbytes
+
+
 def run_forward(opts: ForwardOptions) -> StageResult:
     """Run both models, diff, write ``forward*`` files into ``opts.reports``."""
     shape = parse_shape(opts.shape)
@@ -113,6 +135,14 @@ def run_forward(opts: ForwardOptions) -> StageResult:
     ]
     reprod = reprod_log_diff(paddle_out, torch_out, opts.reports, "forward", opts.mean_tol)
     passed = all(t.passed for t in tensors) and all(r.passed for r in layer_rows)
+    isolated: list[TensorDiff] = []
+    tables = []
+    if opts.isolate:
+        t0 = time.perf_counter()
+        isolated, kinds, recorded = run_isolated(torch_model, paddle_model, images, opts)
+        timings["isolated_s"] = time.perf_counter() - t0
+        passed = passed and all(r.passed for r in isolated)
+        tables = isolation_tables(isolated, [], layer_rows, kinds)
 
     meta = {
         "seed": opts.seed,
@@ -127,17 +157,23 @@ def run_forward(opts: ForwardOptions) -> StageResult:
         "layers_compared": len(layer_rows),
         **{k: round(v, 3) for k, v in timings.items()},
     }
+    if opts.isolate:
+        meta.update(isolated_layer_calls=len(isolated), recorded_gb=round(recorded / 2 ** 30, 2),
+                    peak_memory_gb=round(peak_memory_gb(), 2))
     return write_report(StageResult(
         stage="forward",
         title="Forward: mmdet GHM RetinaNet vs Paddle",
         passed=passed,
         tensors=tensors,
-        layers=layer_rows,
+        # With isolation the layer rows are each layer's own error (the accumulated ones are in a table).
+        layers=isolated if opts.isolate else layer_rows,
         thresholds={"rel_max": opts.rel_tol, "mean_abs": opts.mean_tol},
         meta=meta,
+        extra_tables=tables,
         reprod_log=reprod,
         reprod_log_check=opts.mean_tol,
-        headline=Headline.worst(tensors, opts.rel_tol, "worst output, max|diff| / max|ref|"),
+        headline=(Headline.worst(isolated, opts.rel_tol, "worst own layer error (isolated)") if opts.isolate
+                  else Headline.worst(tensors, opts.rel_tol, "worst output, max|diff| / max|ref|")),
         seconds={"mmdet": timings["torch_forward_s"], "paddle": timings["paddle_forward_s"]},
     ), opts.reports)
 

@@ -149,7 +149,7 @@ class MmdetSide:
         self._after_backward, self._losses = after_backward, None
         try:
             if isinstance(batch, FakeInputs):
-                losses = self.model.loss(torch.from_numpy(batch.images).to(self.dtype), _data_samples(batch.truth))
+                losses = self.model.loss(torch.from_numpy(batch.images).to(self.dtype), data_samples(batch.truth))
                 parsed, _ = self.model.parse_losses(losses)
                 self.wrapper.update_params(parsed)
             else:
@@ -179,7 +179,8 @@ class MmdetSide:
                 "ghm": {f"{m}.acc_sum": buffers[f"{m}.acc_sum"] for m in GHM_LOSSES}}
 
 
-def _data_samples(truth: FakeBatch) -> list:
+def data_samples(truth: FakeBatch) -> list:
+    """mmdet's ``DetDataSample`` list of a fake batch's ground truth and image metas."""
     import torch
     from mmdet.structures import DetDataSample
     from mmengine.structures import InstanceData

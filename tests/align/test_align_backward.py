@@ -112,3 +112,36 @@ def test_missing_clipping_fails(tmp_path, monkeypatch):
     assert not result.passed
     assert "momentum" in failed_kinds(result)
     assert not {"grad", "step1"} & failed_kinds(result)
+
+
+def test_isolated_layers_pass_in_float32_and_name_a_wrong_backward(tmp_path, monkeypatch):
+    result = run_backward(options(tmp_path, steps=1, isolate=True))
+    assert result.passed, [(r.name, r.reason) for r in result.layers if not r.passed][:5]
+    names = {r.name for r in result.layers}
+    # The shared head is compared per call (one per level), gradients of inputs and parameters.
+    assert {"bbox_head.cls_convs.0.conv#4.weight.grad", "bbox_head.retina_cls#2.input_grad",
+            "backbone.layer4.2.relu#2.input_grad"} <= names
+    per_kind = result.meta["isolated_worst_per_kind"]
+    assert {"conv", "BN", "ReLU", "pool"} <= set(per_kind) and all(v["rel"] <= 1e-5 for v in per_kind.values())
+
+    # A layer whose backward is wrong (ReLU's input gradient 1e-3 too large) is the one named.
+    import paddle
+
+    class ScaledGrad(paddle.autograd.PyLayer):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return paddle.nn.functional.relu(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            (x,) = ctx.saved_tensor()
+            return grad * (x > 0).astype(grad.dtype) * (1 + 1e-3)
+
+    monkeypatch.setattr(paddle.nn.ReLU, "forward", lambda self, x: ScaledGrad.apply(x))
+    broken = run_backward(options(tmp_path, steps=1, isolate=True))
+    failed = {r.name for r in broken.layers if not r.passed}
+    kinds = {row.call: row.kind for row in next(t.rows for t in broken.extra_tables
+                                                if t.title.startswith("Isolated backward"))}
+    assert failed and all(name.endswith(".input_grad") and kinds[name] == "ReLU" for name in failed)
+    assert any(".activate" in name for name in failed) and any(".relu" in name for name in failed)

@@ -76,3 +76,18 @@ def test_cli_exit_codes(build_dir, tmp_path):
     assert bad_name.returncode == 2 and "backbone.layer9.conv.weight" in bad_name.stderr
     missing = run_cli(*common, "--ckpt", str(tmp_path / "nope.pth"))
     assert missing.returncode == 2 and "nope.pth" in missing.stderr
+
+
+def test_isolated_forward_names_only_the_perturbed_layer(build_dir, tmp_path):
+    target = "backbone.layer3.1.conv2"
+    result = run_forward(options(build_dir, tmp_path, isolate=True, perturb=f"{target}.weight"))
+    assert not result.passed
+    # Each layer's own error: only the perturbed one fails; in the normal run everything after it does.
+    assert [r.name for r in result.layers if not r.passed] == [target]
+    assert first_divergence(result) == target
+    accumulated = next(t.rows for t in result.extra_tables if t.title.startswith("Each layer call's own error"))
+    assert sum(1 for row in accumulated if row.accumulated_rel > 1e-5) > 10
+    kinds = {row.kind for row in next(t.rows for t in result.extra_tables if t.title.startswith("Worst own"))}
+    assert {"conv", "BN", "ReLU", "pool"} <= kinds
+    assert result.meta["isolated_layer_calls"] == len(result.layers) and result.meta["peak_memory_gb"] > 0
+    assert not any((build_dir / "isolate").iterdir())  # the spilled activations are removed
