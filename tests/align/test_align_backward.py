@@ -127,18 +127,9 @@ def test_isolated_layers_pass_in_float32_and_name_a_wrong_backward(tmp_path, mon
     # A layer whose backward is wrong (ReLU's input gradient 1e-3 too large) is the one named.
     import paddle
 
-    class ScaledGrad(paddle.autograd.PyLayer):
-        @staticmethod
-        def forward(ctx, x):
-            ctx.save_for_backward(x)
-            return paddle.nn.functional.relu(x)
+    from tests.align.faults import wrong_backward_relu
 
-        @staticmethod
-        def backward(ctx, grad):
-            (x,) = ctx.saved_tensor()
-            return grad * (x > 0).astype(grad.dtype) * (1 + 1e-3)
-
-    monkeypatch.setattr(paddle.nn.ReLU, "forward", lambda self, x: ScaledGrad.apply(x))
+    monkeypatch.setattr(paddle.nn.ReLU, "forward", lambda self, x: wrong_backward_relu(x))
     broken = run_backward(options(tmp_path, steps=1, isolate=True))
     failed = {r.name for r in broken.layers if not r.passed}
     kinds = {row.call: row.kind for row in next(t.rows for t in broken.extra_tables

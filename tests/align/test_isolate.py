@@ -13,6 +13,7 @@ from align.engine.isolate import TorchCallRecorder, isolated_backward, isolated_
 from align.engine.weights import NameMap, carry_weights, plan_conversion
 from align.pair.__main__ import main as pair_main
 from align.pair.run import align_pair
+from tests.align.faults import WrongBackwardReLU
 
 
 class TorchBlock(torch.nn.Module):
@@ -49,25 +50,6 @@ class PaddleBlock(paddle.nn.Layer):
         y = self.relu(self.bn1(self.conv1(x)))
         y = self.relu(self.bn2(self.conv2(y)) + y)
         return self.fc(paddle.flatten(self.pool(y), 1))
-
-
-class _ScaledGrad(paddle.autograd.PyLayer):
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return paddle.nn.functional.relu(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensor()
-        return grad * (x > 0).astype(grad.dtype) * (1 + 1e-3)
-
-
-class WrongBackwardReLU(paddle.nn.Layer):
-    """ReLU with the right forward and an input gradient 1e-3 too large."""
-
-    def forward(self, x):
-        return _ScaledGrad.apply(x)
 
 
 def pair(relu=None):
