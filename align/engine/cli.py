@@ -9,12 +9,15 @@ variable, e.g. ``<NAME>_TRACEBACK=1``, adds the traceback).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import sys
 import traceback
 from pathlib import Path
 from typing import Callable, Iterable, Optional, TypeVar
 
+from .atomic_write import write_text
 from .compare import echo_reprod_log
 from .report import StageResult
 
@@ -78,13 +81,22 @@ def run_stage(run: Callable[[], StageResult], *, label: Callable[[StageResult], 
             shows the traceback of a bad-input error.
     """
     echo_reprod_log(verbose)
+    # What libraries print while the stage runs (pycocotools' "loading annotations...",
+    # mmengine's notes) goes to ``<report stem>_console.log``; -v shows it instead.
+    printed = io.StringIO()
     try:
-        result = run()
+        with contextlib.nullcontext() if verbose else contextlib.redirect_stdout(printed):
+            result = run()
     except BAD_INPUT as err:
         if os.environ.get(traceback_env, "") not in ("", "0"):
             traceback.print_exc()
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except BaseException:
+        sys.stdout.write(printed.getvalue())  # a crash keeps what led to it
+        raise
+    if printed.getvalue():
+        write_text(report.with_name(f"{report.stem}_console.log"), printed.getvalue())
     if verbose:
         for line in details(result):
             print(line)

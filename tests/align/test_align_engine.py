@@ -542,3 +542,20 @@ def test_headline_ranks_nan_first():
     assert Headline.worst(rows, None).where == "b"
     assert Headline.largest_abs(rows, None).where == "b"
     assert Headline.worst([], None) is None
+
+
+def test_stage_runner_keeps_library_prints_off_the_console(tmp_path, capsys):
+    from align.engine.cli import run_stage
+
+    def run():
+        print("loading annotations into memory...")
+        return _result(passed_layers=True)
+
+    status = run_stage(run, label=lambda r: "forward", summary=lambda r: "(1 compared)",
+                       first_divergence=lambda r: None, report=tmp_path / "forward.html")
+    out = capsys.readouterr().out
+    assert status == 0 and out.splitlines() == ["forward: PASS  (1 compared)", f"report: {tmp_path / 'forward.html'}"]
+    assert "loading annotations" in (tmp_path / "forward_console.log").read_text()
+    status = run_stage(run, label=lambda r: "forward", summary=lambda r: "", verbose=True,
+                       first_divergence=lambda r: None, report=tmp_path / "forward.html")
+    assert "loading annotations" in capsys.readouterr().out
