@@ -39,6 +39,7 @@ decide the verdict.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -53,14 +54,17 @@ from align.engine.capture import ReluMaskCensus
 from align.engine.cli import progress
 from align.engine.compare import (TensorDiff, compare_named, first_failure, reprod_log_diff, to_numpy,
                                   worst_named, worst_of)
+from align.engine.divergence import Divergence, Explanation, StepEvidence, classify, explained
 from align.engine.isolate import (TorchCallRecorder, isolated_backward, isolated_forward, isolation_tables,
                                   peak_memory_gb, spill_store, worst_per_kind)
 from align.engine.paired import PairedStep, train_in_lockstep
 from align.engine.report import StageResult
 from align.engine.weights import NameMap
+from align.ghm.divergence import BinFlips, relu_flips, row_kind
 from align.ghm.fake_batch import random_batch
 from align.ghm.pair import (BUILD_DIR, MODEL_DTYPES, Checkpoints, build_paddle_model, build_torch_model,
                             parse_shape, prepare_checkpoints, seeded_images)
+from align.ghm.recorders import PaddleGHMRecorder, TorchGHMRecorder
 from align.ghm.schedule import LR_TOL, schedule_comparison
 from align.ghm.sides import FakeInputs, MmdetSide, PaddleSide, data_samples
 from align.ghm.suite import write_report
@@ -131,6 +135,7 @@ class PairRun:
             largest |change| divided by their largest initial |value|.
         seconds: time in each framework's steps ("mmdet_s", "paddle_s").
         logs: (mmdet, paddle) arrays of ``rows`` when kept, for reprod_log.
+        divergences: each step's first disagreement and its cause (`align.engine.divergence`).
     """
 
     dtype: str
@@ -141,6 +146,7 @@ class PairRun:
     relative_change: tuple[float, float]
     seconds: dict[str, float]
     logs: tuple[dict, dict] | None = field(default=None, repr=False)
+    divergences: list[Divergence] = field(default_factory=list)
 
 
 def train_pair(opts: BackwardOptions, dtype: str, ckpts: Checkpoints, batches: list[FakeInputs],
@@ -150,6 +156,14 @@ def train_pair(opts: BackwardOptions, dtype: str, ckpts: Checkpoints, batches: l
     mmdet = MmdetSide(build_torch_model(ckpts, dtype), **settings)
     paddle = PaddleSide.from_config(build_paddle_model(ckpts, dtype), **settings)
     census = ReluMaskCensus(mmdet.model, paddle.model)
+    # Per-element g of the GHM calls only where a divergence is expected to need them.
+    keep_g = dtype == "float32"
+    t_head, p_head = mmdet.model.bbox_head, paddle.model.bbox_head
+    recorders = {"ghmc": (TorchGHMRecorder(t_head.loss_cls, "cls", keep_g), PaddleGHMRecorder(p_head.loss_cls, keep_g)),
+                 "ghmr": (TorchGHMRecorder(t_head.loss_bbox, "bbox", keep_g),
+                          PaddleGHMRecorder(p_head.loss_bbox, keep_g))}
+    bin_flips = BinFlips(recorders)
+    causes: dict[int, list[Explanation]] = {}
     logs = ({}, {}) if keep_logs else None
     grad_logs: tuple[dict, dict] | None = ({}, {}) if keep_logs else None
     figures: dict[str, Any] = {"relu_layers": {}, "worst_grad": {}}
@@ -172,6 +186,7 @@ def train_pair(opts: BackwardOptions, dtype: str, ckpts: Checkpoints, batches: l
     def after_step(record: PairedStep) -> list[TensorDiff]:
         step = record.step
         flips = census.finish_step()
+        causes[step] = [c for c in (relu_flips(census.step_layers), bin_flips.explanation(step)) if c is not None]
         if step == 1:
             figures["relu_layers"] = {name: list(row) for name, row in census.layers.items()}
         if logs is not None:
@@ -205,12 +220,17 @@ def train_pair(opts: BackwardOptions, dtype: str, ckpts: Checkpoints, batches: l
         return rows
 
     try:
-        run = train_in_lockstep(
-            mmdet, paddle, [(b, b) for b in batches], label=lambda step: f"step{step}", tolerance=tolerance,
-            at_gradients=at_gradients, before_step=lambda step: census.start_step(), after_step=after_step,
-            progress=lambda items: progress(items, f"backward {dtype}", total=len(batches)))
+        with contextlib.ExitStack() as stack:
+            for recorder in (r for pair in recorders.values() for r in pair):
+                stack.enter_context(recorder)
+            run = train_in_lockstep(
+                mmdet, paddle, [(b, b) for b in batches], label=lambda step: f"step{step}", tolerance=tolerance,
+                at_gradients=at_gradients, before_step=lambda step: census.start_step(), after_step=after_step,
+                progress=lambda items: progress(items, f"backward {dtype}", total=len(batches)))
     finally:
         census.remove()
+    evidence = [StepEvidence(r.step, [row.name for row in r.rows if not row.passed], causes.get(r.step, []))
+                for r in run.steps]
     initial = build_initial_params(ckpts)
     final = mmdet.parameters()
     changes = [(float(np.abs(to_numpy(final[n]).astype(np.float64) - v).max()), float(np.abs(v).max()))
@@ -221,7 +241,8 @@ def train_pair(opts: BackwardOptions, dtype: str, ckpts: Checkpoints, batches: l
     return PairRun(dtype=dtype, rows=run.rows, steps=steps, relu_layers=figures["relu_layers"],
                    largest_change=max((c for c, _ in changes), default=0.0),
                    relative_change=(float(np.median(relative)), max(relative)) if relative else (0.0, 0.0),
-                   seconds={"mmdet_s": run.seconds["mmdet"], "paddle_s": run.seconds["paddle"]}, logs=logs)
+                   seconds={"mmdet_s": run.seconds["mmdet"], "paddle_s": run.seconds["paddle"]}, logs=logs,
+                   divergences=classify(evidence, row_kind))
 
 
 def _log_step(logs: tuple[dict, dict], grad_logs: tuple[dict, dict] | None, record: PairedStep) -> None:
@@ -295,7 +316,9 @@ def run_backward(opts: BackwardOptions) -> StageResult:
     rows = main.rows + ([schedule[0]] if schedule else [])
     isolated, isolated_tables, isolated_meta = (run_isolated(opts, ckpts, batches[0]) if opts.isolate
                                                 else ([], [], {}))
-    passed = all(r.passed for r in rows) and all(r.passed for r in isolated)
+    # A run whose first disagreement in some step has no rounding-level cause fails, whatever its precision.
+    passed = (all(r.passed for r in rows) and all(r.passed for r in isolated)
+              and all(explained(run.divergences) for run in runs))
     summaries = [row for run in runs for row in summarize(run, opts)]
     ranked = sorted((r for r in main.rows if r.name.startswith("param.")),
                     key=lambda r: -(math.inf if math.isnan(r.rel_max) else r.rel_max))
@@ -319,6 +342,11 @@ def run_backward(opts: BackwardOptions) -> StageResult:
                        f"({schedule[2]['iters_per_epoch']} iterations per epoch; every iteration compared, "
                        f"{schedule[2]['iterations_not_bitwise_equal']} not bit-for-bit equal)",
                        ["boundary", "iteration", "epoch", "mmengine lr", "paddle lr", "abs diff"], schedule[1]))
+    for run in runs:
+        if run.divergences:
+            tables.append((f"First disagreement per step and its cause, {run.dtype} (unexplained fails the stage)",
+                           ["step", "first disagreeing row", "verdict", "cause", "elements", "detail"],
+                           run.divergences))
     tables.append((f"Parameters ranked by difference after the last step ({main.dtype})",
                    ["parameter", "max abs diff", "rel", "pass"],
                    [ParameterRow(r.name[len("param."):], r.max_abs, r.rel_max, r.passed) for r in ranked[:40]]))
@@ -344,6 +372,9 @@ def run_backward(opts: BackwardOptions) -> StageResult:
             "largest_parameter_change_mmdet": run.largest_change,
             "parameter_change_relative_mmdet": dict(zip(("median", "max"), run.relative_change)),
             "relu_mask_flips_step1": sum(r[0] for r in run.relu_layers.values()),
+            "divergences": {"steps": len(run.divergences),
+                            "unexplained": sum(d.verdict == "unexplained" for d in run.divergences),
+                            "causes": sorted({d.cause for d in run.divergences})},
             **{k: round(v, 3) for k, v in run.seconds.items()},
             "worst": {row.category: {"rel": row.worst_rel, "tensor": row.worst_tensor, "within": row.within}
                       for row in summaries if row.run == run.dtype},

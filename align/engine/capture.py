@@ -255,7 +255,9 @@ class ReluMaskCensus:
     Call `start_step` before each step's torch forward pass and
     `finish_step` (the step's flips) after Paddle's; `layers` maps a ReLU
     layer's name to ``[flips, elements, largest |Paddle pre-activation| at a
-    flip]`` over all steps so far.
+    flip]`` over all steps so far; `step_layers` maps the layers with a flip in
+    the current step to ``[flips, largest |pre-activation| at a flip, largest
+    |pre-activation| of the call]`` (the last sets the scale of its rounding).
     """
 
     def __init__(self, torch_model, paddle_model):
@@ -267,6 +269,7 @@ class ReluMaskCensus:
         self._paddle_calls: Counter[str] = Counter()
         self.step_flips = 0
         self.layers: dict[str, list] = {}
+        self.step_layers: dict[str, list] = {}
         self._handles = [m.register_forward_hook(self._torch_hook(n))
                          for n, m in torch_model.named_modules() if isinstance(m, torch.nn.ReLU)]
         self._handles += [l.register_forward_post_hook(self._paddle_hook(n))
@@ -277,6 +280,7 @@ class ReluMaskCensus:
         self._torch_calls.clear()
         self._paddle_calls.clear()
         self.step_flips = 0
+        self.step_layers = {}
 
     def finish_step(self) -> int:
         if self._masks:
@@ -306,7 +310,13 @@ class ReluMaskCensus:
             row[0] += count
             row[1] += flips.size
             if count:
-                row[2] = max(row[2], float(np.abs(inputs[0].numpy()[flips]).max()))
+                pre = np.abs(inputs[0].numpy())
+                at_flip = float(pre[flips].max())
+                row[2] = max(row[2], at_flip)
+                step = self.step_layers.setdefault(name, [0, 0.0, 0.0])
+                step[0] += count
+                step[1] = max(step[1], at_flip)
+                step[2] = max(step[2], float(pre.max()))
             self.step_flips += count
         return hook
 

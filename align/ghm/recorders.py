@@ -18,12 +18,17 @@ def reference_bin_counts(g, valid, edges) -> np.ndarray:
 
 
 class TorchGHMRecorder:
-    """Per call of mmdet's GHMC / GHMR: bin counts of its inputs and ``acc_sum`` after."""
+    """Per call of mmdet's GHMC / GHMR: bin counts of its inputs and ``acc_sum`` after.
 
-    def __init__(self, module, kind: str):
-        self.module, self.kind = module, kind
+    With ``keep_g``, ``g`` maps a call's index to its ``(g, valid)`` arrays (same
+    shape) until `clear_g`: what decides each element's bin.
+    """
+
+    def __init__(self, module, kind: str, keep_g: bool = False):
+        self.module, self.kind, self.keep_g = module, kind, keep_g
         self.counts: list[np.ndarray] = []
         self.acc_sums: list[np.ndarray] = []
+        self.g: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.seconds = 0.0
         self.overhead = 0.0
         self._handles = []
@@ -51,9 +56,18 @@ class TorchGHMRecorder:
             else:
                 diff = pred - target
                 g = (diff / torch.sqrt(module.mu * module.mu + diff * diff)).abs()
-            self.counts.append(reference_bin_counts(g, label_weight > 0, module.edges))
+            valid = (label_weight > 0).expand_as(g)
+            if self.keep_g:
+                self.g[len(self.counts)] = (g.numpy().copy(), valid.numpy().copy())
+            self.counts.append(reference_bin_counts(g, valid, module.edges))
         self.acc_sums.append(module.acc_sum.detach().numpy().copy())
         self.overhead += time.perf_counter() - start
+
+    def edges(self) -> np.ndarray:
+        return self.module.edges.detach().numpy()
+
+    def clear_g(self) -> None:
+        self.g.clear()
 
     def __enter__(self):
         self._handles = [self.module.register_forward_pre_hook(self._pre),
@@ -66,24 +80,39 @@ class TorchGHMRecorder:
 
 
 class PaddleGHMRecorder:
-    """Per call of our GHMC / GHMR: its bin counts and ``acc_sum`` after."""
+    """Per call of our GHMC / GHMR: its bin counts and ``acc_sum`` after; with ``keep_g``
+    also ``(g, valid)`` per call until `clear_g`, as the layer bins them."""
 
-    def __init__(self, layer):
-        self.layer = layer
+    def __init__(self, layer, keep_g: bool = False):
+        self.layer, self.keep_g = layer, keep_g
         self.counts: list[np.ndarray] = []
         self.acc_sums: list[np.ndarray] = []
+        self.g: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._handle = None
 
     def _post(self, layer, inputs, output):
         self.counts.append(layer.last_bin_counts.numpy().astype(np.int64))
         self.acc_sums.append(layer.acc_sum.numpy().copy())
 
+    def _binning(self, g, valid):
+        # The layer's own binning step, seen with the exact g it bins.
+        if self.keep_g:
+            values = g.numpy()
+            self.g[len(self.counts)] = (values.copy(), np.broadcast_to(valid.numpy(), values.shape).copy())
+        return self._region_ids(g, valid)
+
+    def clear_g(self) -> None:
+        self.g.clear()
+
     def __enter__(self):
         self._handle = self.layer.register_forward_post_hook(self._post)
+        self._region_ids = self.layer._region_ids
+        self.layer._region_ids = self._binning
         return self
 
     def __exit__(self, *exc):
         self._handle.remove()
+        del self.layer._region_ids
 
 
 def ghm_records(prefix: str, recorder) -> dict[str, np.ndarray]:

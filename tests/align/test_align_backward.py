@@ -136,3 +136,30 @@ def test_isolated_layers_pass_in_float32_and_name_a_wrong_backward(tmp_path, mon
                                                 if t.title.startswith("Isolated backward"))}
     assert failed and all(name.endswith(".input_grad") and kinds[name] == "ReLU" for name in failed)
     assert any(".activate" in name for name in failed) and any(".relu" in name for name in failed)
+
+
+def test_float32_disagreements_are_explained_and_a_planted_one_is_not(tmp_path, monkeypatch):
+    import dataclasses
+
+    from paddle_impl.model import ghm_loss
+
+    opts = dataclasses.replace(options(tmp_path, steps=3), extra_dtype="float32")
+    result = run_backward(opts)
+    assert result.passed
+    assert result.meta["runs"]["float32"]["divergences"]["unexplained"] == 0
+
+    # A loss weight wrong on one level (P3 of GHM-C, by 1%): no rounding explains it.
+    original, calls = ghm_loss.GHMC.forward, {"n": 0}
+
+    def heavier_first_level(self, *args, **kwargs):
+        calls["n"] += 1
+        loss = original(self, *args, **kwargs)
+        return loss * 1.01 if calls["n"] % 5 == 1 else loss
+
+    monkeypatch.setattr(ghm_loss.GHMC, "forward", heavier_first_level)
+    planted = run_backward(dataclasses.replace(opts, steps=1))
+    assert not planted.passed
+    table = next(t.rows for t in planted.extra_tables if t.title.startswith("First disagreement per step and its "
+                                                                           "cause, float32"))
+    assert (table[0].step, table[0].row, table[0].verdict) == (1, "step1.loss_cls.P3", "unexplained")
+    assert planted.meta["runs"]["float32"]["divergences"]["unexplained"] == 1
