@@ -257,7 +257,10 @@ class ReluMaskCensus:
     layer's name to ``[flips, elements, largest |Paddle pre-activation| at a
     flip]`` over all steps so far; `step_layers` maps the layers with a flip in
     the current step to ``[flips, largest |pre-activation| at a flip, largest
-    |pre-activation| of the call]`` (the last sets the scale of its rounding).
+    |pre-activation| of the call, spacings]``: the largest |pre-activation|
+    sets the scale of the layer's rounding, and ``spacings`` holds each flipped
+    element's |pre-activation| in units of the float spacing at that scale (in
+    the pre-activation's own dtype).
     """
 
     def __init__(self, torch_model, paddle_model):
@@ -313,10 +316,12 @@ class ReluMaskCensus:
                 pre = np.abs(inputs[0].numpy())
                 at_flip = float(pre[flips].max())
                 row[2] = max(row[2], at_flip)
-                step = self.step_layers.setdefault(name, [0, 0.0, 0.0])
+                scale = pre.max()
+                step = self.step_layers.setdefault(name, [0, 0.0, 0.0, np.zeros(0)])
                 step[0] += count
                 step[1] = max(step[1], at_flip)
-                step[2] = max(step[2], float(pre.max()))
+                step[2] = max(step[2], float(scale))
+                step[3] = np.concatenate([step[3], pre[flips] / np.spacing(scale)])
             self.step_flips += count
         return hook
 

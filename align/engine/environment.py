@@ -23,7 +23,8 @@ def sha256_of(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def _package_version(module: str, distributions: Sequence[str]) -> str:
+def package_version(module: str, distributions: Sequence[str]) -> str:
+    """The version of ``module`` (as imported, else as installed under one of ``distributions``)."""
     # An already imported module is what actually ran: prefer its own version.
     loaded = sys.modules.get(module)
     if loaded is not None and isinstance(getattr(loaded, "__version__", None), str):
@@ -64,7 +65,7 @@ def environment_info(packages: Mapping[str, Sequence[str]]) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
     }
     for module, dists in packages.items():
-        info[module] = _package_version(module, dists)
+        info[module] = package_version(module, dists)
     commit = _git("rev-parse", "HEAD")
     info["git_commit"] = commit or "unavailable"
     if commit:

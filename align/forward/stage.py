@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from align.engine.cache import ReferenceCache, cache_key
 from align.engine.capture import PaddleComparer, TorchRecorder, perturb_parameter
 from align.engine.cli import progress_bar
 from align.engine.compare import TensorDiff, diff_arrays, first_failure, reprod_log_diff
@@ -26,7 +27,7 @@ from align.engine.report import Headline, StageResult
 from align.engine.weights import NameMap
 from align.ghm.pair import (BUILD_DIR, build_paddle_model, build_torch_model, parse_shape,
                             prepare_checkpoints, seeded_images)
-from align.ghm.suite import write_report
+from align.ghm.suite import reference_versions, write_report
 
 DEFAULT_SHAPE = "2x3x800x1344"
 BACKBONE_NAMES = ["C2", "C3", "C4", "C5"]
@@ -47,6 +48,8 @@ class ForwardOptions:
     # Also every leaf layer on mmdet's recorded input (its own error, float32); the recorded
     # activations are spilled under ``build_dir`` while the layers are compared.
     isolate: bool = False
+    # Recompute mmdet's side even when ``build_dir/cache`` holds it for these inputs.
+    fresh: bool = False
     build_dir: Path = BUILD_DIR
 
 
@@ -90,6 +93,30 @@ def run_paddle(model, images: np.ndarray, reference_layers: dict, opts: ForwardO
     return outputs, comparer.rows if opts.layers else []
 
 
+def reference_outputs(ckpts, images: np.ndarray, opts: ForwardOptions):
+    """mmdet's outputs and layer records, from ``build_dir/cache`` when an entry matches the
+    checkpoint, the input, the options and the installed reference versions; returns them,
+    mmdet's forward time (0 on a hit) and the cache status."""
+    from paddle_impl.config import get_config
+
+    key = cache_key({"stage": "forward", "format": 1, "checkpoint": ckpts.sha256, "input_shape": list(images.shape),
+                     "seed": opts.seed, "preprocessor": get_config()["data_preprocessor"], "layers": opts.layers,
+                     "versions": reference_versions()})
+    cache = ReferenceCache(opts.build_dir / "cache")
+    arrays = None if opts.fresh else cache.load("forward", key)
+    if arrays is not None:
+        outputs = {k[len("out:"):]: v for k, v in arrays.items() if k.startswith("out:")}
+        layers = {k[len("layer:"):]: v for k, v in arrays.items() if k.startswith("layer:")}
+        return outputs, layers, 0.0, "hit"
+    status = "fresh" if opts.fresh else cache.last_status
+    t0 = time.perf_counter()
+    outputs, layers = run_torch(build_torch_model(ckpts), images, opts.layers)
+    seconds = time.perf_counter() - t0
+    cache.save("forward", key, {**{f"out:{k}": v for k, v in outputs.items()},
+                                **{f"layer:{k}": v for k, v in layers.items()}})
+    return outputs, layers, seconds, status
+
+
 def run_isolated(torch_model, paddle_model, images: np.ndarray, opts: ForwardOptions):
     """Every Paddle leaf layer on mmdet's recorded input; returns the rows, the layer kinds by
     call key and the bytes recorded (spilled to disk under ``opts.build_dir``)."""
@@ -109,7 +136,6 @@ def run_forward(opts: ForwardOptions) -> StageResult:
     shape = parse_shape(opts.shape)
     t0 = time.perf_counter()
     ckpts = prepare_checkpoints(opts.ckpt, opts.seed, opts.build_dir)
-    torch_model = build_torch_model(ckpts)
     paddle_model = build_paddle_model(ckpts)
     perturb_sigma = None
     if opts.perturb:
@@ -120,8 +146,8 @@ def run_forward(opts: ForwardOptions) -> StageResult:
 
     with progress_bar("forward", total=2) as bar:
         t0 = time.perf_counter()
-        torch_out, torch_layers = run_torch(torch_model, images, opts.layers)
-        timings["torch_forward_s"] = time.perf_counter() - t0
+        torch_out, torch_layers, timings["torch_forward_s"], cache_status = reference_outputs(ckpts, images, opts)
+        timings["reference_s"] = time.perf_counter() - t0
         bar.update(1)
         t0 = time.perf_counter()
         paddle_out, layer_rows = run_paddle(paddle_model, images, torch_layers, opts)
@@ -139,7 +165,7 @@ def run_forward(opts: ForwardOptions) -> StageResult:
     tables = []
     if opts.isolate:
         t0 = time.perf_counter()
-        isolated, kinds, recorded = run_isolated(torch_model, paddle_model, images, opts)
+        isolated, kinds, recorded = run_isolated(build_torch_model(ckpts), paddle_model, images, opts)
         timings["isolated_s"] = time.perf_counter() - t0
         passed = passed and all(r.passed for r in isolated)
         tables = isolation_tables(isolated, [], layer_rows, kinds)
@@ -155,6 +181,8 @@ def run_forward(opts: ForwardOptions) -> StageResult:
         "perturbed_parameter": opts.perturb,
         "perturbation_std": perturb_sigma,
         "layers_compared": len(layer_rows),
+        # "hit": mmdet's side came from build/cache (its forward time is then 0).
+        "reference_cache": cache_status,
         **{k: round(v, 3) for k, v in timings.items()},
     }
     if opts.isolate:

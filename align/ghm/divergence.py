@@ -22,6 +22,10 @@ from align.ghm.pair import LEVELS
 
 RELU_SCOPE = frozenset({"gradient", "state"})
 BIN_SCOPE = frozenset({"loss", "gradient", "state"})
+# An element within this many float spacings of a threshold (a ReLU's zero, relative to the
+# layer's scale; a bin edge) can land on either side of it by rounding alone. Further away,
+# a flip is the consequence of an earlier difference, not a cause.
+ROUNDING_SPACINGS = 64
 
 
 def row_kind(name: str) -> str:
@@ -45,19 +49,21 @@ def ulps_apart(a, b) -> int:
 
 
 def relu_flips(step_layers: dict[str, list]) -> Explanation | None:
-    """The step's ReLU mask flips (`ReluMaskCensus.step_layers`), None without any."""
-    if not step_layers:
+    """The step's ReLU mask flips at rounding level (`ReluMaskCensus.step_layers`: within
+    `ROUNDING_SPACINGS` of zero at the layer's scale); None when there is none."""
+    near = {name: int((row[3] <= ROUNDING_SPACINGS).sum()) for name, row in step_layers.items()}
+    total = sum(near.values())
+    if not total:
         return None
-    total = sum(row[0] for row in step_layers.values())
-    layer, (count, at_flip, scale) = max(step_layers.items(), key=lambda item: item[1][0])
-    largest = max(row[1] for row in step_layers.values())
-    spacing = float(np.spacing(np.float32(scale)))
+    layer = max(near, key=near.get)
+    count, at_flip, scale, spacings = step_layers[layer]
+    flips = sum(row[0] for row in step_layers.values())
     return Explanation(
         "ReLU mask flip", total,
-        f"{total} elements in {len(step_layers)} ReLU layers, most in {layer} ({count}); largest "
-        f"|pre-activation| at a flip {largest:.2e}; in {layer} {at_flip:.2e}, which is "
-        f"{at_flip / spacing:.1f} float32 spacings at that layer's largest |pre-activation| {scale:.2e} "
-        f"(spacing {spacing:.2e})", RELU_SCOPE)
+        f"{total} of {flips} flipped elements within {ROUNDING_SPACINGS} float spacings of zero, in "
+        f"{sum(1 for n in near.values() if n)} ReLU layers, most in {layer} ({near[layer]}); there the "
+        f"closest is {float(spacings.min()):.2g} spacings at the layer's largest |pre-activation| "
+        f"{scale:.2e}, the largest |pre-activation| at a flip {at_flip:.2e}", RELU_SCOPE)
 
 
 class BinFlips:
@@ -76,17 +82,19 @@ class BinFlips:
             for call in range(first, min(first + len(LEVELS), len(t_rec.counts), len(p_rec.counts))):
                 if np.array_equal(t_rec.counts[call], p_rec.counts[call]):
                     continue
-                moved, line = self._elements(t_rec, p_rec, call)
-                total += moved
+                near, line = self._elements(t_rec, p_rec, call)
+                total += near
                 lines.append(f"{kind} {LEVELS[call % len(LEVELS)]}: {line}")
         for t_rec, p_rec in self.recorders.values():
             t_rec.clear_g()
             p_rec.clear_g()
-        if not lines:
+        if not total:
             return None
         return Explanation("GHM bin flip", total, "; ".join(lines), BIN_SCOPE)
 
     def _elements(self, t_rec, p_rec, call: int) -> tuple[int, str]:
+        """``(elements within rounding of an edge, description)`` of one call whose counts differ.
+        Without the recorded g the elements are not known: every moved one is counted."""
         bins = np.flatnonzero(t_rec.counts[call] != p_rec.counts[call]).tolist()
         if call not in t_rec.g or call not in p_rec.g:
             moved = int(np.abs(t_rec.counts[call] - p_rec.counts[call]).sum() // 2)
@@ -96,6 +104,9 @@ class BinFlips:
         bin_t = np.where(valid_t, np.searchsorted(edges, g_t, side="right") - 1, -1)
         bin_p = np.where(valid_p, np.searchsorted(edges, g_p.astype(g_t.dtype), side="right") - 1, -1)
         where = np.flatnonzero((bin_t != bin_p).reshape(-1))
+        flat_t = g_t.reshape(-1)[where]
+        nearest = edges[np.abs(edges[None, :] - flat_t[:, None]).argmin(axis=1)] if where.size else edges[:0]
+        near = sum(ulps_apart(g, e) <= ROUNDING_SPACINGS for g, e in zip(flat_t, nearest))
         parts = []
         for index in where[: self.most]:
             gt, gp = g_t.reshape(-1)[index], g_p.reshape(-1)[index]
@@ -104,4 +115,5 @@ class BinFlips:
             parts.append(f"g {float(gt):.9g} (mmdet, bin {int(bin_t.reshape(-1)[index])}) vs {float(gp):.9g} "
                          f"(paddle, bin {int(bin_p.reshape(-1)[index])}), {ulps} ulps from edge {float(edge):.9g}")
         more = f" and {len(where) - self.most} more" if len(where) > self.most else ""
-        return len(where), f"{len(where)} elements in bins {bins}: " + "; ".join(parts) + more
+        return near, (f"{len(where)} elements in bins {bins} ({near} within {ROUNDING_SPACINGS} ulps of an edge): "
+                      + "; ".join(parts) + more)

@@ -12,9 +12,17 @@ import numpy as np
 
 
 def reference_bin_counts(g, valid, edges) -> np.ndarray:
-    """Bin counts by the GHM definition: ``edges[i] <= g < edges[i+1]`` and valid."""
-    return np.array([int(((g >= edges[i]) & (g < edges[i + 1]) & valid).sum())
-                     for i in range(len(edges) - 1)], np.int64)
+    """Bin counts by the GHM definition: ``edges[i] <= g < edges[i+1]`` and valid (torch tensors).
+
+    ``bucketize(right=True)`` gives ``i + 1`` for ``edges[i] <= g < edges[i+1]``; g
+    below the first edge, at or above the last, or NaN lands outside ``0..bins-1``.
+    """
+    import torch
+
+    bins = len(edges) - 1
+    ids = torch.bucketize(g, edges.to(g.dtype), right=True) - 1
+    keep = valid & (ids >= 0) & (ids < bins)
+    return torch.bincount(ids[keep], minlength=bins).numpy().astype(np.int64)
 
 
 class TorchGHMRecorder:

@@ -22,6 +22,22 @@ PACKAGES = {
 }
 
 
+def reference_versions() -> dict[str, str]:
+    """The installed versions the reference side's results depend on (for cache keys), as
+    installed: the same whether or not the modules are imported yet."""
+    from importlib import metadata
+
+    def installed(distributions) -> str:
+        for name in distributions:
+            try:
+                return metadata.version(name)
+            except metadata.PackageNotFoundError:
+                continue
+        return "not installed"
+
+    return {m: installed(PACKAGES[m]) for m in ("torch", "mmdet", "mmcv", "mmengine", "numpy")}
+
+
 def environment():
     """`environment_info` of the packages above."""
     from align.engine.environment import environment_info

@@ -559,3 +559,22 @@ def test_stage_runner_keeps_library_prints_off_the_console(tmp_path, capsys):
     status = run_stage(run, label=lambda r: "forward", summary=lambda r: "", verbose=True,
                        first_divergence=lambda r: None, report=tmp_path / "forward.html")
     assert "loading annotations" in capsys.readouterr().out
+
+
+def test_reference_cache_trusts_only_matching_files(tmp_path):
+    from align.engine.cache import ReferenceCache, cache_key
+
+    cache = ReferenceCache(tmp_path / "cache")
+    key = cache_key({"checkpoint": "abc", "shape": [1, 3, 8, 8]})
+    assert key != cache_key({"checkpoint": "abc", "shape": [1, 3, 8, 9]})
+    assert cache.load("forward", key) is None and cache.last_status == "miss"
+    arrays = {"out:x": np.arange(6.0).reshape(2, 3), "layer:conv#1": np.ones(4, np.float32)}
+    path = cache.save("forward", key, arrays)
+    loaded = cache.load("forward", key)
+    assert cache.last_status == "hit" and set(loaded) == set(arrays)
+    np.testing.assert_array_equal(loaded["out:x"], arrays["out:x"])
+    assert cache.load("forward", cache_key({"other": 1})) is None
+    with open(path, "ab") as handle:  # a file that no longer matches its recorded digest
+        handle.write(b"\0")
+    assert cache.load("forward", key) is None and cache.last_status == "mismatch"
+    assert not list((tmp_path / "cache").glob(".*tmp*"))

@@ -40,12 +40,14 @@ def test_a_cause_in_a_quiet_step_reaches_later_steps_but_nothing_reaches_an_lr()
     assert row_kind("iter003.grad_norm") == "gradient" and row_kind("iter003.loss_bbox") == "loss"
 
 
-def test_relu_flips_name_the_layer_and_the_float32_spacing():
+def test_relu_flips_count_only_flips_within_rounding_of_zero():
     assert relu_flips({}) is None
-    cause = relu_flips({"a.relu": [2, 3e-7, 4.0], "b.relu": [5, 1e-7, 2.0]})
-    assert cause.count == 7 and "most in b.relu (5)" in cause.detail
-    assert "largest |pre-activation| at a flip 3.00e-07" in cause.detail
-    assert f"spacing {np.spacing(np.float32(2.0)):.2e}" in cause.detail
+    cause = relu_flips({"a.relu": [2, 3e-5, 4.0, np.array([0.5, 100.0])],
+                        "b.relu": [5, 1e-4, 2.0, np.array([1.0, 2.0, 3.0, 200.0, 300.0])]})
+    assert cause.count == 4 and "4 of 7 flipped elements within 64 float spacings" in cause.detail
+    assert "most in b.relu (3)" in cause.detail and "closest is 1 spacings" in cause.detail
+    # Flips far from zero are a consequence of an earlier difference, not a cause.
+    assert relu_flips({"a.relu": [1, 1e-3, 4.0, np.array([5000.0])]}) is None
 
 
 class FakeRecorder:
@@ -82,3 +84,13 @@ def test_bin_flips_list_the_elements_and_their_distance_to_the_edge(keep_g):
         assert "bins [0, 1] differ" in cause.detail
     assert not t.g and not p.g
     assert BinFlips({"ghmc": (t, p)}).explanation(2) is None
+
+
+def test_a_bin_flip_far_from_the_edge_is_no_cause():
+    edges = np.array([0.0, 0.5, 1.000001], np.float32)
+    g_t = np.array([[0.4999]], np.float32)  # about 1700 ulps below the edge
+    g_p = np.array([[0.5001]], np.float32)
+    valid = np.ones_like(g_t, bool)
+    t = FakeRecorder([np.array([1, 0])] + [np.array([1, 1])] * 4, {0: (g_t, valid)}, valid, edges)
+    p = FakeRecorder([np.array([0, 1])] + [np.array([1, 1])] * 4, {0: (g_p, valid)}, valid, edges)
+    assert BinFlips({"ghmr": (t, p)}).explanation(1) is None
