@@ -52,7 +52,7 @@ from align.backward.tables import (ParameterRow, StepRow, headline, loss_curve_p
                                    summarize)
 from align.engine.capture import ReluMaskCensus
 from align.engine.cli import progress
-from align.engine.compare import (TensorDiff, compare_named, first_failure, reprod_log_diff, to_numpy,
+from align.engine.compare import (TensorDiff, compare_named, first_failed_name, reprod_log_diff, to_numpy,
                                   worst_named, worst_of)
 from align.engine.divergence import Divergence, Explanation, StepEvidence, classify, explained
 from align.engine.isolate import (TorchCallRecorder, isolated_backward, isolated_forward, isolation_tables,
@@ -408,8 +408,4 @@ def run_backward(opts: BackwardOptions) -> StageResult:
 
 def first_divergence(result: StageResult) -> str | None:
     """The first failed row of the training runs, else of the isolated layers."""
-    for rows in (result.tensors, result.layers):
-        index = first_failure(rows)
-        if index is not None:
-            return rows[index].name
-    return None
+    return first_failed_name(result.tensors, result.layers)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from align.engine.compare import TensorDiff, worst_row
+from align.engine.divergence import describe
 from align.engine.report import Headline
 from align.ghm.schedule import LR_TOL
 
@@ -159,11 +160,6 @@ def side_run(run: PairRun, summaries: list[CategoryRow]) -> str:
     grads = next((r for r in summaries if r.run == run.dtype and r.category == "gradients, step 1"), None)
     flips = sum(r[0] for r in run.relu_layers.values())
     last = run.steps[-1] if run.steps else None
-    unexplained = [d for d in run.divergences if d.verdict == "unexplained"]
-    causes = ", ".join(sorted({d.cause for d in run.divergences if not d.cause.startswith("propagated")}))
-    why = (f"{len(unexplained)} unexplained, first at step {unexplained[0].step} ({unexplained[0].row})"
-           if unexplained else f"each explained ({causes or 'no disagreement'})")
     return (f"{run.dtype}: step-1 gradients worst rel {grads.worst_rel if grads else math.nan:.2e}, "
             f"{flips} ReLU mask flips at step 1, total loss rel {last.loss_rel if last else math.nan:.2e} "
-            f"at step {last.step if last else 0}; {len(run.divergences)} steps with a disagreement, {why} "
-            f"(its tolerances do not decide the verdict, an unexplained disagreement does)")
+            f"at step {last.step if last else 0}; {describe(run.divergences, 'step')}")

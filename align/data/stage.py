@@ -24,7 +24,7 @@ from typing import NamedTuple
 import numpy as np
 
 from align.engine.cli import progress
-from align.engine.compare import TensorDiff, first_failure, reprod_log_diff
+from align.engine.compare import TensorDiff, first_failed_name, reprod_log_diff
 from align.engine.report import Headline, StageResult
 from align.engine.rows import abs_row, absent_row, exact_row
 from align.ghm.pair import BUILD_DIR
@@ -208,5 +208,4 @@ def run_data(opts: DataOptions) -> StageResult:
 
 
 def first_divergence(result: StageResult) -> str | None:
-    index = first_failure(result.tensors)
-    return None if index is None else result.tensors[index].name
+    return first_failed_name(result.tensors)

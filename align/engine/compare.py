@@ -195,6 +195,15 @@ def first_failure(rows: Sequence[TensorDiff]) -> int | None:
     return None
 
 
+def first_failed_name(*row_lists: Sequence[TensorDiff]) -> str | None:
+    """The name of the first failed row of the first list that has one, None if all pass."""
+    for rows in row_lists:
+        index = first_failure(rows)
+        if index is not None:
+            return rows[index].name
+    return None
+
+
 def all_passed(rows: Iterable[TensorDiff]) -> bool:
     """True when every row passed (and also for no rows)."""
     return all(row.passed for row in rows)

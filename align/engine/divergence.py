@@ -31,7 +31,7 @@ class Explanation:
     """A rounding-level cause found in one step.
 
     Attributes:
-        kind: e.g. "ReLU mask flip" or "GHM bin flip".
+        kind: e.g. "ReLU mask flip" or "histogram bin flip".
         count: how many elements flipped.
         detail: where and by how much (layer, magnitudes against float spacing, ...).
         scope: the kinds of rows it can move in its own step (see `classify`'s ``row_kind``).
@@ -95,3 +95,15 @@ def classify(evidence: Sequence[StepEvidence], row_kind: Callable[[str], str]) -
 def explained(divergences: Sequence[Divergence]) -> bool:
     """True when no divergence is unexplained."""
     return all(d.verdict != "unexplained" for d in divergences)
+
+
+def describe(divergences: Sequence[Divergence], unit: str = "step") -> str:
+    """One sentence for a report: how many ``unit`` s disagreed and whether each is explained."""
+    unexplained = [d for d in divergences if d.verdict == "unexplained"]
+    if unexplained:
+        why = f"{len(unexplained)} unexplained, first at {unit} {unexplained[0].step} ({unexplained[0].row})"
+    else:
+        causes = ", ".join(sorted({d.cause for d in divergences if not d.cause.startswith("propagated")}))
+        why = f"each explained ({causes or 'no disagreement'})"
+    return (f"{len(divergences)} {unit}s with a disagreement, {why} (its tolerances do not decide the "
+            f"verdict, an unexplained disagreement does)")

@@ -20,7 +20,7 @@ import numpy as np
 from align.engine.cache import ReferenceCache, cache_key
 from align.engine.capture import PaddleComparer, TorchRecorder, perturb_parameter
 from align.engine.cli import progress_bar
-from align.engine.compare import TensorDiff, diff_arrays, first_failure, reprod_log_diff
+from align.engine.compare import TensorDiff, diff_arrays, first_failed_name, reprod_log_diff
 from align.engine.isolate import (TorchCallRecorder, isolated_forward, isolation_tables, peak_memory_gb,
                                   spill_store)
 from align.engine.report import Headline, StageResult
@@ -208,8 +208,4 @@ def run_forward(opts: ForwardOptions) -> StageResult:
 
 def first_divergence(result: StageResult) -> str | None:
     """Name of the first failing layer (or compared output) in execution order."""
-    for rows in (result.layers, result.tensors):
-        index = first_failure(rows)
-        if index is not None:
-            return rows[index].name
-    return None
+    return first_failed_name(result.layers, result.tensors)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from align.engine.cli import progress
-from align.engine.compare import TensorDiff, diff_arrays, first_failure, reprod_log_diff
+from align.engine.compare import TensorDiff, diff_arrays, first_failed_name, reprod_log_diff
 from align.engine.report import Headline, StageResult
 from align.ghm.fake_batch import FakeBatch, default_batch
 from align.ghm.pair import (BUILD_DIR, LEVELS, build_paddle_model, build_torch_model, parse_shape,
@@ -194,5 +194,4 @@ def run_loss(opts: LossOptions) -> StageResult:
 
 
 def first_divergence(result: StageResult) -> str | None:
-    index = first_failure(result.tensors)
-    return None if index is None else result.tensors[index].name
+    return first_failed_name(result.tensors)

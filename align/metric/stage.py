@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from align.engine.compare import TensorDiff, first_failure, reprod_log_diff
+from align.engine.compare import TensorDiff, first_failed_name, reprod_log_diff
 from align.engine.report import Headline, StageResult
 from align.engine.rows import exact_row
 from align.ghm.pair import BUILD_DIR
@@ -231,5 +231,4 @@ def run_metric(opts: MetricOptions) -> StageResult:
 
 
 def first_divergence(result: StageResult) -> str | None:
-    index = first_failure(result.tensors)
-    return None if index is None else result.tensors[index].name
+    return first_failed_name(result.tensors)

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from align.engine.cli import run_stage, stage_parser
+from align.engine.compare import first_failed_name
 from align.engine.weights import NameMap
 
 
@@ -81,16 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         return (f"({len(result.tensors)} outputs, {len(result.layers)} layer rows; "
                 f"{h.label} {h.value:.2e} at {h.where})" if h else f"({len(result.tensors)} compared)")
 
-    def first_divergence(result):
-        from align.engine.compare import first_failure
-
-        for rows in (result.layers, result.tensors):
-            index = first_failure(rows)
-            if index is not None:
-                return rows[index].name
-        return None
-
-    return run_stage(run, label=lambda r: args.name, summary=summary, first_divergence=first_divergence,
+    return run_stage(run, label=lambda r: args.name, summary=summary,
+                     first_divergence=lambda r: first_failed_name(r.layers, r.tensors),
                      verbose=args.verbose, report=args.reports / f"{args.name}.html")
 
 

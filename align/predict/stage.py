@@ -49,7 +49,7 @@ import numpy as np
 
 from align.engine.atomic_write import atomic_write
 from align.engine.cli import progress
-from align.engine.compare import TensorDiff, first_failure, reprod_log_diff
+from align.engine.compare import TensorDiff, first_failed_name, reprod_log_diff
 from align.engine.report import Headline, StageResult
 from align.engine.rows import abs_row, exact_row
 from align.ghm.pair import (BUILD_DIR, Checkpoints, build_paddle_model, build_torch_model,
@@ -290,5 +290,4 @@ def run_predict(opts: PredictOptions) -> StageResult:
 
 
 def first_divergence(result: StageResult) -> str | None:
-    index = first_failure(result.tensors)
-    return None if index is None else result.tensors[index].name
+    return first_failed_name(result.tensors)

@@ -76,8 +76,8 @@ import numpy as np
 
 from align.engine.capture import ReluMaskCensus
 from align.engine.cli import progress
-from align.engine.compare import TensorDiff, first_failure, reprod_log_diff
-from align.engine.divergence import Divergence, StepEvidence, classify, explained
+from align.engine.compare import TensorDiff, first_failed_name, reprod_log_diff
+from align.engine.divergence import Divergence, StepEvidence, classify, describe, explained
 from align.engine.paired import train_in_lockstep, value_series
 from align.engine.report import Headline, StageResult
 from align.ghm.divergence import BinFlips, relu_flips, row_kind
@@ -420,16 +420,10 @@ def ghm_bin_differences(recorders: dict) -> list[BinRow]:
 
 def _side_run(run: TrainRun) -> str:
     s = run.summary()
-    unexplained = [d for d in run.divergences if d.verdict == "unexplained"]
-    causes = ", ".join(sorted({d.cause for d in run.divergences if not d.cause.startswith("propagated")}))
-    why = (f"{len(unexplained)} unexplained, first at iteration {unexplained[0].step} ({unexplained[0].row})"
-           if unexplained else f"each explained ({causes or 'no disagreement'})")
     return (f"{run.dtype}: worst loss rel {s['worst_loss_rel_diff']:.2e} (iteration "
             f"{s['worst_loss_rel_diff_iteration']}), first GHM bin-count difference: "
-            f"{s['first_ghm_bin_count_difference'] or 'none'}; {len(run.divergences)} iterations with a "
-            f"disagreement, {why} (its tolerances do not decide the verdict, an unexplained disagreement does)")
+            f"{s['first_ghm_bin_count_difference'] or 'none'}; {describe(run.divergences, 'iteration')}")
 
 
 def first_divergence(result: StageResult) -> str | None:
-    index = first_failure(result.tensors)
-    return None if index is None else result.tensors[index].name
+    return first_failed_name(result.tensors)
