@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import logging
 import os
 import sys
 import traceback
@@ -57,6 +58,21 @@ def progress_bar(desc: str, total: int):
     return tqdm(desc=desc, total=total, leave=False, disable=None, dynamic_ncols=True)
 
 
+@contextlib.contextmanager
+def _captured(buffer: io.StringIO):
+    """Route stdout and the root logger's records (Paddle puts a stderr handler on it) to ``buffer``."""
+    root = logging.getLogger()
+    handlers = root.handlers[:]
+    into_buffer = logging.StreamHandler(buffer)
+    into_buffer.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root.handlers = [into_buffer]
+    try:
+        with contextlib.redirect_stdout(buffer):
+            yield
+    finally:
+        root.handlers = handlers
+
+
 def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
@@ -81,11 +97,11 @@ def run_stage(run: Callable[[], StageResult], *, label: Callable[[StageResult], 
             shows the traceback of a bad-input error.
     """
     echo_reprod_log(verbose)
-    # What libraries print while the stage runs (pycocotools' "loading annotations...",
-    # mmengine's notes) goes to ``<report stem>_console.log``; -v shows it instead.
+    # What libraries print or log while the stage runs (pycocotools' "loading annotations...",
+    # the COCO summary table) goes to ``<report stem>_console.log``; -v shows it instead.
     printed = io.StringIO()
     try:
-        with contextlib.nullcontext() if verbose else contextlib.redirect_stdout(printed):
+        with contextlib.nullcontext() if verbose else _captured(printed):
             result = run()
     except BAD_INPUT as err:
         if os.environ.get(traceback_env, "") not in ("", "0"):

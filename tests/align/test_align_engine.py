@@ -547,15 +547,29 @@ def test_headline_ranks_nan_first():
 def test_stage_runner_keeps_library_prints_off_the_console(tmp_path, capsys):
     from align.engine.cli import run_stage
 
+    import logging
+    import sys
+
     def run():
         print("loading annotations into memory...")
+        logging.getLogger("some.library").warning("COCO bbox evaluation: table")
         return _result(passed_layers=True)
 
-    status = run_stage(run, label=lambda r: "forward", summary=lambda r: "(1 compared)",
-                       first_divergence=lambda r: None, report=tmp_path / "forward.html")
-    out = capsys.readouterr().out
-    assert status == 0 and out.splitlines() == ["forward: PASS  (1 compared)", f"report: {tmp_path / 'forward.html'}"]
-    assert "loading annotations" in (tmp_path / "forward_console.log").read_text()
+    # As Paddle leaves it: a stderr handler on the root logger.
+    stderr_handler = logging.StreamHandler(sys.stderr)
+    logging.getLogger().addHandler(stderr_handler)
+
+    try:
+        status = run_stage(run, label=lambda r: "forward", summary=lambda r: "(1 compared)",
+                           first_divergence=lambda r: None, report=tmp_path / "forward.html")
+    finally:
+        logging.getLogger().removeHandler(stderr_handler)
+    captured = capsys.readouterr()
+    assert status == 0 and captured.out.splitlines() == ["forward: PASS  (1 compared)",
+                                                         f"report: {tmp_path / 'forward.html'}"]
+    assert "COCO bbox" not in captured.err
+    console_log = (tmp_path / "forward_console.log").read_text()
+    assert "loading annotations" in console_log and "COCO bbox evaluation: table" in console_log
     status = run_stage(run, label=lambda r: "forward", summary=lambda r: "", verbose=True,
                        first_divergence=lambda r: None, report=tmp_path / "forward.html")
     assert "loading annotations" in capsys.readouterr().out
