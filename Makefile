@@ -32,6 +32,7 @@ SHAPE   ?=
 SEED    ?= 0
 PERTURB ?=
 ISOLATE ?=
+CACHE   ?=
 FRESH   ?=
 REPORTS ?= reports
 
@@ -61,7 +62,7 @@ help:
 	@echo "make align          all alignment stages (set-up included)"
 	@echo "make test           the test suite (set-up included)"
 	@echo "make test-fast      the tests not marked slow"
-	@echo "make align-forward  forward stage; CKPT=, SHAPE=NxCxHxW, SEED=, PERTURB=param.name, ISOLATE=1 (each layer's own error), FRESH=1 (recompute mmdet's cached side)"
+	@echo "make align-forward  forward stage; CKPT=, SHAPE=NxCxHxW, SEED=, PERTURB=param.name, ISOLATE=1 (each layer's own error), CACHE=1 (reuse mmdet's side), FRESH=1"
 	@echo "make align-loss     anchors, targets, GHM losses; CKPT=, SHAPE=2x3xHxW, SEED=, ITERS="
 	@echo "make align-backward training steps and the whole lr schedule; CKPT=, SHAPE=, SEED=, STEPS=, ITERS_PER_EPOCH=, ISOLATE=1"
 	@echo "make align-example  ResNet-18, mmdet's vs paddle.vision's, through python -m align.pair; PERTURB="
@@ -108,7 +109,7 @@ align: $(SETUP)
 
 align-forward: $(SETUP)
 	$(PY) -m align.forward $(COMMON_ARGS) $(if $(PERTURB),--perturb $(PERTURB)) $(if $(ISOLATE),--isolate) \
-	  $(if $(FRESH),--fresh)
+	  $(if $(CACHE),--cache) $(if $(FRESH),--fresh)
 
 align-loss: $(SETUP)
 	$(PY) -m align.loss $(COMMON_ARGS) $(if $(ITERS),--iters $(ITERS))

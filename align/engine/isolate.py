@@ -27,6 +27,7 @@ overwritten and gradients can be taken with respect to it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import tempfile
 from collections import Counter
@@ -203,7 +204,15 @@ def isolated_backward(calls: list[LayerCall], store: SpillStore, torch_model, pa
                       *, rel_tol: float = DEFAULT_REL_TOL, mean_tol: float = DEFAULT_MEAN_TOL) -> list[TensorDiff]:
     """Per recorded call with an output gradient: rows ``<key>.input_grad`` and
     ``<key>.<param>.grad`` (each trainable parameter of the layer), torch's layer and
-    Paddle's on the same recorded input and output gradient."""
+    Paddle's on the same recorded input and output gradient.
+
+    A gradient that is a long sum (a convolution's weight gradient sums over every
+    position of the batch) differs between two correct float32 implementations by their
+    summation order, and where its terms cancel, by more than ``rel_tol`` of its largest
+    value. So the reference layer also runs in float64: a row beyond ``rel_tol`` still
+    passes when Paddle's result is no further from the float64 one than torch's own
+    float32 result is (`within_reference_rounding`); its reason says so.
+    """
     import paddle
     import torch
 
@@ -220,28 +229,68 @@ def isolated_backward(calls: list[LayerCall], store: SpillStore, torch_model, pa
                 rows.append(missing_row(f"{key}.input_grad", reason="missing in paddle"))
                 continue
             x = store.get(f"{call.key}/in0")
-            t_params = [(n, p) for n, p in t_layer.named_parameters(recurse=False) if p.requires_grad]
-            tx = torch.from_numpy(x).requires_grad_(True)
-            t_grads = torch.autograd.grad(t_layer(tx), [tx] + [p for _, p in t_params],
-                                          grad_outputs=torch.from_numpy(grad_out), allow_unused=True)
+            names = [n for n, p in t_layer.named_parameters(recurse=False) if p.requires_grad]
+            t_grads = _torch_grads(t_layer, names, x, grad_out, None)
+            exact = _torch_grads(t_layer, names, x, grad_out, torch.float64)
             p_params = dict(p_layer.named_parameters(include_sublayers=False))
             px = paddle.to_tensor(x, stop_gradient=False)
-            mapped = [(n, p_params.get(_local(name_map, call.layer, n))) for n, _ in t_params]
-            trainable = [p for _, p in mapped if p is not None and not p.stop_gradient]
+            mapped = [p_params.get(_local(name_map, call.layer, n)) for n in names]
+            trainable = [p for p in mapped if p is not None and not p.stop_gradient]
             p_grads = paddle.grad([p_layer(px)], [px] + trainable, grad_outputs=[paddle.to_tensor(grad_out)],
                                   allow_unused=True)
-            rows.append(_grad_row(f"{key}.input_grad", t_grads[0], p_grads[0], rel_tol, mean_tol))
             p_by_param = dict(zip([id(p) for p in trainable], p_grads[1:]))
-            for (name, t_param), t_grad, (_, p_param) in zip(t_params, t_grads[1:], mapped):
-                row_name = f"{key}.{name}.grad"
-                if p_param is None or p_param.stop_gradient:
+            transposed = isinstance(t_layer, torch.nn.Linear)
+            for i, name in enumerate(["input"] + names):
+                row_name = f"{key}.input_grad" if i == 0 else f"{key}.{name}.grad"
+                test = p_grads[0] if i == 0 else (None if mapped[i - 1] is None or mapped[i - 1].stop_gradient
+                                                  else p_by_param[id(mapped[i - 1])])
+                if i > 0 and test is None:
                     rows.append(missing_row(row_name, reason="not a trainable paddle parameter"))
                     continue
-                t_array = None if t_grad is None else t_grad.numpy()
-                if t_array is not None and isinstance(t_layer, torch.nn.Linear) and name == "weight":
-                    t_array = t_array.T
-                rows.append(_grad_row(row_name, t_array, p_by_param[id(p_param)], rel_tol, mean_tol))
+                flip = transposed and name == "weight"
+                rows.append(within_reference_rounding(
+                    _grad_row(row_name, _t(t_grads[i], flip), test, rel_tol, mean_tol),
+                    _t(t_grads[i], flip), _t(exact[i], flip), None if test is None else test.numpy()))
     return rows
+
+
+def _torch_grads(layer, names: list[str], x: np.ndarray, grad_out: np.ndarray, dtype) -> list:
+    """Gradients of ``layer`` at input ``x`` for output gradient ``grad_out``: the input's, then
+    each named parameter's; with ``dtype`` on a copy of the layer in that precision."""
+    import copy
+
+    import torch
+
+    if dtype is not None:
+        layer = copy.deepcopy(layer).to(dtype)
+    params = dict(layer.named_parameters(recurse=False))
+    tx = torch.from_numpy(x).to(dtype or torch.from_numpy(x).dtype).requires_grad_(True)
+    g = torch.from_numpy(grad_out).to(tx.dtype)
+    grads = torch.autograd.grad(layer(tx), [tx] + [params[n] for n in names], grad_outputs=g, allow_unused=True)
+    return [None if v is None else v.detach().numpy() for v in grads]
+
+
+def _t(array, transpose: bool):
+    """A torch Linear weight's gradient in Paddle's ``(in, out)`` layout."""
+    if array is None:
+        return None
+    return array.T if transpose else array
+
+
+def within_reference_rounding(row: TensorDiff, reference, exact, test, factor: float = 2.0) -> TensorDiff:
+    """``row`` passed when it failed only its bounds while ``test`` is no further (up to
+    ``factor``) from ``exact`` (float64) than ``reference`` (float32) is; else ``row``."""
+    if row.passed or not row.finite or reference is None or exact is None or test is None:
+        return row
+    if reference.shape != test.shape:
+        return row
+    ref_error = float(np.abs(reference.astype(np.float64) - exact).max())
+    test_error = float(np.abs(test.astype(np.float64) - exact).max())
+    if test_error > factor * ref_error:
+        return row
+    return dataclasses.replace(row, passed=True, reason=(
+        f"{row.reason}, but within the reference's own float32 rounding: max|paddle - float64| "
+        f"{test_error:.1e}, max|torch - float64| {ref_error:.1e}"))
 
 
 def _local(name_map: NameMap, torch_layer: str, param: str) -> str:

@@ -18,15 +18,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rel-tol", type=float, default=1e-5)
     p.add_argument("--mean-tol", type=float, default=1e-5)
     p.add_argument("--no-layers", action="store_true", help="skip the layer-by-layer capture")
-    p.add_argument("--fresh", action="store_true",
-                   help="recompute mmdet's side even when build/cache holds it for these inputs")
+    p.add_argument("--cache", action="store_true",
+                   help="keep mmdet's side in build/cache and reuse it when nothing it depends on changed")
+    p.add_argument("--fresh", action="store_true", help="with --cache: recompute mmdet's side regardless")
     p.add_argument("--isolate", action="store_true",
                    help="also every layer on mmdet's recorded input: each layer's own error")
     args = p.parse_args(argv)
     opts = ForwardOptions(ckpt=args.ckpt, shape=args.shape, seed=args.seed, perturb=args.perturb,
                           perturb_scale=args.perturb_scale, rel_tol=args.rel_tol,
                           mean_tol=args.mean_tol, reports=args.reports, layers=not args.no_layers,
-                          isolate=args.isolate, fresh=args.fresh, build_dir=args.build_dir)
+                          isolate=args.isolate, cache=args.cache, fresh=args.fresh, build_dir=args.build_dir)
 
     def summary(result) -> str:
         worst = max(result.tensors, key=lambda t: t.rel_max)

@@ -95,15 +95,17 @@ def test_isolated_forward_names_only_the_perturbed_layer(build_dir, tmp_path):
 
 def test_second_run_takes_mmdet_from_the_cache_and_a_damaged_entry_is_recomputed(tmp_path_factory):
     build = tmp_path_factory.mktemp("cache_build")
-    first = run_forward(options(build, tmp_path_factory.mktemp("r1")))
-    second = run_forward(options(build, tmp_path_factory.mktemp("r2")))
+    off = run_forward(options(build, tmp_path_factory.mktemp("r0")))
+    assert off.meta["reference_cache"] == "off" and not (build / "cache").exists()
+    first = run_forward(options(build, tmp_path_factory.mktemp("r1"), cache=True))
+    second = run_forward(options(build, tmp_path_factory.mktemp("r2"), cache=True))
     assert first.meta["reference_cache"] == "miss" and second.meta["reference_cache"] == "hit"
     assert second.meta["torch_forward_s"] == 0.0
     assert [(r.name, r.max_abs) for r in second.tensors + second.layers] == \
         [(r.name, r.max_abs) for r in first.tensors + first.layers]
     (entry,) = (build / "cache").glob("forward-*.npz")
     entry.write_bytes(entry.read_bytes()[:-10])
-    third = run_forward(options(build, tmp_path_factory.mktemp("r3")))
+    third = run_forward(options(build, tmp_path_factory.mktemp("r3"), cache=True))
     assert third.meta["reference_cache"] == "mismatch" and third.passed
-    fresh = run_forward(options(build, tmp_path_factory.mktemp("r4"), fresh=True))
+    fresh = run_forward(options(build, tmp_path_factory.mktemp("r4"), cache=True, fresh=True))
     assert fresh.meta["reference_cache"] == "fresh"

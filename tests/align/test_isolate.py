@@ -181,3 +181,21 @@ def test_pair_command_rejects_bad_input(tmp_path, capsys):
     assert pair_main(["--torch", "align.examples.resnet18:nothing", "--paddle", "x:y",
                       "--reports", str(tmp_path)]) == 2
     assert "has no function nothing" in capsys.readouterr().err
+
+
+def test_a_long_sum_passes_only_within_the_references_own_rounding():
+    from align.engine.compare import diff_arrays
+    from align.engine.isolate import within_reference_rounding
+
+    exact = np.array([1.0, -1.0, 1e-3])
+    reference = (exact + np.array([0, 0, 2e-7])).astype(np.float32)  # torch's float32 sum
+    close = (exact + np.array([0, 0, -3e-7])).astype(np.float32)  # paddle's, another order
+    far = (exact + np.array([0, 0, 5e-5])).astype(np.float32)  # paddle's, wrong
+    row = diff_arrays("w.grad", reference, close, rel_tol=1e-7, mean_tol=1e-7)
+    assert not row.passed
+    kept = within_reference_rounding(row, reference, exact, close)
+    assert kept.passed and "within the reference's own float32 rounding" in kept.reason
+    wrong = diff_arrays("w.grad", reference, far, rel_tol=1e-7, mean_tol=1e-7)
+    assert not within_reference_rounding(wrong, reference, exact, far).passed
+    nan = diff_arrays("w.grad", reference, np.full(3, np.nan, np.float32))
+    assert not within_reference_rounding(nan, reference, exact, np.full(3, np.nan, np.float32)).passed
