@@ -46,7 +46,7 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 def main(argv: list[str] | None = None) -> int:
     p = stage_parser("pair", __doc__.split("\n\n")[0], ckpt_help="not used (the builders load their weights)",
-                     build_dir=Path("build"))
+                     build_dir=Path("build"), build_dir_help="where --spill keeps the recorded activations")
     p.add_argument("--torch", required=True, help="module:function building the reference torch module")
     p.add_argument("--paddle", required=True, help="module:function building the Paddle layer")
     p.add_argument("--map", type=Path, help="JSON name map {\"prefixes\": [[torch, paddle], ...]}")
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         return align_pair(torch_model, paddle_model, inputs, name_map=name_map, isolate=args.isolate,
                           backward=args.backward, carry=not args.no_carry, seed=args.seed, rel_tol=args.rel_tol,
                           mean_tol=args.mean_tol, perturb=args.perturb, perturb_scale=args.perturb_scale,
-                          spill=args.spill, reports=args.reports, stage=args.name)
+                          spill=args.spill, reports=args.reports, build_dir=args.build_dir, stage=args.name)
 
     def summary(result) -> str:
         h = result.headline

@@ -50,13 +50,15 @@ def align_pair(torch_model, paddle_model, inputs: np.ndarray, *, name_map: Optio
                isolate: bool = False, backward: bool = False, carry: bool = True, seed: int = 0,
                rel_tol: float = DEFAULT_REL_TOL, mean_tol: float = DEFAULT_MEAN_TOL,
                perturb: Optional[str] = None, perturb_scale: float = 1e-3, spill: bool = False,
-               reports: Path = Path("reports"), stage: str = "pair", title: str = "") -> StageResult:
+               reports: Path = Path("reports"), build_dir: Path = Path("build"), stage: str = "pair",
+               title: str = "") -> StageResult:
     """Compare ``paddle_model`` with ``torch_model`` on ``inputs`` (an ``(N, C, H, W)`` array)
     and write ``{stage}.json`` / ``{stage}.html`` into ``reports``.
 
     Both models are used in the mode they are given (``eval()`` for inference
     layers). ``perturb`` adds noise to one Paddle parameter after the weights
-    are carried over (the report must then name its layer).
+    are carried over (the report must then name its layer). With ``spill`` the
+    isolated run's records go to a temporary folder under ``build_dir/isolate``.
     """
     import paddle
     import torch
@@ -87,7 +89,7 @@ def align_pair(torch_model, paddle_model, inputs: np.ndarray, *, name_map: Optio
             "dropped_torch_keys": dropped, "perturbed_parameter": perturb, "isolate": isolate,
             "backward": backward}
     if isolate:
-        with spill_store(spill, reports.parent / "build" if spill else None) as store:
+        with spill_store(spill, build_dir / "isolate") as store:
             recorder = TorchCallRecorder(torch_model, store, grads=backward)
             with recorder:
                 if backward:
