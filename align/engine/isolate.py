@@ -103,21 +103,16 @@ class LayerCall:
 
 
 @contextlib.contextmanager
-def out_of_place(*models) -> Iterator[None]:
-    """Every layer with an ``inplace`` flag set computes out of place inside the block."""
-    switched = []
-    for model in models:
-        layers = model.named_modules() if hasattr(model, "named_modules") and not hasattr(
-            model, "named_sublayers") else model.named_sublayers()
-        for _, layer in layers:
-            if getattr(layer, "inplace", False) is True:
-                layer.inplace = False
-                switched.append(layer)
+def out_of_place(torch_model) -> Iterator[None]:
+    """Every module of ``torch_model`` with its ``inplace`` flag set computes out of place inside the block."""
+    switched = [m for m in torch_model.modules() if getattr(m, "inplace", False) is True]
+    for module in switched:
+        module.inplace = False
     try:
         yield
     finally:
-        for layer in switched:
-            layer.inplace = True
+        for module in switched:
+            module.inplace = True
 
 
 class TorchCallRecorder:
