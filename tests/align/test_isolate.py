@@ -93,6 +93,11 @@ def test_weights_map_strictly_and_transpose_linear():
     other.fc = paddle.nn.Linear(8, 6)
     with pytest.raises(KeyError, match="fc.weight .* shapes differ"):
         plan_conversion(t, other, NameMap())
+    # A Paddle parameter no torch tensor fills is named too.
+    extra = PaddleBlock()
+    extra.head = paddle.nn.Linear(5, 2)
+    with pytest.raises(KeyError, match=r"paddle keys no torch key fills: \['head.weight', 'head.bias'\]"):
+        plan_conversion(t, extra, NameMap())
 
 
 def test_name_map_from_json(tmp_path):
