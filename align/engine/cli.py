@@ -43,6 +43,16 @@ def stage_parser(stage: str, description: str, *, ckpt_help: str, seed_help: Opt
     return p
 
 
+def parse_shape(text: str) -> tuple[int, ...]:
+    """A tensor shape in the tensor's own order, ``"2x3x224x224"`` -> ``(2, 3, 224, 224)``;
+    ``()`` when it is not positive integers joined by ``x``."""
+    try:
+        shape = tuple(int(v) for v in text.lower().split("x"))
+    except ValueError:
+        return ()
+    return shape if shape and min(shape) >= 1 else ()
+
+
 def progress(items: Iterable[T], desc: str, total: Optional[int] = None) -> Iterable[T]:
     """``items`` with a tqdm bar on stderr while they are consumed; the bar is removed when
     done (the stage's summary line stays) and not drawn when stderr is not a terminal."""

@@ -121,12 +121,11 @@ def build_paddle_model(ckpts: Checkpoints, dtype: str = "float32"):
 
 
 def parse_shape(text: str) -> tuple[int, int, int, int]:
-    """``"2x3x800x1344"`` -> ``(2, 3, 800, 1344)``."""
-    try:
-        shape = tuple(int(v) for v in text.lower().split("x"))
-    except ValueError:
-        shape = ()
-    if len(shape) != 4 or shape[1] != 3 or min(shape) < 1:
+    """``"2x3x800x1344"`` -> ``(2, 3, 800, 1344)``: an image batch of the GHM stages."""
+    from align.engine.cli import parse_shape as tensor_shape
+
+    shape = tensor_shape(text)
+    if len(shape) != 4 or shape[1] != 3:
         raise ValueError(f"SHAPE must be NxCxHxW with C = 3, got {text!r}")
     return shape  # type: ignore[return-value]
 

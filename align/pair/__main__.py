@@ -14,7 +14,7 @@ import importlib
 import sys
 from pathlib import Path
 
-from align.engine.cli import run_stage, stage_parser
+from align.engine.cli import parse_shape, run_stage, stage_parser
 from align.engine.compare import first_failed_name
 from align.engine.weights import NameMap
 
@@ -34,12 +34,9 @@ def load_builder(spec: str, option: str):
     return builder
 
 
-def parse_shape(text: str) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(v) for v in text.lower().split("x"))
-    except ValueError:
-        shape = ()
-    if len(shape) < 2 or min(shape) < 1:
+def input_shape(text: str) -> tuple[int, ...]:
+    shape = parse_shape(text)
+    if len(shape) < 2:
         raise ValueError(f"--shape {text!r}: expected NxCxHxW such as 2x3x224x224")
     return shape
 
@@ -67,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
         from align.pair.run import align_pair
 
-        shape = parse_shape(args.shape)
+        shape = input_shape(args.shape)
         name_map = NameMap.from_json(args.map) if args.map else NameMap()
         torch_model = load_builder(args.torch, "--torch")()
         paddle_model = load_builder(args.paddle, "--paddle")()
