@@ -1,30 +1,45 @@
-"""The reference side's results kept between runs, so iterating on the Paddle side skips it.
+"""The reference side's results kept between runs, so iterating on the test side skips it.
 
 An entry is a set of named arrays saved under a key: the SHA-256 of
 everything the reference's result depends on (checkpoint digest, input,
-stage options, installed reference versions), given by the caller. Beside
-each ``<name>-<key>.npz`` a ``.json`` records the key and the digest of the
-``.npz`` itself. A load checks both: a file that does not match its recorded
-digest (truncated, edited, from another key) is not trusted and the caller
-recomputes. Writes go through the atomic writer, so an interrupted save
-leaves no entry rather than half of one.
+stage options, installed reference versions), given by the caller. It is a
+folder ``<name>-<key>/`` holding one ``.npy`` file per array and a
+``manifest.json`` with the key and, per array, its file, shape, dtype and
+the SHA-256 of its bytes. The manifest is written last, so an interrupted
+save leaves no usable entry.
+
+A load checks the key and every array's digest before it returns anything:
+a file that does not match (truncated, edited, from another key) is not
+trusted and the caller recomputes. The arrays come back memory-mapped,
+read-only: a forward pass at detection sizes records gigabytes, and mapping
+them costs neither a copy nor the memory of one. The digests are checked
+on two threads (hashlib releases the GIL), which is what a hit costs.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import numpy as np
 
 from .atomic_write import atomic_write, write_json
-from .environment import sha256_of
+
+FORMAT = 2
+_HASH_THREADS = 2
 
 
 def cache_key(parts: Mapping[str, Any]) -> str:
     """SHA-256 (hex) of ``parts`` as canonical JSON."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _digest(array: np.ndarray) -> str:
+    """SHA-256 of an array's bytes in C order."""
+    return hashlib.sha256(memoryview(np.asarray(array, order="C")).cast("B")).hexdigest()
 
 
 class ReferenceCache:
@@ -34,33 +49,50 @@ class ReferenceCache:
         self.folder = Path(folder)
         self.last_status = ""  # "hit", "miss", "mismatch" or "" (nothing asked yet)
 
-    def _paths(self, name: str, key: str) -> tuple[Path, Path]:
-        stem = f"{name}-{key[:20]}"
-        return self.folder / f"{stem}.npz", self.folder / f"{stem}.json"
+    def entry(self, name: str, key: str) -> Path:
+        """The folder of the entry ``name`` under ``key``."""
+        return self.folder / f"{name}-{key[:20]}"
 
     def load(self, name: str, key: str) -> Optional[dict[str, np.ndarray]]:
-        """The arrays saved under ``key``, or None (absent, or not matching its digest)."""
-        data, meta = self._paths(name, key)
-        if not (data.is_file() and meta.is_file()):
+        """The arrays saved under ``key`` (read-only memory maps), or None (absent, or a file
+        not matching its digest)."""
+        folder = self.entry(name, key)
+        manifest = folder / "manifest.json"
+        if not manifest.is_file():
             self.last_status = "miss"
             return None
         try:
-            record = json.loads(meta.read_text())
-            if record.get("key") != key or record.get("sha256") != sha256_of(data):
-                self.last_status = "mismatch"
-                return None
-            with np.load(data, allow_pickle=False) as archive:
-                arrays = {name: archive[name] for name in archive.files}
-        except (OSError, ValueError):
+            record = json.loads(manifest.read_text())
+            if record.get("format") != FORMAT or record.get("key") != key:
+                raise ValueError("another key or format")
+            arrays = {}
+            for item in record["arrays"]:
+                array = np.load(folder / item["file"], mmap_mode="r", allow_pickle=False)
+                if list(array.shape) != item["shape"] or array.dtype.str != item["dtype"]:
+                    raise ValueError(f"{item['file']}: shape or dtype differs from the manifest")
+                arrays[item["name"]] = array
+            with ThreadPoolExecutor(_HASH_THREADS) as pool:
+                digests = list(pool.map(_digest, arrays.values()))
+            if digests != [item["sha256"] for item in record["arrays"]]:
+                raise ValueError("an array does not match its digest")
+        except (OSError, ValueError, KeyError, TypeError):
             self.last_status = "mismatch"
             return None
         self.last_status = "hit"
         return arrays
 
     def save(self, name: str, key: str, arrays: Mapping[str, np.ndarray]) -> Path:
-        """Save ``arrays`` under ``key`` (replacing an entry of the same key)."""
-        data, meta = self._paths(name, key)
-        atomic_write(data, lambda tmp: np.savez(tmp, **arrays), keep_suffix=True)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        write_json(meta, {"key": key, "sha256": sha256_of(data), "arrays": len(arrays)})
-        return data
+        """Save ``arrays`` under ``key`` (replacing an entry of the same key); returns its folder."""
+        folder = self.entry(name, key)
+        if folder.exists():
+            shutil.rmtree(folder)
+        items = []
+        for index, (array_name, array) in enumerate(arrays.items()):
+            array = np.asarray(array, order="C")
+            file = f"{index:05d}.npy"
+            atomic_write(folder / file, lambda tmp, a=array: np.save(tmp, a, allow_pickle=False),
+                         keep_suffix=True)
+            items.append({"name": array_name, "file": file, "shape": list(array.shape),
+                          "dtype": array.dtype.str, "sha256": _digest(array)})
+        write_json(folder / "manifest.json", {"format": FORMAT, "key": key, "arrays": items})
+        return folder

@@ -105,6 +105,39 @@ def _non_finite_reason(array: np.ndarray, side: str) -> list[str]:
     return reasons
 
 
+# Elements per block of `_abs_diff_stats`: its temporaries stay in the CPU cache
+# instead of allocating (and page-faulting) arrays of a whole activation.
+_BLOCK = 1 << 16
+
+
+def _abs_diff_stats(ref: np.ndarray, tst: np.ndarray) -> tuple[float, float, float]:
+    """``(max|tst - ref|, sum|tst - ref| in float64, max|ref|)`` of two arrays of one shape
+    and dtype, block by block; NaN in either side makes the figures it reaches NaN,
+    as whole-array reductions do."""
+    ref, tst = ref.reshape(-1), tst.reshape(-1)
+    if ref.size == 0:
+        return 0.0, 0.0, 0.0
+    buffer = np.empty(min(_BLOCK, ref.size), dtype=ref.dtype)
+    max_abs = sum_abs = ref_max_abs = 0.0
+    # inf - inf is NaN by design: the figures then say "not comparable".
+    with np.errstate(invalid="ignore", over="ignore"):
+        for begin in range(0, ref.size, _BLOCK):
+            r, t = ref[begin:begin + _BLOCK], tst[begin:begin + _BLOCK]
+            block = buffer[:r.size]
+            np.abs(r, out=block)
+            ref_max_abs = _max_nan(ref_max_abs, float(block.max()))
+            np.subtract(t, r, out=block)
+            np.abs(block, out=block)
+            max_abs = _max_nan(max_abs, float(block.max()))
+            sum_abs += float(block.sum(dtype=np.float64))
+    return max_abs, sum_abs, ref_max_abs
+
+
+def _max_nan(a: float, b: float) -> float:
+    """The larger of ``a`` and ``b``, NaN when either is (as ``ndarray.max`` propagates NaN)."""
+    return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
+
+
 def diff_arrays(
     name: str,
     reference: Any,
@@ -134,10 +167,9 @@ def diff_arrays(
     tst = _as_float(name, test, test_label)
     if ref.dtype != tst.dtype:
         ref, tst = ref.astype(np.float64), tst.astype(np.float64)
-    finite = bool(np.isfinite(ref).all() and np.isfinite(tst).all())
-    ref_max_abs = float(np.abs(ref).max()) if ref.size else 0.0
 
     if ref.shape != tst.shape:
+        finite = bool(np.isfinite(ref).all() and np.isfinite(tst).all())
         row = missing_row(
             name,
             ref_shape=ref.shape,
@@ -145,24 +177,23 @@ def diff_arrays(
             reason=f"shape mismatch {ref.shape} vs {tst.shape}",
         )
         row.finite = finite
-        row.ref_max_abs = ref_max_abs
+        row.ref_max_abs = float(np.abs(ref).max()) if ref.size else 0.0
         return row
 
-    if ref.size == 0:
-        max_abs = mean_abs = 0.0
-    else:
-        # inf - inf is NaN by design: the figures then say "not comparable".
-        with np.errstate(invalid="ignore", over="ignore"):
-            diff = np.abs(tst - ref)
-        max_abs = float(diff.max())
-        mean_abs = float(diff.mean(dtype=np.float64))
+    max_abs, sum_abs, ref_max_abs = _abs_diff_stats(ref, tst)
+    mean_abs = sum_abs / ref.size if ref.size else 0.0
+    # max|.| is NaN or Inf exactly when some element is; only then is each side
+    # inspected (an overflowing finite difference also lands here).
+    finite = math.isfinite(ref_max_abs) and math.isfinite(max_abs)
+    if not finite:
+        finite = bool(np.isfinite(ref).all() and np.isfinite(tst).all())
 
     if ref_max_abs == 0.0:
         rel_max = 0.0 if max_abs == 0.0 else float("inf")
     else:
         rel_max = max_abs / ref_max_abs
 
-    reasons = _non_finite_reason(ref, ref_label) + _non_finite_reason(tst, test_label)
+    reasons = [] if finite else _non_finite_reason(ref, ref_label) + _non_finite_reason(tst, test_label)
     if not reasons:
         if not rel_max <= rel_tol:
             reasons.append(f"rel {rel_max:.1e} > {rel_tol:.0e}")

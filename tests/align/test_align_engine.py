@@ -82,6 +82,41 @@ def test_inf_fails(value):
     assert not diff_arrays("x", both, both.copy(), rel_tol=1e9, mean_tol=1e9).passed
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_figures_over_many_blocks_equal_whole_array_reductions(dtype):
+    from align.engine.compare import _BLOCK
+
+    rng = np.random.default_rng(3)
+    ref = rng.normal(size=3 * _BLOCK + 1).astype(dtype)  # 7 rows, the last block partial
+    test = ref + rng.normal(scale=1e-6, size=ref.size).astype(dtype)
+    test[2 * _BLOCK + 1] += 1  # the largest difference, in a later block
+    ref[-1] = -50  # the largest |reference|, in the last, partial block
+    row = diff_arrays("x", ref.reshape(7, -1), test.reshape(7, -1), rel_tol=1.0, mean_tol=1.0)
+    diff = np.abs(test - ref)
+    assert row.passed and row.finite
+    assert row.max_abs == float(diff.max()) and row.ref_max_abs == 50.0
+    assert row.mean_abs == pytest.approx(float(diff.mean(dtype=np.float64)), rel=1e-12)
+
+
+@pytest.mark.parametrize("value, reason", [(np.nan, "NaN in paddle"), (np.inf, "Inf in paddle"),
+                                           (-np.inf, "Inf in paddle")])
+def test_a_non_finite_value_in_a_late_block_fails(value, reason):
+    from align.engine.compare import _BLOCK
+
+    ref = np.ones(2 * _BLOCK + 3, np.float32)
+    test = ref.copy()
+    test[_BLOCK + 2] = value
+    row = diff_arrays("x", ref, test, rel_tol=1e30, mean_tol=1e30)
+    assert not row.passed and not row.finite and row.reason == reason
+
+
+def test_an_overflowing_difference_of_finite_values_fails_as_a_difference():
+    big = np.finfo(np.float32).max
+    ref = np.array([big, 1.0], np.float32)
+    row = diff_arrays("x", ref, np.array([-big, 1.0], np.float32))
+    assert row.finite and not row.passed and row.reason.startswith("rel inf")
+
+
 def test_shape_mismatch_fails_with_shapes_in_reason():
     row = diff_arrays("x", np.zeros((2, 3)), np.zeros((2, 4)))
     assert not row.passed
@@ -587,8 +622,24 @@ def test_reference_cache_trusts_only_matching_files(tmp_path):
     loaded = cache.load("forward", key)
     assert cache.last_status == "hit" and set(loaded) == set(arrays)
     np.testing.assert_array_equal(loaded["out:x"], arrays["out:x"])
+    assert isinstance(loaded["layer:conv#1"], np.memmap) and not loaded["layer:conv#1"].flags.writeable
     assert cache.load("forward", cache_key({"other": 1})) is None
-    with open(path, "ab") as handle:  # a file that no longer matches its recorded digest
-        handle.write(b"\0")
+    assert not list(path.glob(".*tmp*"))
+    files = sorted(path.glob("*.npy"))
+    assert len(files) == 2
+    original = files[1].read_bytes()
+    # A file that no longer matches its recorded digest, though its shape and dtype still do.
+    files[1].write_bytes(original[:-4] + np.float32(2).tobytes())
     assert cache.load("forward", key) is None and cache.last_status == "mismatch"
-    assert not list((tmp_path / "cache").glob(".*tmp*"))
+    files[1].write_bytes(original[:-4])  # truncated
+    assert cache.load("forward", key) is None and cache.last_status == "mismatch"
+    files[1].unlink()  # missing
+    assert cache.load("forward", key) is None and cache.last_status == "mismatch"
+    files[1].write_bytes(original)
+    assert cache.load("forward", key) is not None and cache.last_status == "hit"
+    (path / "manifest.json").write_text("{")  # a manifest cut short
+    assert cache.load("forward", key) is None and cache.last_status == "mismatch"
+    # Saving again replaces the entry.
+    cache.save("forward", key, {"out:y": np.zeros((), np.float64)})
+    reloaded = cache.load("forward", key)
+    assert set(reloaded) == {"out:y"} and reloaded["out:y"].shape == ()

@@ -103,8 +103,9 @@ def test_second_run_takes_mmdet_from_the_cache_and_a_damaged_entry_is_recomputed
     assert second.meta["torch_forward_s"] == 0.0
     assert [(r.name, r.max_abs) for r in second.tensors + second.layers] == \
         [(r.name, r.max_abs) for r in first.tensors + first.layers]
-    (entry,) = (build / "cache").glob("forward-*.npz")
-    entry.write_bytes(entry.read_bytes()[:-10])
+    (entry,) = (build / "cache").glob("forward-*")
+    damaged = sorted(entry.glob("*.npy"))[-1]
+    damaged.write_bytes(damaged.read_bytes()[:-10])
     third = run_forward(options(build, tmp_path_factory.mktemp("r3"), cache=True))
     assert third.meta["reference_cache"] == "mismatch" and third.passed
     fresh = run_forward(options(build, tmp_path_factory.mktemp("r4"), cache=True, fresh=True))
