@@ -46,6 +46,8 @@ GPUS      ?=
 RESUME    ?=
 MMDET_LOG ?=
 R50       ?=
+# Epoch weight files kept in WORK_DIR (empty: the program's default, 3; 0: all).
+KEEP      ?=
 WORK_DIR  ?= work_dirs/ghm_retinanet
 TINY_COCO ?= build/tiny_coco
 SCALE       ?=
@@ -67,7 +69,7 @@ help:
 	@echo "make align-backward training steps and the whole lr schedule; CKPT=, SHAPE=, SEED=, STEPS=, ITERS_PER_EPOCH=, ISOLATE=1"
 	@echo "make align-example  ResNet-18, mmdet's vs paddle.vision's, through python -m align.pair; PERTURB="
 	@echo "make align-data | align-predict | align-metric | align-train   data pipeline, detections, COCO metric, K training iterations on the tiny COCO; SCALE=WxH, TRAIN_ITERS="
-	@echo "make train-full     COCO=/path GPUS=0,1 RESUME=1 MMDET_LOG=scalars.json R50=backbone.pdparams (no COCO: smoke run on the tiny COCO)"
+	@echo "make train-full     COCO=/path GPUS=0,1 RESUME=1 MMDET_LOG=scalars.json R50=backbone.pdparams KEEP=3 (epoch weight files kept, 0: all); no COCO: smoke run on the tiny COCO"
 	@echo "make tiny-coco      write the tiny synthetic COCO to $(TINY_COCO)"
 	@echo "make bench-ghm      GHM-C / GHM-R speed, mmdet vs Paddle"
 	@echo "make bench-train    training-step speed, mmdet vs Paddle, batch of 2 at two sizes; CKPT="
@@ -138,7 +140,8 @@ align-train: $(SETUP)
 	  $(if $(TRAIN_ITERS),--iters $(TRAIN_ITERS)) $(if $(SCALE),--scale $(SCALE))
 
 TRAIN_ARGS = --work-dir $(WORK_DIR) --reports $(REPORTS) $(if $(COCO),--coco $(COCO)) \
-  $(if $(R50),--init-backbone $(R50)) $(if $(RESUME),--resume) $(if $(MMDET_LOG),--mmdet-log $(MMDET_LOG))
+  $(if $(R50),--init-backbone $(R50)) $(if $(RESUME),--resume) $(if $(MMDET_LOG),--mmdet-log $(MMDET_LOG)) \
+  $(if $(KEEP),--keep-checkpoints $(KEEP))
 
 # Without COCO= this is a short smoke schedule on the tiny synthetic COCO, labelled as such.
 train-full: $(SETUP)

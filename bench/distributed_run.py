@@ -1,5 +1,8 @@
 """Run (a) of the data-parallel benchmark: ``paddle.distributed.launch`` of the training program on
-2 CPU processes (gloo), and its log and final checkpoint read back. See `bench.data_parallel`."""
+2 CPU processes (gloo), and its log and final checkpoint read back. See `bench.data_parallel`.
+
+:func:`launch` alone starts and waits for such a run with any program arguments (the tests of
+distributed evaluation use it)."""
 from __future__ import annotations
 
 import os
@@ -43,22 +46,24 @@ def train_args(coco: Path, run_dir: Path, iters: int, lr: float, seed: int, scal
             "--num-workers", "0", "--seed", str(seed), "--eval-interval", "0", "--no-progress"]
 
 
-def run_distributed(coco: Path, work_dir: Path, iters: int, lr: float, seed: int,
-                    scale: tuple[int, int], epochs: int, timeout: float = 1200) -> dict[str, Any]:
-    """Run (a) and read back its log and final checkpoint.
+def _where(log_dir: Path, out_file: Path) -> str:
+    return f"launcher output {out_file}, worker logs {log_dir}/workerlog.0 and workerlog.1"
 
-    Returns ``{'command', 'wall_s', 'log': [per-iteration records], 'model_state': {name: array}
-    (rank 0's), 'ghm': [per-rank {key: array}], 'momentum': {name: array}}``. Raises
+
+def launch(program_args: list[str], log_dir: Path, out_file: Path, timeout: float = 1200
+           ) -> tuple[list[str], float]:
+    """``paddle.distributed.launch`` of the training program with ``program_args`` on
+    ``WORLD_SIZE`` CPU processes, waited for.
+
+    The launcher's output goes to ``out_file``, the workers' logs to ``log_dir``
+    (emptied first). Returns the command and its wall time in seconds. Raises
     :class:`LaunchError` naming the logs when the launcher fails or times out.
     """
-    run_dir, log_dir, out_file = work_dir / "dp2", work_dir / "launch_log", work_dir / "launch.out"
-    for path in (run_dir, log_dir):
-        shutil.rmtree(path, ignore_errors=True)
-    work_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(log_dir, ignore_errors=True)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", str(WORLD_SIZE),
-               "--max_restart", "0", "--log_dir", str(log_dir), TRAIN_COMMAND,
-               *train_args(coco, run_dir, iters, lr, seed, scale, epochs)]
-    where = f"launcher output {out_file}, worker logs {log_dir}/workerlog.0 and workerlog.1"
+               "--max_restart", "0", "--log_dir", str(log_dir), TRAIN_COMMAND, *program_args]
+    where = _where(log_dir, out_file)
     started = time.perf_counter()
     with open(out_file, "w") as out:
         proc = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
@@ -78,6 +83,21 @@ def run_distributed(coco: Path, work_dir: Path, iters: int, lr: float, seed: int
     if code != 0:
         raise LaunchError(f"paddle.distributed.launch exited with status {code}; {where}"
                           f"{_last_lines(log_dir / 'workerlog.0')}{_last_lines(log_dir / 'workerlog.1')}")
+    return command, wall
+
+
+def run_distributed(coco: Path, work_dir: Path, iters: int, lr: float, seed: int,
+                    scale: tuple[int, int], epochs: int, timeout: float = 1200) -> dict[str, Any]:
+    """Run (a) and read back its log and final checkpoint.
+
+    Returns ``{'command', 'wall_s', 'log': [per-iteration records], 'model_state': {name: array}
+    (rank 0's), 'ghm': [per-rank {key: array}], 'momentum': {name: array}}``. Raises
+    :class:`LaunchError` naming the logs when the launcher fails or times out.
+    """
+    run_dir, log_dir, out_file = work_dir / "dp2", work_dir / "launch_log", work_dir / "launch.out"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    command, wall = launch(train_args(coco, run_dir, iters, lr, seed, scale, epochs), log_dir, out_file, timeout)
+    where = _where(log_dir, out_file)
     log = read_jsonl(run_dir / "log.jsonl")
     if [r["iter"] for r in log] != list(range(1, iters + 1)):
         raise LaunchError(f"{run_dir / 'log.jsonl'} has iterations {[r['iter'] for r in log]}, "

@@ -6,7 +6,7 @@ Usage::
         [--lr auto|FLOAT] [--max-iters N] [--resume [CKPT]] [--init-backbone r50.pdparams]
         [--init WEIGHTS.pdparams|mmdet.pth] [--eval-interval 1] [--num-workers 2] [--seed 0]
         [--mmdet-log FILE] [--scale WxH] [--warmup-iters N] [--milestones 8,11]
-        [--ckpt-interval-iters K] [--reports DIR] [--report-only] [--no-progress]
+        [--ckpt-interval-iters K] [--keep-checkpoints 3] [--reports DIR] [--report-only] [--no-progress]
     python -m paddle.distributed.launch --nproc_per_node N .venv/bin/ghm-train ...  # N CPU processes
     python -m paddle.distributed.launch --gpus 0,1,2,3 .venv/bin/ghm-train ...      # 4 GPUs (paddlepaddle-gpu)
 
@@ -29,8 +29,13 @@ share of every epoch (the distributed sampler by rank), gradients are averaged
 by ``paddle.DataParallel``, and each process keeps its own GHM momentum
 statistics, as mmdet's distributed training does (its DDP does not broadcast
 buffers). Rank 0 alone logs, checkpoints (gathering every rank's GHM state and
-RNG state into the checkpoint, so a resume restores each rank's own), evaluates
-and reports. Logged losses are rank 0's.
+RNG state into the checkpoint, so a resume restores each rank's own) and
+reports. Logged losses are rank 0's. Evaluation is shared: each process
+predicts its own share of the validation set (every image exactly once across
+the processes, no padding; shares may differ by one image), the detections
+are gathered to rank 0, which restores dataset order, scores them and writes
+the results while the others wait for it; the numbers and detections are those
+of a one-process evaluation.
 
 Outputs in ``--work-dir``:
 
@@ -43,11 +48,15 @@ Outputs in ``--work-dir``:
   ``param_rank_spread``, the largest difference across ranks of the parameters'
   float64 sum and sum of squares (0 when every rank holds the same weights).
 - ``eval.jsonl``: one line per evaluation: ``epoch``, ``iter`` and the 12 COCO
-  box metrics named as mmdet's ``CocoMetric`` (``bbox_mAP`` ...), ``num_detections``.
+  box metrics named as mmdet's ``CocoMetric`` (``bbox_mAP`` ...), ``num_detections``;
+  ``eval_time`` (seconds, rank 0, prediction to metrics), ``predict_time_per_rank``
+  and ``images_per_rank`` (each process's prediction seconds and image count).
 - ``latest.ckpt``: full training state (see :mod:`paddle_impl.engine.checkpoint`),
   rewritten atomically at the end of every epoch (before its evaluation), every
   ``--ckpt-interval-iters`` iterations and when training stops; ``epoch_{E}.pdparams``: model weights
-  after epoch E; ``model_final.pdparams``; ``val_results.bbox.json``: the last
+  after epoch E, of the last ``--keep-checkpoints`` K epochs only (default 3; 0 keeps
+  all): once epoch E's file is written, rank 0 removes ``epoch_{E-K}.pdparams`` and
+  older ones of the work dir; ``model_final.pdparams``; ``val_results.bbox.json``: the last
   evaluation's detections in COCO format.
 - ``train.html`` (copied to ``--reports``): loss, lr and gradient-norm curves and
   AP per epoch, overlaid with an mmdet json log given by ``--mmdet-log``.
@@ -111,6 +120,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="evaluate every N epochs (0: only when training ends; default 1)")
     p.add_argument("--ckpt-interval-iters", type=non_negative, default=0,
                    help="also checkpoint every K iterations (0: only per epoch)")
+    p.add_argument("--keep-checkpoints", type=non_negative, default=3, metavar="K",
+                   help="keep the epoch_E.pdparams of the last K epochs (0: all; default 3); "
+                        "latest.ckpt and model_final.pdparams are always kept")
     p.add_argument("--num-workers", type=non_negative, default=2)
     p.add_argument("--seed", type=non_negative, default=0)
     p.add_argument("--scale", type=parse_size, help="resize scale WxH for training and evaluation "

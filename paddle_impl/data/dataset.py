@@ -400,7 +400,8 @@ def build_dataloader(dataset: CocoDetection, *, batch_size: int | None = None,
 
     Training: shuffled :class:`DistributedSampler` (``seed`` as the run's seed)
     under an :class:`AspectRatioBatchSampler`. Test: dataset order, plain
-    batches. ``batch_size`` and ``num_workers`` default from
+    batches, no padding: the ranks' loaders together yield every image exactly
+    once (a rank's may yield none). ``batch_size`` and ``num_workers`` default from
     ``get_config()['data']`` (``batch_size_per_device`` / ``test_batch_size``).
     Drive epochs with ``loader.batch_sampler.set_epoch(e)``; resume with
     ``loader.batch_sampler.load_state_dict(resume_position(batch['keys']))``.
@@ -410,7 +411,7 @@ def build_dataloader(dataset: CocoDetection, *, batch_size: int | None = None,
         batch_size = cfg["batch_size_per_device"] if dataset.train else cfg["test_batch_size"]
     num_workers = cfg["num_workers"] if num_workers is None else num_workers
     sampler = DistributedSampler(len(dataset), rank=rank, world_size=world_size,
-                                 shuffle=dataset.train, seed=seed)
+                                 shuffle=dataset.train, seed=seed, round_up=dataset.train)
     if dataset.train:
         batch_sampler = AspectRatioBatchSampler(sampler, dataset.portrait, batch_size)
     else:

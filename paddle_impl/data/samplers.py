@@ -1,13 +1,19 @@
-"""Training order: which images, in which batches, on which rank, in which epoch.
+"""Sample order: which images, in which batches, on which rank, in which epoch.
 
-Two layers, as in mmdet 3.3.0's training loader:
+Two layers, as in mmdet 3.3.0's loaders:
 
 - :class:`DistributedSampler` gives the dataset indices of one rank for one epoch,
-  in the order of mmengine's ``DefaultSampler(shuffle, round_up=True)``: a seeded
+  in the order of mmengine's ``DefaultSampler(shuffle, round_up)``: a seeded
   permutation (bit-identical to ``torch.randperm`` under
-  ``torch.Generator().manual_seed(seed + epoch)``), repeated from its start until
-  its length divides by the world size, then every ``world_size``-th index from
-  ``rank``.
+  ``torch.Generator().manual_seed(seed + epoch)``) or, for testing, dataset
+  order; then every ``world_size``-th index from ``rank``. Training rounds up
+  (``round_up=True``): the order is first repeated from its start until its
+  length divides by the world size, so every rank runs the same number of
+  iterations, each a collective (the gradient average). Evaluation does not
+  (``round_up=False``): the ranks' shares are disjoint and together hold every
+  index exactly once, so each image is scored once without a trimming step;
+  the shares may differ by one image and a rank may get none (more ranks than
+  images), which is fine because prediction has no collective.
 - :class:`BatchSampler` cuts that sequence into batches in order;
   :class:`AspectRatioBatchSampler` first sorts indices into a landscape bucket
   (``w >= h``) and a portrait bucket (``w < h``) and emits a bucket whenever it
@@ -89,7 +95,7 @@ def torch_randperm(n: int, seed: int) -> list[int]:
 
 
 class DistributedSampler:
-    """Dataset indices of one rank, as mmengine's ``DefaultSampler(round_up=True)``.
+    """Dataset indices of one rank, as mmengine's ``DefaultSampler(shuffle, round_up)``.
 
     Args:
         size: number of samples in the dataset.
@@ -98,14 +104,18 @@ class DistributedSampler:
         shuffle: permute per epoch (training) or keep dataset order (testing).
         seed: the run's seed; epoch ``e`` is permuted with ``seed + e``. All
             ranks must use the same seed.
+        round_up: pad every rank to the same length (training) or not (testing).
 
-    Every epoch each rank gets ``ceil(size / world_size)`` indices; the
-    ``total - size`` padding indices repeat the start of the epoch's order, so
-    a few samples are seen twice per epoch when ``size`` does not divide.
+    With ``round_up`` every epoch each rank gets ``ceil(size / world_size)``
+    indices; the ``total - size`` padding indices repeat the start of the
+    epoch's order, so a few samples are seen twice per epoch when ``size`` does
+    not divide. Without it rank ``r`` gets the ``ceil((size - r) / world_size)``
+    indices at positions ``r, r + world_size, ...`` of the order: every index
+    exactly once across the ranks, none at all on a rank ``>= size``.
     """
 
     def __init__(self, size: int, rank: int | None = None, world_size: int | None = None,
-                 shuffle: bool = True, seed: int = 0) -> None:
+                 shuffle: bool = True, seed: int = 0, round_up: bool = True) -> None:
         rank = dist.get_rank() if rank is None else rank
         world_size = dist.get_world_size() if world_size is None else world_size
         if size <= 0:
@@ -122,8 +132,13 @@ class DistributedSampler:
         self.epoch = 0
         self.yielded = 0  # indices of the current epoch yielded so far
         self._resume_at = 0  # where the next iteration starts (set by load_state_dict)
-        self.num_samples = math.ceil(size / world_size)
-        self.total_size = self.num_samples * world_size
+        self.round_up = round_up
+        if round_up:
+            self.num_samples = math.ceil(size / world_size)
+            self.total_size = self.num_samples * world_size
+        else:
+            self.num_samples = len(range(rank, size, world_size))
+            self.total_size = size
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch (its permutation); the next iteration starts at its first index."""

@@ -22,12 +22,16 @@ Writing goes to a temporary file in the destination folder, flushed to disk,
 then renamed over the destination (`atomic_save`): a crash at any moment
 leaves either the previous checkpoint or the complete new one. Reading
 (`load_checkpoint`) never runs code from the file (:mod:`paddle_impl.engine.safe_load`).
+
+Beside the checkpoint a run keeps each epoch's weights, ``epoch_{E}.pdparams``;
+`prune_epoch_weights` bounds how many of them stay on disk.
 """
 from __future__ import annotations
 
 import os
 import pickle
 import random
+import re
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -44,6 +48,10 @@ REQUIRED_KEYS = ("format", "iter", "epoch", "world_size", "model", "ghm_per_rank
 GHM_BUFFER_KEYS = ("bbox_head.loss_cls.acc_sum", "bbox_head.loss_bbox.acc_sum")
 # The class ``paddle.get_rng_state()`` returns; pybind rebuilds it from plain numbers.
 _GENERATOR_STATE = ("paddle.base.libpaddle", "GeneratorState")
+
+
+# The weights a run writes after epoch E (1-based).
+EPOCH_WEIGHTS = re.compile(r"epoch_(\d+)\.pdparams")
 
 
 class CheckpointError(ValueError):
@@ -68,6 +76,31 @@ def atomic_save(obj: Any, path: str | os.PathLike,
     completely replaced, and a failed write raises a ``WriteError`` naming it."""
     save_fn = save_fn or _pickle_to
     return atomic_write(path, lambda tmp: save_fn(obj, tmp))
+
+
+def prune_epoch_weights(folder: str | os.PathLike, newest_epoch: int, keep: int) -> list[Path]:
+    """Remove the ``epoch_{E}.pdparams`` of ``folder`` with ``E <= newest_epoch - keep``.
+
+    Call once ``epoch_{newest_epoch}.pdparams`` is completely written, so the
+    last ``keep`` epochs' files (that one included) stay. ``keep`` 0 keeps every
+    file. Files of later epochs (left by an earlier run in the folder) and every
+    other file, ``latest.ckpt`` and ``model_final.pdparams`` included, are not
+    touched. Returns the removed files, oldest first.
+    """
+    if keep < 0:
+        raise ValueError(f"keep must be >= 0 (0 keeps every epoch), got {keep}")
+    if keep == 0:
+        return []
+    old = []
+    for path in Path(folder).iterdir():
+        match = EPOCH_WEIGHTS.fullmatch(path.name)
+        if match and int(match.group(1)) <= newest_epoch - keep and path.is_file():
+            old.append((int(match.group(1)), path))
+    removed = []
+    for _, path in sorted(old):
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
 
 
 def _pickle_to(obj: Any, file_name: str) -> None:

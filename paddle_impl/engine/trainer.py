@@ -133,8 +133,9 @@ class Trainer:
         self.loader = build_dataloader(self.train_set, batch_size=args.batch_size,
                                        num_workers=args.num_workers, seed=args.seed,
                                        rank=self.rank, world_size=self.world_size)
+        # Every rank predicts its own share of the validation set (no padding).
         self.val_loader = build_dataloader(self.val_set, num_workers=args.num_workers,
-                                           rank=0, world_size=1)
+                                           rank=self.rank, world_size=self.world_size)
         self.iters_per_epoch = len(self.loader)
         self.total_batch = args.batch_size * self.world_size
         self.base_lr = scaled_lr(self.total_batch, cfg) if args.lr == "auto" else float(args.lr)
@@ -277,12 +278,17 @@ class Trainer:
         }
 
     def _evaluate(self, epoch: int) -> None:
-        """Rank 0 evaluates on the whole validation set; the others wait."""
+        """Every rank predicts its share of the validation set with the bare model (no
+        collective, so unequal shares are fine); rank 0 gathers, scores and logs while the
+        others wait for it at the barrier."""
+        result = evaluate(self.model, self.val_loader, self.val_set, self.work_dir / "val_results.bbox.json",
+                          rank=self.rank, world_size=self.world_size)
         if self.main:
-            metrics, count = evaluate(self.model, self.val_loader, self.val_set,
-                                      self.work_dir / "val_results.bbox.json")
+            metrics, count = result.metrics, result.num_detections
             record = {"epoch": epoch, "iter": self.iter, "num_detections": count}
             record.update({k: metrics.get(k) for k in BBOX_METRIC_NAMES})
+            record.update(eval_time=result.seconds, predict_time_per_rank=result.predict_seconds,
+                          images_per_rank=result.images_per_rank)
             append_jsonl(self.work_dir / "eval.jsonl", record)
             print(f"[eval] epoch {epoch} iter {self.iter}: bbox_mAP {record['bbox_mAP']} "
                   f"mAP_50 {record['bbox_mAP_50']} ({count} detections)", file=sys.stderr)
@@ -377,6 +383,8 @@ class Trainer:
                 # evaluation, which may fail (a bad val image) or take hours.
                 self.save_checkpoint()
                 self.save_weights(f"epoch_{epoch + 1}.pdparams")
+                if self.main:
+                    ckpt.prune_epoch_weights(self.work_dir, epoch + 1, args.keep_checkpoints)
                 if args.eval_interval and (epoch + 1) % args.eval_interval == 0:
                     self._evaluate(epoch + 1)
                     evaluated_at = self.iter

@@ -331,14 +331,18 @@ def test_randperm_is_torchs():
             assert torch_randperm(n, seed) == expected, (seed, n)
 
 
-def _mmengine_sampler(dataset, shuffle, seed, rank, world_size):
+def _mmengine_sampler(dataset, shuffle, seed, rank, world_size, round_up=True):
     from mmengine.dataset import DefaultSampler
 
-    sampler = DefaultSampler(dataset, shuffle=shuffle, seed=seed)
+    sampler = DefaultSampler(dataset, shuffle=shuffle, seed=seed, round_up=round_up)
     # A single process stands in for every rank of a job.
     sampler.rank, sampler.world_size = rank, world_size
-    sampler.num_samples = -(-len(dataset) // world_size)
-    sampler.total_size = sampler.num_samples * world_size
+    if round_up:
+        sampler.num_samples = -(-len(dataset) // world_size)
+        sampler.total_size = sampler.num_samples * world_size
+    else:
+        sampler.num_samples = -(-(len(dataset) - rank) // world_size)
+        sampler.total_size = len(dataset)
     return sampler
 
 
@@ -370,6 +374,37 @@ def test_every_index_once_per_epoch_with_padding(size, world_size):
     # Rank-interleaved, the ranks' lists are the epoch's permutation, padded with its own start.
     assert drawn == (order * (world_size + 1))[:num_samples * world_size]
     assert sorted(set(drawn)) == list(range(size))
+
+
+@pytest.mark.parametrize("size, world_size", [(5, 2), (5, 3), (1, 2), (2, 3), (6, 3), (7, 1)])
+def test_test_sampler_gives_every_index_once(size, world_size):
+    """Without round-up (evaluation) the ranks' shares are disjoint, cover the set, differ by at
+    most one index, and a rank beyond the set gets an empty share (and zero batches)."""
+    shares = []
+    for rank in range(world_size):
+        sampler = DistributedSampler(size, rank=rank, world_size=world_size, shuffle=False, round_up=False)
+        share = list(sampler)
+        assert len(share) == len(sampler), (rank, share)
+        assert share == list(_mmengine_sampler(range(size), False, 0, rank, world_size, round_up=False))
+        batches = list(BatchSampler(sampler, 2))
+        assert len(batches) == len(BatchSampler(sampler, 2))
+        assert [k.index for b in batches for k in b] == share
+        shares.append(share)
+    assert sorted(i for share in shares for i in share) == list(range(size))
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    if size < world_size:
+        assert shares[-1] == [] and shares[0] == [0]
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_test_loaders_of_the_ranks_read_every_image_once(coco_root, world_size):
+    ds = ours(coco_root, train=False)
+    seen = []
+    for rank in range(world_size):
+        loader = build_dataloader(ds, num_workers=0, rank=rank, world_size=world_size)
+        seen += [(k.index, img_id) for b in loader for k, img_id in zip(b["keys"], b["img_ids"])]
+    assert len(ds) % world_size, "the set must not divide evenly for this test"
+    assert sorted(seen) == list(enumerate(ds.img_ids))
 
 
 def _train_sets(mm, coco_root):
