@@ -274,13 +274,14 @@ class Trainer:
             "train_images": len(self.train_set), "val_images": len(self.val_set),
             "seed": a.seed, "init_backbone": a.init_backbone, "init": a.init,
             "resumed_from": str(self.resume_from) if self.resume_from else None,
+            "eval_backend": a.eval_backend,
         }
 
     def _evaluate(self, epoch: int) -> None:
         """Rank 0 evaluates on the whole validation set; the others wait."""
         if self.main:
             metrics, count = evaluate(self.model, self.val_loader, self.val_set,
-                                      self.work_dir / "val_results.bbox.json")
+                                      self.work_dir / "val_results.bbox.json", backend=self.args.eval_backend)
             record = {"epoch": epoch, "iter": self.iter, "num_detections": count}
             record.update({k: metrics.get(k) for k in BBOX_METRIC_NAMES})
             append_jsonl(self.work_dir / "eval.jsonl", record)
