@@ -48,6 +48,10 @@ MMDET_LOG ?=
 R50       ?=
 # Epoch weight files kept in WORK_DIR (empty: the program's default, 3; 0: all).
 KEEP      ?=
+# Library computing the COCO box metrics: pycocotools (mmdet's, the default) or faster-coco-eval.
+EVAL_BACKEND ?=
+# Images of the synthetic COCO evaluated by bench-coco-eval.
+BENCH_IMAGES ?=
 WORK_DIR  ?= work_dirs/ghm_retinanet
 TINY_COCO ?= build/tiny_coco
 SCALE       ?=
@@ -57,7 +61,7 @@ STAGES  := forward loss backward data predict metric train
 
 COMMON_ARGS = --reports $(REPORTS) --seed $(SEED) $(if $(CKPT),--ckpt $(CKPT)) $(if $(SHAPE),--shape $(SHAPE))
 
-.PHONY: help setup align $(addprefix align-,$(STAGES)) align-example bench-ghm bench-train train-full tiny-coco \
+.PHONY: help setup align $(addprefix align-,$(STAGES)) align-example bench-ghm bench-train bench-coco-eval train-full tiny-coco \
         test test-fast clean distclean
 
 help:
@@ -69,10 +73,11 @@ help:
 	@echo "make align-backward training steps and the whole lr schedule; CKPT=, SHAPE=, SEED=, STEPS=, ITERS_PER_EPOCH=, ISOLATE=1"
 	@echo "make align-example  ResNet-18, mmdet's vs paddle.vision's, through python -m align.pair; PERTURB="
 	@echo "make align-data | align-predict | align-metric | align-train   data pipeline, detections, COCO metric, K training iterations on the tiny COCO; SCALE=WxH, TRAIN_ITERS="
-	@echo "make train-full     COCO=/path GPUS=0,1 RESUME=1 MMDET_LOG=scalars.json R50=backbone.pdparams KEEP=3 (epoch weight files kept, 0: all); no COCO: smoke run on the tiny COCO"
+	@echo "make train-full     COCO=/path GPUS=0,1 RESUME=1 MMDET_LOG=scalars.json R50=backbone.pdparams KEEP=3 (epoch weight files kept, 0: all) EVAL_BACKEND=faster-coco-eval; no COCO: smoke run on the tiny COCO"
 	@echo "make tiny-coco      write the tiny synthetic COCO to $(TINY_COCO)"
 	@echo "make bench-ghm      GHM-C / GHM-R speed, mmdet vs Paddle"
 	@echo "make bench-train    training-step speed, mmdet vs Paddle, batch of 2 at two sizes; CKPT="
+	@echo "make bench-coco-eval COCO box evaluation speed, pycocotools vs faster-coco-eval, same numbers; BENCH_IMAGES= (default 5000)"
 	@echo "make setup          create $(VENV) and install the pinned dependencies"
 
 setup: $(SETUP)
@@ -94,7 +99,7 @@ $(STAMP): requirements/build.txt requirements/reference.txt requirements/lock.tx
 	  | grep --line-buffered -E '^ *\[[0-9]+/[0-9]+\]|Using cached|Successfully|ERROR|error:' \
 	  | sed -u -E 's/^ *(\[[0-9]+\/[0-9]+\]).*/  mmcv build \1/'
 	$(PY) -c "import mmcv.ops; print('  mmcv', mmcv.__version__, 'ops ok')"
-	@echo "==> [5/5] mmengine, mmdet, reprod_log, pycocotools, tools"
+	@echo "==> [5/5] mmengine, mmdet, reprod_log, pycocotools, faster-coco-eval, tools"
 	$(PIP) install -q -r requirements/reference.txt -c requirements/lock.txt "$(TORCH_PKG)" "$(PADDLE_PKG)" "$(MMCV_PKG)"
 	$(PY) -c "import torch, paddle, mmcv, mmdet, mmengine, reprod_log; print('  torch', torch.__version__, '| paddle', paddle.__version__, '| mmcv', mmcv.__version__, '| mmdet', mmdet.__version__)"
 	touch $@
@@ -142,6 +147,7 @@ align-train: $(SETUP)
 TRAIN_ARGS = --work-dir $(WORK_DIR) --reports $(REPORTS) $(if $(COCO),--coco $(COCO)) \
   $(if $(R50),--init-backbone $(R50)) $(if $(RESUME),--resume) $(if $(MMDET_LOG),--mmdet-log $(MMDET_LOG)) \
   $(if $(KEEP),--keep-checkpoints $(KEEP))
+  $(if $(EVAL_BACKEND),--eval-backend $(EVAL_BACKEND))
 
 # Without COCO= this is a short smoke schedule on the tiny synthetic COCO, labelled as such.
 train-full: $(SETUP)
@@ -155,6 +161,9 @@ bench-ghm: $(SETUP)
 
 bench-train: $(SETUP)
 	$(PY) -m bench.bench_train --out $(REPORTS)/bench_train.json $(if $(CKPT),--ckpt $(CKPT))
+
+bench-coco-eval: $(SETUP)
+	$(PY) -m bench.bench_coco_eval --out $(REPORTS)/bench_coco_eval.json $(if $(BENCH_IMAGES),--images $(BENCH_IMAGES))
 
 test: $(SETUP)
 	$(PY) -m pytest -q tests

@@ -14,6 +14,15 @@ def load_average() -> list[float] | None:
     return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
 
+def cpu_info() -> dict:
+    """The processor a measurement ran on: its cores, those this process may use, its model."""
+    return dict(
+        cpu_count=os.cpu_count(),
+        cpus_available=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        cpu_model=platform.processor() or platform.machine(),
+    )
+
+
 def machine_info() -> dict:
     """Versions of the compared libraries, the CPU and the threads each library uses.
 
@@ -35,9 +44,7 @@ def machine_info() -> dict:
         mmcv=mmcv.__version__,
         mmengine=mmengine.__version__,
         mmdet=mmdet.__version__,
-        cpu_count=os.cpu_count(),
-        cpus_available=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        cpu_model=platform.processor() or platform.machine(),
+        **cpu_info(),
         torch_num_threads=torch.get_num_threads(),
         torch_num_interop_threads=torch.get_num_interop_threads(),
         thread_env={k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CPU_NUM")},

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import math
 
+from paddle_impl.errors import InputError
+
 
 class SizeError(argparse.ArgumentTypeError, ValueError):
     """A size that is not ``WxH`` with both sides large enough (argparse and the stages both report it)."""
@@ -60,3 +62,23 @@ def epochs_list(text: str) -> list[int]:
     if values != sorted(values) or any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"milestones must be increasing positive epochs, got {text!r}")
     return values
+
+
+def add_eval_backend(parser: argparse.ArgumentParser) -> None:
+    """``--eval-backend``: the library that computes the COCO box metrics (checked by :func:`eval_backend`,
+    so that a wrong name is reported in one line like any other bad input)."""
+    from paddle_impl.evaluation.coco_eval import EVAL_BACKENDS
+
+    parser.add_argument("--eval-backend", default=EVAL_BACKENDS[0], metavar="{" + ",".join(EVAL_BACKENDS) + "}",
+                        help=f"library computing the COCO box metrics, identical numbers "
+                             f"(default {EVAL_BACKENDS[0]}, what mmdet uses)")
+
+
+def eval_backend(args: argparse.Namespace) -> str:
+    """``args.eval_backend`` when it names an installed backend, else an :class:`InputError` naming the option."""
+    from paddle_impl.evaluation.coco_eval import check_backend
+
+    try:
+        return check_backend(args.eval_backend)
+    except ValueError as err:
+        raise InputError(f"--eval-backend: {err}") from None

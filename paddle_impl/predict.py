@@ -3,7 +3,8 @@
 Usage::
 
     python -m paddle_impl.predict --weights W.pdparams --images IMG [IMG ...] --out results.json
-        [--ann-file instances.json --img-prefix DIR] [--draw-dir DIR] [--draw-thr 0.3] [--scale WxH]
+        [--ann-file instances.json --img-prefix DIR [--eval-backend pycocotools|faster-coco-eval]]
+        [--draw-dir DIR] [--draw-thr 0.3] [--scale WxH]
 
 ``--weights``: model weights saved by ``paddle_impl.train`` (``epoch_E.pdparams``,
 ``model_final.pdparams``), a training checkpoint (``latest.ckpt``), or the
@@ -18,7 +19,8 @@ original pixels. Image ids and category ids of the results json:
   them, or those whose ``file_name`` or path is among ``--images``), with their
   ids; categories are the file's ids of the 80 COCO classes; the 12 COCO box
   metrics are printed and written to ``OUT`` with ``.metrics.json`` in place of
-  ``.json``;
+  ``.json`` (computed by ``--eval-backend``: pycocotools, or faster-coco-eval
+  with identical numbers);
 - otherwise: image ids 1, 2, ... in the order of ``--images``; categories are
   COCO's ids (``paddle_impl.data.coco_classes.COCO_CATEGORY_IDS``).
 
@@ -48,7 +50,7 @@ from paddle_impl.model.detector import RetinaNet  # noqa: E402
 from paddle_impl.boxes.postprocess import Detections  # noqa: E402
 from paddle_impl.engine.weights import convert_torch_checkpoint, load_weights, load_weights_file  # noqa: E402
 from paddle_impl.errors import InputError, run_command  # noqa: E402
-from paddle_impl.arguments import parse_size  # noqa: E402
+from paddle_impl.arguments import add_eval_backend, eval_backend, parse_size  # noqa: E402
 from paddle_impl.data.transforms import Collate, load_image, test_pipeline  # noqa: E402
 
 
@@ -62,6 +64,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--draw-dir", help="write one PNG per image with the boxes drawn")
     p.add_argument("--draw-thr", type=float, default=0.3, help="lowest score drawn (default 0.3)")
     p.add_argument("--scale", type=parse_size, help="test resize scale WxH (default 1333x800)")
+    add_eval_backend(p)
     p.add_argument("-v", "--verbose", action="store_true",
                    help="with an error, also print its Python traceback (or set GHM_TRACEBACK=1)")
     return p.parse_args(argv)
@@ -123,6 +126,7 @@ def draw(path: str, det: Detections, out_png: Path, threshold: float) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, float] | None:
     """Predict every selected image; returns the box metrics when an annotation file was given."""
+    backend = eval_backend(args)
     if not Path(args.weights).is_file():
         raise InputError(f"--weights {args.weights}: file not found")
     images, cat_ids, ann_file = _select_images(args)
@@ -151,7 +155,7 @@ def run(args: argparse.Namespace) -> dict[str, float] | None:
         print(f"drawings -> {args.draw_dir}")
     if ann_file is None:
         return None
-    metrics = evaluate_bbox(ann_file, records)
+    metrics = evaluate_bbox(ann_file, records, backend=backend)
     out = Path(args.out)
     write_json(out.with_name(out.stem + ".metrics.json"), metrics)
     for name, value in metrics.items():

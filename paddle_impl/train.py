@@ -4,7 +4,8 @@ Usage::
 
     python -m paddle_impl.train --coco DIR --work-dir DIR [--epochs 12] [--batch-size 2]
         [--lr auto|FLOAT] [--max-iters N] [--resume [CKPT]] [--init-backbone r50.pdparams]
-        [--init WEIGHTS.pdparams|mmdet.pth] [--eval-interval 1] [--num-workers 2] [--seed 0]
+        [--init WEIGHTS.pdparams|mmdet.pth] [--eval-interval 1] [--eval-backend pycocotools|faster-coco-eval]
+        [--num-workers 2] [--seed 0]
         [--mmdet-log FILE] [--scale WxH] [--warmup-iters N] [--milestones 8,11]
         [--ckpt-interval-iters K] [--keep-checkpoints 3] [--reports DIR] [--report-only] [--no-progress]
     python -m paddle.distributed.launch --nproc_per_node N .venv/bin/ghm-train ...  # N CPU processes
@@ -51,6 +52,9 @@ Outputs in ``--work-dir``:
   box metrics named as mmdet's ``CocoMetric`` (``bbox_mAP`` ...), ``num_detections``;
   ``eval_time`` (seconds, rank 0, prediction to metrics), ``predict_time_per_rank``
   and ``images_per_rank`` (each process's prediction seconds and image count).
+  The metrics are computed by pycocotools, as mmdet does, or with ``--eval-backend
+  faster-coco-eval`` by that library's C++ code, with identical numbers
+  (:mod:`paddle_impl.evaluation.coco_eval`); ``run.json`` records which.
 - ``latest.ckpt``: full training state (see :mod:`paddle_impl.engine.checkpoint`),
   rewritten atomically at the end of every epoch (before its evaluation), every
   ``--ckpt-interval-iters`` iterations and when training stops; ``epoch_{E}.pdparams``: model weights
@@ -88,7 +92,8 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from paddle_impl.arguments import epochs_list, learning_rate, non_negative, parse_size, positive
+from paddle_impl.arguments import (add_eval_backend, epochs_list, eval_backend, learning_rate, non_negative,
+                                  parse_size, positive)
 from paddle_impl.errors import InputError, run_command
 
 # Quiet the C++ logs of Paddle before it is imported.
@@ -118,6 +123,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--init", help="whole-model weights: Paddle .pdparams or an mmdet .pth checkpoint")
     p.add_argument("--eval-interval", type=non_negative, default=1,
                    help="evaluate every N epochs (0: only when training ends; default 1)")
+    add_eval_backend(p)
     p.add_argument("--ckpt-interval-iters", type=non_negative, default=0,
                    help="also checkpoint every K iterations (0: only per epoch)")
     p.add_argument("--keep-checkpoints", type=non_negative, default=3, metavar="K",
@@ -146,6 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    eval_backend(args)
     import paddle.distributed as dist
 
     from paddle_impl.engine.report import read_mmdet_log, render_report

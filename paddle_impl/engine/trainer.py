@@ -275,6 +275,7 @@ class Trainer:
             "train_images": len(self.train_set), "val_images": len(self.val_set),
             "seed": a.seed, "init_backbone": a.init_backbone, "init": a.init,
             "resumed_from": str(self.resume_from) if self.resume_from else None,
+            "eval_backend": a.eval_backend,
         }
 
     def _evaluate(self, epoch: int) -> None:
@@ -282,7 +283,7 @@ class Trainer:
         collective, so unequal shares are fine); rank 0 gathers, scores and logs while the
         others wait for it at the barrier."""
         result = evaluate(self.model, self.val_loader, self.val_set, self.work_dir / "val_results.bbox.json",
-                          rank=self.rank, world_size=self.world_size)
+                          rank=self.rank, world_size=self.world_size, backend=self.args.eval_backend)
         if self.main:
             metrics, count = result.metrics, result.num_detections
             record = {"epoch": epoch, "iter": self.iter, "num_detections": count}

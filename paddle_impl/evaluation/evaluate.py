@@ -23,7 +23,7 @@ import numpy as np
 import paddle.distributed as dist
 
 from paddle_impl.data.dataset import CocoDetection
-from paddle_impl.evaluation.coco_eval import detections_to_coco_json, evaluate_bbox
+from paddle_impl.evaluation.coco_eval import EVAL_BACKENDS, detections_to_coco_json, evaluate_bbox
 
 # One image's detections: bboxes (K, 4) float32 xyxy in original pixels, scores (K,) float32,
 # labels (K,) int64.
@@ -130,13 +130,15 @@ class Evaluation:
 
 
 def evaluate(model, loader, dataset: CocoDetection, out_json: Path | None = None, *,
-             rank: int = 0, world_size: int = 1) -> Evaluation | None:
+             rank: int = 0, world_size: int = 1, backend: str = EVAL_BACKENDS[0]) -> Evaluation | None:
     """COCO box metrics of ``model`` on ``dataset``, each rank predicting its ``loader``'s share.
 
     Every rank must call it (with ``world_size > 1`` it gathers); rank 0
     returns the :class:`Evaluation` and writes the detections to ``out_json``
     (COCO result format) when given, the other ranks return None as soon as
-    their share is sent. Leaves the model in eval mode; the caller switches back.
+    their share is sent. The metrics are computed by ``backend`` (one of
+    ``EVAL_BACKENDS``, identical numbers). Leaves the model in eval mode; the
+    caller switches back.
     """
     started = time.perf_counter()
     shard = predict_shard(model, loader)
@@ -149,7 +151,7 @@ def evaluate(model, loader, dataset: CocoDetection, out_json: Path | None = None
         return None
     results = merge_shards(shards, len(dataset))
     records = detections_to_coco_json(results, dataset.img_ids, dataset.cat_ids, out_file=out_json)
-    metrics = evaluate_bbox(dataset.ann_file, records)
+    metrics = evaluate_bbox(dataset.ann_file, records, backend=backend)
     return Evaluation(metrics=metrics, num_detections=len(records), seconds=time.perf_counter() - started,
                       predict_seconds=[s.seconds for s in shards],
                       images_per_rank=[len(s.indices) for s in shards])

@@ -70,7 +70,7 @@ def test_results_json_and_drawings(coco, weights, tmp_path, capsys):
             assert np.asarray(dst.convert("RGB")).tobytes() != np.asarray(src.convert("RGB")).tobytes()
 
 
-def test_with_annotation_file_uses_its_ids_and_evaluates(coco, weights, tmp_path):
+def test_with_annotation_file_uses_its_ids_and_evaluates(coco, weights, tmp_path, monkeypatch):
     out = tmp_path / "val.json"
     status = predict_main(["--weights", str(weights), "--ann-file",
                            str(coco / "annotations" / "instances_val2017.json"),
@@ -80,6 +80,30 @@ def test_with_annotation_file_uses_its_ids_and_evaluates(coco, weights, tmp_path
     assert {r["image_id"] for r in json.loads(out.read_text())} <= {im["id"] for im in ann["images"]}
     metrics = json.loads((tmp_path / "val.metrics.json").read_text())
     assert len(metrics) == 12 and all(-1.0 <= v <= 1.0 for v in metrics.values())
+    # The other backend: the same numbers.
+    import paddle_impl.predict as predict
+
+    seen = []
+    real = predict.evaluate_bbox
+    monkeypatch.setattr(predict, "evaluate_bbox",
+                        lambda *a, backend, **k: seen.append(backend) or real(*a, backend=backend, **k))
+    status = predict_main(["--weights", str(weights), "--ann-file",
+                           str(coco / "annotations" / "instances_val2017.json"), "--img-prefix", str(coco / "val2017"),
+                           "--out", str(tmp_path / "fast.json"), "--scale", SCALE,
+                           "--eval-backend", "faster-coco-eval"])
+    assert status == 0
+    assert seen == ["faster-coco-eval"]
+    assert json.loads((tmp_path / "fast.metrics.json").read_text()) == metrics
+
+
+def test_unknown_eval_backend_fails_first(tmp_path, capsys):
+    out = tmp_path / "results.json"
+    status = predict_main(["--weights", str(tmp_path / "none.pdparams"), "--images", str(tmp_path / "none.png"),
+                           "--out", str(out), "--eval-backend", "cocoapi"])
+    assert status == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--eval-backend" in err and "'cocoapi'" in err
+    assert not out.exists()
 
 
 def test_missing_image_fails_without_output(coco, weights, tmp_path, capsys):

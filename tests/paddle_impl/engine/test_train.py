@@ -141,8 +141,27 @@ def test_logs_and_outputs(runs):
         assert {"epoch", "iter", "num_detections", *BBOX_METRIC_NAMES} <= set(e)
     for name in ("epoch_1.pdparams", "model_final.pdparams", "latest.ckpt", "train.html", "run.json"):
         assert (work / name).is_file(), name
+    assert json.loads((work / "run.json").read_text())["eval_backend"] == "pycocotools"
     html = (work / "train.html").read_text()
     assert "data:image/png;base64," in html and "bbox_mAP" in html
+
+
+def test_eval_backend_reaches_the_evaluation(coco, tmp_path, monkeypatch):
+    from paddle_impl.evaluation import evaluate as evaluation
+
+    seen = []
+    real = evaluation.evaluate_bbox
+
+    def spy(*args, backend, **kwargs):
+        seen.append(backend)
+        return real(*args, backend=backend, **kwargs)
+
+    monkeypatch.setattr(evaluation, "evaluate_bbox", spy)
+    work = tmp_path / "work"
+    assert train_main(["--coco", str(coco), "--work-dir", str(work), *COMMON, "--max-iters", "1",
+                       "--eval-backend", "faster-coco-eval"]) == 0
+    assert seen == ["faster-coco-eval"]
+    assert json.loads((work / "run.json").read_text())["eval_backend"] == "faster-coco-eval"
 
 
 def test_missing_coco_dir_fails_clearly(tmp_path, capsys):
