@@ -1,22 +1,17 @@
-"""Run (a) of the data-parallel benchmark: ``paddle.distributed.launch`` of the training program on
-2 CPU processes (gloo), and its log and final checkpoint read back. See `bench.data_parallel`."""
+"""Run (a) of the data-parallel benchmark: the training program on 2 CPU processes (gloo) through
+`paddle_impl.launch.job` (``paddle.distributed.launch``), and its log and final checkpoint read back.
+See `bench.data_parallel`."""
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from paddle_impl.engine import checkpoint as ckpt
 from paddle_impl.engine.report import read_jsonl
+from paddle_impl.launch.job import LaunchFault, run_job, training_program
+from paddle_impl.launch.nodes import parse_layout
 
-ROOT = Path(__file__).resolve().parent.parent
-# The training program as a script for the launcher (which cannot take ``-m``).
-TRAIN_COMMAND = str(Path(sys.executable).parent / "ghm-train")
 WORLD_SIZE = 2
 BATCH_PER_PROCESS = 2
 WARMUP_ITERS = 2
@@ -55,29 +50,15 @@ def run_distributed(coco: Path, work_dir: Path, iters: int, lr: float, seed: int
     for path in (run_dir, log_dir):
         shutil.rmtree(path, ignore_errors=True)
     work_dir.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", str(WORLD_SIZE),
-               "--max_restart", "0", "--log_dir", str(log_dir), TRAIN_COMMAND,
-               *train_args(coco, run_dir, iters, lr, seed, scale, epochs)]
     where = f"launcher output {out_file}, worker logs {log_dir}/workerlog.0 and workerlog.1"
-    started = time.perf_counter()
-    with open(out_file, "w") as out:
-        proc = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        try:
-            code = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            # The workers run in sessions of their own; the launcher's SIGTERM handler stops them.
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            raise LaunchError(f"paddle.distributed.launch did not finish in {timeout:g} s; {where}") from None
-    wall = time.perf_counter() - started
-    if code != 0:
-        raise LaunchError(f"paddle.distributed.launch exited with status {code}; {where}"
-                          f"{_last_lines(log_dir / 'workerlog.0')}{_last_lines(log_dir / 'workerlog.1')}")
+    try:
+        job = run_job(parse_layout(nproc=str(WORLD_SIZE)),
+                      training_program(train_args(coco, run_dir, iters, lr, seed, scale, epochs)),
+                      log_dir, out_file=out_file, timeout=timeout)
+    except LaunchFault as err:
+        raise LaunchError(f"{err}; {where}{_last_lines(log_dir / 'workerlog.0')}"
+                          f"{_last_lines(log_dir / 'workerlog.1')}") from None
+    command, wall = job.command, job.wall_s
     log = read_jsonl(run_dir / "log.jsonl")
     if [r["iter"] for r in log] != list(range(1, iters + 1)):
         raise LaunchError(f"{run_dir / 'log.jsonl'} has iterations {[r['iter'] for r in log]}, "
