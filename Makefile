@@ -40,9 +40,16 @@ ITERS   ?=
 STEPS   ?=
 ITERS_PER_EPOCH ?=
 # Training: COCO=/path/to/coco (train2017/, val2017/, annotations/); GPUS=0,1,2,3 launches
-# one process per GPU (needs PADDLE_PKG=paddlepaddle-gpu); lr = 0.01 x total batch / 16.
+# one process per GPU (needs PADDLE_PKG=paddlepaddle-gpu), NPROC=N N CPU processes (gloo);
+# lr = 0.01 x total batch / 16. Several machines: NNODES=N NODE_RANK=r MASTER=node0-ip:port on
+# each (checked by python -m paddle_impl.launch); CONNECT_TIMEOUT= seconds to wait for the master.
 COCO      ?=
 GPUS      ?=
+NPROC     ?=
+NNODES    ?=
+NODE_RANK ?=
+MASTER    ?=
+CONNECT_TIMEOUT ?=
 RESUME    ?=
 MMDET_LOG ?=
 R50       ?=
@@ -74,6 +81,7 @@ help:
 	@echo "make align-example  ResNet-18, mmdet's vs paddle.vision's, through python -m align.pair; PERTURB="
 	@echo "make align-data | align-predict | align-metric | align-train   data pipeline, detections, COCO metric, K training iterations on the tiny COCO; SCALE=WxH, TRAIN_ITERS="
 	@echo "make train-full     COCO=/path GPUS=0,1 RESUME=1 MMDET_LOG=scalars.json R50=backbone.pdparams KEEP=3 (epoch weight files kept, 0: all) EVAL_BACKEND=faster-coco-eval; no COCO: smoke run on the tiny COCO"
+	@echo "                    NPROC=2 (CPU processes); several machines: NNODES=2 NODE_RANK=0|1 MASTER=node0-ip:port CONNECT_TIMEOUT=60"
 	@echo "make tiny-coco      write the tiny synthetic COCO to $(TINY_COCO)"
 	@echo "make bench-ghm      GHM-C / GHM-R speed, mmdet vs Paddle"
 	@echo "make bench-train    training-step speed, mmdet vs Paddle, batch of 2 at two sizes; CKPT="
@@ -146,12 +154,17 @@ align-train: $(SETUP)
 
 TRAIN_ARGS = --work-dir $(WORK_DIR) --reports $(REPORTS) $(if $(COCO),--coco $(COCO)) \
   $(if $(R50),--init-backbone $(R50)) $(if $(RESUME),--resume) $(if $(MMDET_LOG),--mmdet-log $(MMDET_LOG)) \
-  $(if $(KEEP),--keep-checkpoints $(KEEP))
+  $(if $(KEEP),--keep-checkpoints $(KEEP)) \
   $(if $(EVAL_BACKEND),--eval-backend $(EVAL_BACKEND))
 
+LAUNCH_ARGS = $(if $(GPUS),--gpus $(GPUS)) $(if $(NPROC),--nproc $(NPROC)) $(if $(NNODES),--nnodes $(NNODES)) \
+  $(if $(NODE_RANK),--node-rank $(NODE_RANK)) $(if $(MASTER),--master $(MASTER)) \
+  $(if $(CONNECT_TIMEOUT),--connect-timeout $(CONNECT_TIMEOUT))
+
 # Without COCO= this is a short smoke schedule on the tiny synthetic COCO, labelled as such.
+# Any launch variable goes through paddle_impl.launch (paddle.distributed.launch), which checks them all.
 train-full: $(SETUP)
-	$(if $(GPUS),$(PY) -m paddle.distributed.launch --gpus $(GPUS) --log_dir $(WORK_DIR)/launch $(abspath $(VENV))/bin/ghm-train,$(PY) -m paddle_impl.train) $(TRAIN_ARGS)
+	$(if $(strip $(LAUNCH_ARGS)),$(PY) -m paddle_impl.launch $(LAUNCH_ARGS) --,$(PY) -m paddle_impl.train) $(TRAIN_ARGS)
 
 tiny-coco: $(SETUP)
 	$(PY) -m paddle_impl.data.tiny_coco $(TINY_COCO) --force

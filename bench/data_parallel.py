@@ -7,7 +7,8 @@
 Three trainings from the same seeded weights over the same images, iteration by
 iteration, on a generated tiny COCO at a small scale:
 
-(a) ``python -m paddle.distributed.launch --nproc_per_node 2 .venv/bin/ghm-train``:
+(a) ``python -m paddle.distributed.launch --nproc_per_node 2`` of the training program
+    (through ``paddle_impl.launch.job``):
     two CPU processes (gloo) x 2 images, ``paddle.DataParallel``;
 (b) its emulation in this one process: every iteration, the two batches the
     distributed sampler gives rank 0 and rank 1, each loss computed with that

@@ -1,25 +1,17 @@
-"""Run (a) of the data-parallel benchmark: ``paddle.distributed.launch`` of the training program on
-2 CPU processes (gloo), and its log and final checkpoint read back. See `bench.data_parallel`.
-
-:func:`launch` alone starts and waits for such a run with any program arguments (the tests of
-distributed evaluation use it)."""
+"""Run (a) of the data-parallel benchmark: the training program on 2 CPU processes (gloo) through
+`paddle_impl.launch.job` (``paddle.distributed.launch``), and its log and final checkpoint read back.
+See `bench.data_parallel`."""
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from paddle_impl.engine import checkpoint as ckpt
 from paddle_impl.engine.report import read_jsonl
+from paddle_impl.launch.job import LaunchFault, run_job, training_program
+from paddle_impl.launch.nodes import parse_layout
 
-ROOT = Path(__file__).resolve().parent.parent
-# The training program as a script for the launcher (which cannot take ``-m``).
-TRAIN_COMMAND = str(Path(sys.executable).parent / "ghm-train")
 WORLD_SIZE = 2
 BATCH_PER_PROCESS = 2
 WARMUP_ITERS = 2
@@ -52,38 +44,18 @@ def _where(log_dir: Path, out_file: Path) -> str:
 
 def launch(program_args: list[str], log_dir: Path, out_file: Path, timeout: float = 1200
            ) -> tuple[list[str], float]:
-    """``paddle.distributed.launch`` of the training program with ``program_args`` on
-    ``WORLD_SIZE`` CPU processes, waited for.
-
-    The launcher's output goes to ``out_file``, the workers' logs to ``log_dir``
-    (emptied first). Returns the command and its wall time in seconds. Raises
-    :class:`LaunchError` naming the logs when the launcher fails or times out.
-    """
+    """The training program with ``program_args`` on ``WORLD_SIZE`` CPU processes, through
+    `paddle_impl.launch.job`, waited for; returns the launcher command and the wall time.
+    Raises :class:`LaunchError` naming the logs when the job fails or times out."""
     shutil.rmtree(log_dir, ignore_errors=True)
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", str(WORLD_SIZE),
-               "--max_restart", "0", "--log_dir", str(log_dir), TRAIN_COMMAND, *program_args]
-    where = _where(log_dir, out_file)
-    started = time.perf_counter()
-    with open(out_file, "w") as out:
-        proc = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        try:
-            code = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            # The workers run in sessions of their own; the launcher's SIGTERM handler stops them.
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            raise LaunchError(f"paddle.distributed.launch did not finish in {timeout:g} s; {where}") from None
-    wall = time.perf_counter() - started
-    if code != 0:
-        raise LaunchError(f"paddle.distributed.launch exited with status {code}; {where}"
-                          f"{_last_lines(log_dir / 'workerlog.0')}{_last_lines(log_dir / 'workerlog.1')}")
-    return command, wall
+    try:
+        job = run_job(parse_layout(nproc=str(WORLD_SIZE)), training_program(program_args),
+                      log_dir, out_file=out_file, timeout=timeout)
+    except LaunchFault as err:
+        raise LaunchError(f"{err}; {_where(log_dir, out_file)}{_last_lines(log_dir / 'workerlog.0')}"
+                          f"{_last_lines(log_dir / 'workerlog.1')}") from None
+    return job.command, job.wall_s
 
 
 def run_distributed(coco: Path, work_dir: Path, iters: int, lr: float, seed: int,

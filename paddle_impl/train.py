@@ -8,8 +8,10 @@ Usage::
         [--num-workers 2] [--seed 0]
         [--mmdet-log FILE] [--scale WxH] [--warmup-iters N] [--milestones 8,11]
         [--ckpt-interval-iters K] [--keep-checkpoints 3] [--reports DIR] [--report-only] [--no-progress]
-    python -m paddle.distributed.launch --nproc_per_node N .venv/bin/ghm-train ...  # N CPU processes
-    python -m paddle.distributed.launch --gpus 0,1,2,3 .venv/bin/ghm-train ...      # 4 GPUs (paddlepaddle-gpu)
+    python -m paddle_impl.launch --nproc N -- ...          # N CPU processes (gloo)
+    python -m paddle_impl.launch --gpus 0,1,2,3 -- ...     # 4 GPUs (paddlepaddle-gpu)
+    python -m paddle_impl.launch --nnodes 2 --node-rank R --master HOST:PORT --gpus 0,1,2,3 -- ...
+                                                           # on each of 2 machines (paddle_impl.launch)
 
 ``--coco DIR`` holds ``train2017/``, ``val2017/`` and
 ``annotations/instances_{train,val}2017.json``. Without it a tiny synthetic
@@ -77,7 +79,10 @@ or a NaN/infinite loss stops the run with one line naming the file, path or
 iteration; a one-process run saves its last complete iteration first (not
 for a non-finite loss). Weights and checkpoints given by the user are read
 without unpickling anything but arrays and containers
-(:mod:`paddle_impl.engine.safe_load`).
+(:mod:`paddle_impl.engine.safe_load`). With several processes every rank must
+start at the same iteration: a ``--resume`` whose checkpoint some rank does not
+see (a node without the shared ``--work-dir``) stops every rank with one line
+naming them. A rank that dies is named by ``python -m paddle_impl.launch``.
 
 Exit status: 0 on success, 2 on bad input or a fault (one line, the file or
 option first; ``-v`` or ``GHM_TRACEBACK=1`` adds the traceback).

@@ -24,6 +24,7 @@ from paddle_impl.data.dataset import CocoDetection, build_dataloader, check_imag
 from paddle_impl.data.samplers import resume_position
 from paddle_impl.engine import checkpoint as ckpt
 from align.engine.atomic_write import check_writable_dir, remove_stale_temp_files, write_json
+from paddle_impl.engine.fault_injection import maybe_fail
 from paddle_impl.engine.lr_schedule import WarmupMultiStepLR
 from paddle_impl.engine.optimizer import SGD, scaled_lr
 from paddle_impl.engine.report import (append_jsonl, format_eta, read_mmdet_log, render_report,
@@ -161,6 +162,8 @@ class Trainer:
         self._saved_at = -1
         if self.resume_from:
             self._restore(ckpt.load_checkpoint(self.resume_from))
+        if self.world_size > 1:
+            self._check_same_start()
 
     # Set-up ---------------------------------------------------------------------------------
 
@@ -220,6 +223,18 @@ class Trainer:
         self.iter = int(state["iter"])
         self.position = dict(state["sampler"])
         self._saved_at = self.iter
+
+    def _check_same_start(self) -> None:
+        """Every rank starts at the same iteration. On several machines each reads the checkpoint
+        from its own ``--work-dir``; a node that does not see rank 0's ``latest.ckpt`` would
+        silently train from scratch beside the others. All ranks raise the same error."""
+        starts = _gather([self.iter, str(self.resume_from) if self.resume_from else None], self.world_size)
+        if len({it for it, _ in starts}) > 1:
+            detail = ", ".join(f"rank {r}: " + (f"iteration {it} from {src}" if src else "no checkpoint")
+                               for r, (it, src) in enumerate(starts))
+            raise InputError(f"--resume: the ranks would start at different iterations ({detail}); "
+                             "every node must read the same checkpoint: put --work-dir on a shared "
+                             "file system, or copy rank 0's latest.ckpt to each node's --work-dir")
 
     # Checkpoints ----------------------------------------------------------------------------
 
@@ -349,6 +364,7 @@ class Trainer:
             t_data = time.perf_counter()
             for batch in self.loader:
                 t_start = time.perf_counter()
+                maybe_fail(self.rank, self.iter + 1)
                 step = train_step(self.loss_forward, self.optimizer, self.schedule, batch,
                                   iteration=self.iter + 1)
                 values, grad_norm = step.log_values(), step.grad_norm
