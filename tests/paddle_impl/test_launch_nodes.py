@@ -23,13 +23,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from paddle_impl.data.tiny_coco import generate
 from paddle_impl.engine import checkpoint as ckpt
 
 from tests.paths import ROOT
+from tests.trees import assert_same_tree
 
 # Whole stages, processes or the full-size model: `make test-fast` skips these.
 pytestmark = pytest.mark.slow
@@ -98,22 +98,8 @@ def logged(work: Path) -> list[dict]:
 
 
 def assert_same_state(a: dict, b: dict) -> None:
-    def same(x, y, where):
-        if isinstance(x, dict):
-            assert set(x) == set(y), f"{where}: keys differ: {set(x) ^ set(y)}"
-            for key in x:
-                same(x[key], y[key], f"{where}/{key}")
-        elif isinstance(x, (list, tuple)):
-            assert len(x) == len(y), f"{where}: lengths differ"
-            for i, (u, v) in enumerate(zip(x, y)):
-                same(u, v, f"{where}[{i}]")
-        elif isinstance(x, np.ndarray):
-            np.testing.assert_array_equal(x, y, err_msg=where)
-        else:
-            assert x == y, f"{where}: {x!r} != {y!r}"
-
     for key in STATE_KEYS:
-        same(a[key], b[key], key)
+        assert_same_tree(a[key], b[key], key)
 
 
 @pytest.fixture(scope="module")

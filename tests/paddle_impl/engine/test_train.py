@@ -24,6 +24,7 @@ from paddle_impl.data.tiny_coco import generate
 from paddle_impl.train import main as train_main
 
 from tests.paths import ROOT  # noqa: E402
+from tests.trees import assert_same_tree
 
 # Whole stages, processes or the full-size model: `make test-fast` skips these.
 pytestmark = pytest.mark.slow
@@ -49,22 +50,6 @@ def runs(coco, tmp_path_factory) -> dict[str, Path]:
     return {"straight": straight, "resumed": resumed, "after3": root / "after3.pkl"}
 
 
-def _assert_same_tree(a, b, where: str = "") -> None:
-    """Equal nested dicts/lists; numpy arrays bit for bit."""
-    if isinstance(a, dict):
-        assert set(a) == set(b), f"{where}: keys differ: {set(a) ^ set(b)}"
-        for key in a:
-            _assert_same_tree(a[key], b[key], f"{where}/{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), f"{where}: lengths differ"
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same_tree(x, y, f"{where}[{i}]")
-    elif isinstance(a, np.ndarray):
-        np.testing.assert_array_equal(a, b, err_msg=where)
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
-
-
 def test_resume_mid_epoch_is_exact(runs):
     """3 + resume + 3 iterations end in the same state as 6 straight: weights, GHM, optimizer, schedule."""
     mid = pickle.loads(runs["after3"].read_bytes())
@@ -74,7 +59,7 @@ def test_resume_mid_epoch_is_exact(runs):
     assert a["iter"] == b["iter"] == 6
     assert a["sampler"] == b["sampler"] == {"epoch": 1, "batch": 1}
     for key in ("model", "ghm_per_rank", "optimizer", "lr_schedule", "sampler", "world_size"):
-        _assert_same_tree(a[key], b[key], key)
+        assert_same_tree(a[key], b[key], key)
     # The state is not trivially equal: training moved it and the GHM buffers hold statistics.
     assert not np.array_equal(a["model"]["bbox_head.retina_cls.weight"],
                               mid["model"]["bbox_head.retina_cls.weight"])
