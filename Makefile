@@ -63,12 +63,13 @@ WORK_DIR  ?= work_dirs/ghm_retinanet
 TINY_COCO ?= build/tiny_coco
 SCALE       ?=
 TRAIN_ITERS ?=
+REPEATS     ?=
 # The order of `make align`: each stage builds on the agreement shown by the ones before it.
 STAGES  := forward loss backward data predict metric train
 
 COMMON_ARGS = --reports $(REPORTS) --seed $(SEED) $(if $(CKPT),--ckpt $(CKPT)) $(if $(SHAPE),--shape $(SHAPE))
 
-.PHONY: help setup align $(addprefix align-,$(STAGES)) align-example bench-ghm bench-train bench-coco-eval train-full tiny-coco \
+.PHONY: help setup align $(addprefix align-,$(STAGES)) align-example bench-ghm bench-train bench-coco-eval bench-overhead bench-data train-full tiny-coco \
         test test-fast clean distclean
 
 help:
@@ -86,6 +87,8 @@ help:
 	@echo "make bench-ghm      GHM-C / GHM-R speed, mmdet vs Paddle"
 	@echo "make bench-train    training-step speed, mmdet vs Paddle, batch of 2 at two sizes; CKPT="
 	@echo "make bench-coco-eval COCO box evaluation speed, pycocotools vs faster-coco-eval, same numbers; BENCH_IMAGES= (default 5000)"
+	@echo "make bench-overhead share of a training iteration outside the network, Paddle (as train-full) vs mmdet, one batch; SCALE=WxH (default 1333x800), REPEATS=, CKPT="
+	@echo "make bench-data     share of a training iteration waiting for data, the training program with 0 and 2 DataLoader workers; SCALE=WxH, TRAIN_ITERS= (default 24)"
 	@echo "make setup          create $(VENV) and install the pinned dependencies"
 
 setup: $(SETUP)
@@ -177,6 +180,14 @@ bench-train: $(SETUP)
 
 bench-coco-eval: $(SETUP)
 	$(PY) -m bench.bench_coco_eval --out $(REPORTS)/bench_coco_eval.json $(if $(BENCH_IMAGES),--images $(BENCH_IMAGES))
+
+bench-overhead: $(SETUP)
+	$(PY) -m bench.overhead --out $(REPORTS)/bench_overhead.json $(if $(CKPT),--ckpt $(CKPT)) \
+	  $(if $(SCALE),--size $(SCALE)) $(if $(REPEATS),--repeats $(REPEATS))
+
+bench-data: $(SETUP)
+	$(PY) -m bench.data_wait --out $(REPORTS)/bench_data.json $(if $(SCALE),--size $(SCALE)) \
+	  $(if $(TRAIN_ITERS),--iters $(TRAIN_ITERS))
 
 test: $(SETUP)
 	$(PY) -m pytest -q tests

@@ -160,6 +160,8 @@ class Trainer:
         self.iter = 0
         self.position = {"epoch": 0, "batch": 0}
         self._saved_at = -1
+        # The clock of the ETA: iterations done by this process since it started training.
+        self._started, self._done_here = time.perf_counter(), 0
         if self.resume_from:
             self._restore(ckpt.load_checkpoint(self.resume_from))
         if self.world_size > 1:
@@ -352,8 +354,8 @@ class Trainer:
             print(f"[train] done: {self.iter} iterations; report {report}", file=sys.stderr)
 
     def _train(self, bar) -> None:
-        args, wd = self.args, self.work_dir
-        started, done_here = time.perf_counter(), 0
+        args = self.args
+        self._started, self._done_here = time.perf_counter(), 0
         evaluated_at = -1
         while self.iter < self.total_iters:
             epoch = self.position["epoch"]
@@ -363,33 +365,10 @@ class Trainer:
                 self.loader.batch_sampler.set_epoch(epoch)
             t_data = time.perf_counter()
             for batch in self.loader:
-                t_start = time.perf_counter()
-                maybe_fail(self.rank, self.iter + 1)
-                step = train_step(self.loss_forward, self.optimizer, self.schedule, batch,
-                                  iteration=self.iter + 1)
-                values, grad_norm = step.log_values(), step.grad_norm
-                self.iter += 1
-                done_here += 1
-                pos = resume_position(batch["keys"])
-                self.position = ({"epoch": epoch + 1, "batch": 0} if pos["batch"] >= self.iters_per_epoch
-                                 else pos)
-                spread = None
-                if self.world_size > 1:
-                    prints = _gather(self._fingerprint(), self.world_size)
-                    spread = float(np.max(np.abs(np.array(prints) - np.array(prints[0]))))
-                now = time.perf_counter()
-                per_iter = (now - started) / done_here
-                eta = per_iter * (self.total_iters - self.iter)
-                if self.main:
-                    record = {"iter": self.iter, "epoch": epoch + 1, "iter_in_epoch": pos["batch"],
-                              **values, "grad_norm": grad_norm, "time": now - t_data,
-                              "data_time": t_start - t_data, "eta_s": eta, "eta": format_eta(eta)}
-                    if spread is not None:
-                        record["param_rank_spread"] = spread
-                    append_jsonl(wd / "log.jsonl", record)
-                    if bar is not None:
-                        bar.set_postfix(epoch=epoch + 1, loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}")
-                        bar.update(1)
+                record = self.train_iteration(batch, epoch, t_data)
+                if bar is not None:
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+                    bar.update(1)
                 if args.ckpt_interval_iters and self.iter % args.ckpt_interval_iters == 0:
                     self.save_checkpoint()
                 if self.iter >= self.total_iters:
@@ -409,6 +388,42 @@ class Trainer:
         self.save_weights("model_final.pdparams")
         if evaluated_at != self.iter:
             self._evaluate(self.position["epoch"] + (1 if self.position["batch"] else 0))
+
+    def train_iteration(self, batch: dict[str, Any], epoch: int, t_data: float) -> dict[str, Any] | None:
+        """One iteration of the loop on ``batch``: the training step, the sampler position after
+        it and the iteration's log record.
+
+        ``epoch`` is 0-based; ``t_data`` the ``time.perf_counter()`` at which the
+        loop asked the loader for ``batch``, so the record's ``data_time`` is
+        the wait for it and ``time`` the whole iteration. Rank 0 appends the
+        record to ``log.jsonl`` and returns it; other ranks return None. The
+        loop and ``bench.overhead`` (which times an iteration) both run it.
+        """
+        t_start = time.perf_counter()
+        maybe_fail(self.rank, self.iter + 1)
+        step = train_step(self.loss_forward, self.optimizer, self.schedule, batch, iteration=self.iter + 1)
+        values, grad_norm = step.log_values(), step.grad_norm
+        self.iter += 1
+        self._done_here += 1
+        pos = resume_position(batch["keys"])
+        self.position = ({"epoch": epoch + 1, "batch": 0} if pos["batch"] >= self.iters_per_epoch
+                         else pos)
+        spread = None
+        if self.world_size > 1:
+            prints = _gather(self._fingerprint(), self.world_size)
+            spread = float(np.max(np.abs(np.array(prints) - np.array(prints[0]))))
+        now = time.perf_counter()
+        per_iter = (now - self._started) / self._done_here
+        eta = per_iter * (self.total_iters - self.iter)
+        if not self.main:
+            return None
+        record = {"iter": self.iter, "epoch": epoch + 1, "iter_in_epoch": pos["batch"],
+                  **values, "grad_norm": grad_norm, "time": now - t_data,
+                  "data_time": t_start - t_data, "eta_s": eta, "eta": format_eta(eta)}
+        if spread is not None:
+            record["param_rank_spread"] = spread
+        append_jsonl(self.work_dir / "log.jsonl", record)
+        return record
 
     def _fingerprint(self) -> list[float]:
         return _param_fingerprint(self.model).numpy().tolist()
