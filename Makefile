@@ -107,7 +107,7 @@ $(STAMP): requirements/build.txt requirements/reference.txt requirements/lock.tx
 	PATH="$(abspath $(VENV))/bin:$$PATH" MMCV_WITH_OPS=1 FORCE_CUDA=$(MMCV_CUDA) MAX_JOBS=$(MAX_JOBS) \
 	  $(PIP) install -v --no-build-isolation -c requirements/lock.txt "$(MMCV_PKG)" 2>&1 \
 	  | tee $(VENV)/mmcv-build.log \
-	  | grep --line-buffered -E '^ *\[[0-9]+/[0-9]+\]|Using cached|Successfully|ERROR|error:' \
+	  | { grep --line-buffered -E '^ *\[[0-9]+/[0-9]+\]|Using cached|Successfully|already satisfied: mmcv|ERROR|error:' || true; } \
 	  | sed -u -E 's/^ *(\[[0-9]+\/[0-9]+\]).*/  mmcv build \1/'
 	$(PY) -c "import mmcv.ops; print('  mmcv', mmcv.__version__, 'ops ok')"
 	@echo "==> [5/5] mmengine, mmdet, reprod_log, pycocotools, faster-coco-eval, tools"
