@@ -49,7 +49,7 @@ class ForwardOptions:
     # activations are spilled under ``build_dir`` while the layers are compared.
     isolate: bool = False
     # Keep mmdet's side in ``build_dir/cache`` and take it from there when it matches (at
-    # 2x3x800x1344 its layer records are 6.9 GB: loading them costs about what mmdet's forward does).
+    # 2x3x800x1344 its layer records are 6.5 GB on disk, memory-mapped when they are used).
     cache: bool = False
     # With ``cache``: recompute mmdet's side even when the cache holds it.
     fresh: bool = False
