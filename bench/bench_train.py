@@ -49,7 +49,7 @@ import sys
 import time
 
 from align.engine.atomic_write import write_json
-from bench.machine import load_average, machine_info
+from bench.machine import load_average, machine_info, set_threads
 from paddle_impl.arguments import parse_size
 
 DEFAULT_SIZES = "768x512,1344x800"
@@ -214,15 +214,11 @@ def main(argv=None) -> int:
     cpu_config = None if args.no_cpu_config else configure_cpu()
 
     import paddle
-    import torch
 
     from align.ghm.pair import prepare_checkpoints
 
     paddle.set_device("cpu")
-    threads = torch.get_num_threads() if args.threads is None else args.threads
-    if threads > 0:
-        torch.set_num_threads(threads)
-        paddle.base.core.set_num_threads(threads)
+    threads = set_threads(args.threads)
     ckpts = prepare_checkpoints(args.ckpt, args.seed)
     load_before = load_average()
     started = time.perf_counter()

@@ -50,3 +50,16 @@ def machine_info() -> dict:
         thread_env={k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CPU_NUM")},
         paddle_device=paddle.get_device(),
     )
+
+
+def set_threads(requested: int | None) -> int:
+    """Give torch and Paddle the same math thread count and return it: ``requested``, or
+    torch's default (the cores available) when None; 0 leaves each library its own default."""
+    import paddle
+    import torch
+
+    threads = torch.get_num_threads() if requested is None else requested
+    if threads > 0:
+        torch.set_num_threads(threads)
+        paddle.base.core.set_num_threads(threads)
+    return threads

@@ -381,18 +381,14 @@ def _run(args: argparse.Namespace) -> int:
     cpu_config = configure_cpu()
 
     import paddle
-    import torch
 
     from align.engine.atomic_write import write_json
     from align.ghm.pair import prepare_checkpoints
     from bench.bench_train import environment
-    from bench.machine import load_average
+    from bench.machine import load_average, set_threads
 
     paddle.set_device("cpu")
-    threads = torch.get_num_threads() if args.threads is None else args.threads
-    if threads > 0:
-        torch.set_num_threads(threads)
-        paddle.base.core.set_num_threads(threads)
+    threads = set_threads(args.threads)
     ckpts = prepare_checkpoints(args.ckpt, args.seed)
     load_before = load_average()
     started = time.perf_counter()
