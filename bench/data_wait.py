@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from paddle_impl.arguments import SizeError, parse_size
+from paddle_impl.arguments import non_negative, parse_size, positive
 from paddle_impl.errors import run_command
 
 DEFAULT_SIZE = "1333x800"
@@ -66,26 +66,19 @@ def parse_workers(text: str) -> list[int]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.data_wait", description=__doc__.split("\n\n")[0])
-    p.add_argument("--size", default=DEFAULT_SIZE,
+    p.add_argument("--size", type=parse_size, default=DEFAULT_SIZE,
                    help="resize scale WxH of the training pipeline (default %(default)s, the COCO setting)")
-    p.add_argument("--iters", type=int, default=24, help="training iterations per run (default %(default)s)")
-    p.add_argument("--skip", type=int, default=2,
+    p.add_argument("--iters", type=positive, default=24, help="training iterations per run (default %(default)s)")
+    p.add_argument("--skip", type=non_negative, default=2,
                    help="first iterations left out of the share, reported apart (default %(default)s)")
     p.add_argument("--workers", type=parse_workers, default=parse_workers(DEFAULT_WORKERS),
                    help="DataLoader worker counts, one run each (default %s)" % DEFAULT_WORKERS)
-    p.add_argument("--batch", type=int, default=2, help="images per batch (default %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=positive, default=2, help="images per batch (default %(default)s)")
+    p.add_argument("--seed", type=non_negative, default=0)
     p.add_argument("--timeout", type=float, default=7200, help="seconds allowed per run (default %(default)s)")
     p.add_argument("--work-dir", type=Path, default=Path("build/bench_data"))
     p.add_argument("--out", type=Path, default=Path("reports/bench_data.json"), help="JSON report")
     args = p.parse_args(argv)
-    try:
-        args.size = parse_size(args.size)
-    except SizeError as err:
-        p.error(f"--size: {err}")
-    for name, low in (("iters", 1), ("skip", 0), ("batch", 1), ("seed", 0)):
-        if getattr(args, name) < low:
-            p.error(f"--{name} must be at least {low}, got {getattr(args, name)}")
     if args.skip >= args.iters:
         p.error(f"--skip {args.skip} leaves none of --iters {args.iters} to measure")
     if not args.timeout > 0:

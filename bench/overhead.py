@@ -68,7 +68,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from paddle_impl.arguments import SizeError, parse_size
+from paddle_impl.arguments import non_negative, parse_size, positive
 from paddle_impl.errors import InputError, run_command
 
 DEFAULT_SIZE = "1333x800"
@@ -89,29 +89,20 @@ MMDET_SHARES = {"non_network_share": ("network_s", "train_step_s"),
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.overhead", description=__doc__.split("\n\n")[0])
-    p.add_argument("--size", default=DEFAULT_SIZE,
+    p.add_argument("--size", type=parse_size, default=DEFAULT_SIZE,
                    help="resize scale WxH of the training pipeline (default %(default)s, the COCO setting)")
-    p.add_argument("--batch", type=int, default=2, help="images per batch (default %(default)s)")
-    p.add_argument("--repeats", type=int, default=3, help="timed rounds after the warm-up (default %(default)s)")
-    p.add_argument("--num-workers", type=int, default=2,
+    p.add_argument("--batch", type=positive, default=2, help="images per batch (default %(default)s)")
+    p.add_argument("--repeats", type=positive, default=3, help="timed rounds after the warm-up (default %(default)s)")
+    p.add_argument("--num-workers", type=non_negative, default=2,
                    help="DataLoader workers of the Paddle side (default %(default)s, as make train-full)")
-    p.add_argument("--threads", type=int,
+    p.add_argument("--threads", type=non_negative,
                    help="CPU threads of both libraries (default: torch's default; 0: each library's own)")
     p.add_argument("--ckpt", help="mmdet checkpoint (default: the seeded synthetic one)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative, default=0)
     p.add_argument("--work-dir", type=Path, default=Path("build/bench_overhead"),
                    help="the Paddle trainer's work dir (its log.jsonl) goes under it")
     p.add_argument("--out", type=Path, default=Path("reports/bench_overhead.json"), help="JSON report")
     args = p.parse_args(argv)
-    try:
-        args.size = parse_size(args.size)
-    except SizeError as err:
-        p.error(f"--size: {err}")
-    for name, low in (("repeats", 1), ("batch", 1), ("num_workers", 0), ("seed", 0)):
-        if getattr(args, name) < low:
-            p.error(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
-    if args.threads is not None and args.threads < 0:
-        p.error(f"--threads must be 0 or more, got {args.threads}")
     return args
 
 
