@@ -134,7 +134,8 @@ align-loss: $(SETUP)
 
 align-backward: $(SETUP)
 	$(PY) -m align.backward $(COMMON_ARGS) $(if $(STEPS),--steps $(STEPS)) \
-	  $(if $(ITERS_PER_EPOCH),--iters-per-epoch $(ITERS_PER_EPOCH)) $(if $(ISOLATE),--isolate)
+	  $(if $(ITERS_PER_EPOCH),--iters-per-epoch $(ITERS_PER_EPOCH)) $(if $(ISOLATE),--isolate) \
+	  $(if $(CACHE),--cache) $(if $(FRESH),--fresh)
 
 # A second model pair through the same engine: mmdet's ResNet-18 against paddle.vision's.
 align-example: $(SETUP)

@@ -12,7 +12,7 @@ from align.ghm.suite import run_stage
 
 def main(argv: list[str] | None = None) -> int:
     p = stage_parser("backward", __doc__, ckpt_help="mmdet checkpoint (default: the seeded synthetic one)",
-                     build_dir=BUILD_DIR)
+                     build_dir=BUILD_DIR, cache=True)
     p.add_argument("--shape", default=DEFAULT_SHAPE, help="batch NxCxHxW (default %(default)s)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--lr", type=float,
@@ -39,12 +39,17 @@ def main(argv: list[str] | None = None) -> int:
                            extra_dtype=extra_dtype(args),
                            clip_max_norm=args.clip_max_norm, reprod_log=not args.no_reprod_log,
                            schedule_iters_per_epoch=args.iters_per_epoch, isolate=args.isolate,
-                           reports=args.reports, build_dir=args.build_dir)
+                           reports=args.reports, build_dir=args.build_dir, cache=args.cache, fresh=args.fresh)
     return run_stage(lambda: run_backward(opts), label=lambda r: f"backward ({r.meta['dtype']})",
-                     summary=lambda r: (f"({len(r.tensors)} compared); mmdet {r.meta['mmdet_s']:.1f} s, "
+                     summary=lambda r: (f"({len(r.tensors)} compared); mmdet {r.meta['mmdet_s']:.1f} s"
+                                        f"{' (replayed from the cache)' if _replayed(r) else ''}, "
                                         f"paddle {r.meta['paddle_s']:.1f} s"),
                      details=_details, first_divergence=first_divergence, verbose=args.verbose,
                      report=opts.reports / "backward.html")
+
+
+def _replayed(result) -> bool:
+    return result.meta["runs"][result.meta["dtype"]]["reference_cache"] == "hit"
 
 
 def _details(result) -> list[str]:

@@ -48,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from align.backward.reference import Reference, mmdet_reference
 from align.backward.tables import (ParameterRow, StepRow, headline, loss_curve_png, relu_table, side_run,
                                    summarize)
 from align.engine.capture import ReluMaskCensus
@@ -64,9 +65,9 @@ from align.ghm.divergence import BinFlips, relu_flips, row_kind
 from align.ghm.fake_batch import random_batch
 from align.ghm.pair import (BUILD_DIR, MODEL_DTYPES, Checkpoints, build_paddle_model, build_torch_model,
                             parse_shape, prepare_checkpoints, seeded_images)
-from align.ghm.recorders import PaddleGHMRecorder, TorchGHMRecorder
+from align.ghm.recorders import PaddleGHMRecorder
 from align.ghm.schedule import LR_TOL, schedule_comparison
-from align.ghm.sides import FakeInputs, MmdetSide, PaddleSide, data_samples
+from align.ghm.sides import FakeInputs, PaddleSide, data_samples
 from align.ghm.suite import write_report
 
 DEFAULT_SHAPE = "2x3x320x480"
@@ -108,6 +109,10 @@ class BackwardOptions:
     param_tol: float = 1e-4
     reports: Path = Path("reports")
     build_dir: Path = BUILD_DIR
+    # Keep mmdet's side of each run in ``build_dir/cache`` and replay it from there when it
+    # matches (see `align.backward.reference`); ``fresh``: recompute it regardless.
+    cache: bool = False
+    fresh: bool = False
 
 
 def make_batches(opts: BackwardOptions) -> list[FakeInputs]:
@@ -147,21 +152,46 @@ class PairRun:
     seconds: dict[str, float]
     logs: tuple[dict, dict] | None = field(default=None, repr=False)
     divergences: list[Divergence] = field(default_factory=list)
+    reference_cache: str = "off"
 
 
 def train_pair(opts: BackwardOptions, dtype: str, ckpts: Checkpoints, batches: list[FakeInputs],
                warmup: int, keep_logs: bool) -> PairRun:
-    """Train mmdet's model and ours in ``dtype`` in lockstep, comparing as they go."""
+    """Train mmdet's model and ours in ``dtype`` in lockstep, comparing as they go (mmdet's side
+    replayed from the cache when ``opts.cache`` finds it there, see `align.backward.reference`)."""
     settings = dict(lr=opts.lr, warmup=warmup, iters_per_epoch=opts.steps, max_norm=opts.clip_max_norm)
-    mmdet = MmdetSide(build_torch_model(ckpts, dtype), **settings)
     paddle = PaddleSide.from_config(build_paddle_model(ckpts, dtype), **settings)
-    census = ReluMaskCensus(mmdet.model, paddle.model)
     # Per-element g of the GHM calls only where a divergence is expected to need them.
     keep_g = dtype == "float32"
-    t_head, p_head = mmdet.model.bbox_head, paddle.model.bbox_head
-    recorders = {"ghmc": (TorchGHMRecorder(t_head.loss_cls, "cls", keep_g), PaddleGHMRecorder(p_head.loss_cls, keep_g)),
-                 "ghmr": (TorchGHMRecorder(t_head.loss_bbox, "bbox", keep_g),
-                          PaddleGHMRecorder(p_head.loss_bbox, keep_g))}
+    with mmdet_reference(ckpts, dtype, batches, settings, keep_g=keep_g, cache_dir=opts.build_dir / "cache",
+                         use_cache=opts.cache, fresh=opts.fresh) as reference:
+        run, figures, steps, causes, logs = _lockstep(opts, dtype, reference, paddle, batches, keep_g,
+                                                               keep_logs)
+        final = reference.side.parameters()
+    evidence = [StepEvidence(r.step, [row.name for row in r.rows if not row.passed], causes.get(r.step, []))
+                for r in run.steps]
+    initial = build_initial_params(ckpts)
+    changes = [(float(np.abs(to_numpy(final[n]).astype(np.float64) - v).max()), float(np.abs(v).max()))
+               for n, v in initial.items() if n in final]
+    # Relative to each tensor's largest initial magnitude: how far the run
+    # moved the weights on the scale the parameter rows are compared on.
+    relative = [change / scale for change, scale in changes if scale > 0]
+    return PairRun(dtype=dtype, rows=run.rows, steps=steps, relu_layers=figures["relu_layers"],
+                   largest_change=max((c for c, _ in changes), default=0.0),
+                   relative_change=(float(np.median(relative)), max(relative)) if relative else (0.0, 0.0),
+                   seconds={"mmdet_s": run.seconds["mmdet"], "paddle_s": run.seconds["paddle"]}, logs=logs,
+                   divergences=classify(evidence, row_kind), reference_cache=reference.status)
+
+
+def _lockstep(opts: BackwardOptions, dtype: str, reference: Reference, paddle: PaddleSide,
+              batches: list[FakeInputs], keep_g: bool, keep_logs: bool):
+    """The paired steps of `train_pair` with their comparisons; returns the `LockstepRun`, the
+    figures, the per-step rows, the causes found per step and the reprod_log dicts."""
+    mmdet = reference.side
+    census = reference.census = ReluMaskCensus(reference.torch_model, paddle.model)
+    p_head = paddle.model.bbox_head
+    recorders = {"ghmc": (reference.ghm["ghmc"], PaddleGHMRecorder(p_head.loss_cls, keep_g)),
+                 "ghmr": (reference.ghm["ghmr"], PaddleGHMRecorder(p_head.loss_bbox, keep_g))}
     bin_flips = BinFlips(recorders)
     causes: dict[int, list[Explanation]] = {}
     logs = ({}, {}) if keep_logs else None
@@ -210,7 +240,7 @@ def train_pair(opts: BackwardOptions, dtype: str, ckpts: Checkpoints, batches: l
             step=step, lr=record.reference.lr, loss_mmdet=float(record.reference.losses["loss.total"]),
             loss_paddle=float(record.test.losses["loss.total"]), loss_rel=by_name[total].rel_max,
             grad_norm_mmdet=record.reference.grad_norm, grad_norm_paddle=record.test.grad_norm,
-            grad_norm_rel=norm.rel_max, clipped=record.reference.grad_norm > mmdet.max_norm,
+            grad_norm_rel=norm.rel_max, clipped=record.reference.grad_norm > reference.max_norm,
             worst_grad_rel=worst_grad[0], worst_grad=worst_grad[1][len("grad."):],
             worst_param_rel=worst_param[0], worst_param=worst_param[1][len("param."):],
             worst_momentum_rel=worst_momentum[0],
@@ -221,28 +251,15 @@ def train_pair(opts: BackwardOptions, dtype: str, ckpts: Checkpoints, batches: l
 
     try:
         with contextlib.ExitStack() as stack:
-            for recorder in (r for pair in recorders.values() for r in pair):
+            for _, recorder in recorders.values():
                 stack.enter_context(recorder)
             run = train_in_lockstep(
                 mmdet, paddle, [(b, b) for b in batches], label=lambda step: f"step{step}", tolerance=tolerance,
-                at_gradients=at_gradients, before_step=lambda step: census.start_step(), after_step=after_step,
+                at_gradients=at_gradients, before_step=reference.begin_step, after_step=after_step,
                 progress=lambda items: progress(items, f"backward {dtype}", total=len(batches)))
     finally:
         census.remove()
-    evidence = [StepEvidence(r.step, [row.name for row in r.rows if not row.passed], causes.get(r.step, []))
-                for r in run.steps]
-    initial = build_initial_params(ckpts)
-    final = mmdet.parameters()
-    changes = [(float(np.abs(to_numpy(final[n]).astype(np.float64) - v).max()), float(np.abs(v).max()))
-               for n, v in initial.items() if n in final]
-    # Relative to each tensor's largest initial magnitude: how far the run
-    # moved the weights on the scale the parameter rows are compared on.
-    relative = [change / scale for change, scale in changes if scale > 0]
-    return PairRun(dtype=dtype, rows=run.rows, steps=steps, relu_layers=figures["relu_layers"],
-                   largest_change=max((c for c, _ in changes), default=0.0),
-                   relative_change=(float(np.median(relative)), max(relative)) if relative else (0.0, 0.0),
-                   seconds={"mmdet_s": run.seconds["mmdet"], "paddle_s": run.seconds["paddle"]}, logs=logs,
-                   divergences=classify(evidence, row_kind))
+    return run, figures, steps, causes, logs
 
 
 def _log_step(logs: tuple[dict, dict], grad_logs: tuple[dict, dict] | None, record: PairedStep) -> None:
@@ -372,6 +389,8 @@ def run_backward(opts: BackwardOptions) -> StageResult:
             "largest_parameter_change_mmdet": run.largest_change,
             "parameter_change_relative_mmdet": dict(zip(("median", "max"), run.relative_change)),
             "relu_mask_flips_step1": sum(r[0] for r in run.relu_layers.values()),
+            # "hit": mmdet's side was replayed from build/cache (its time is then only the replay's).
+            "reference_cache": run.reference_cache,
             "divergences": {"steps": len(run.divergences),
                             "unexplained": sum(d.verdict == "unexplained" for d in run.divergences),
                             "causes": sorted({d.cause for d in run.divergences})},

@@ -8,6 +8,10 @@ folder ``<name>-<key>/`` holding one ``.npy`` file per array and a
 the SHA-256 of its bytes. The manifest is written last, so an interrupted
 save leaves no usable entry.
 
+An entry can also be written as it is produced (`ReferenceCache.writer`):
+each array goes to its file at once, so a reference whose recording is larger
+than memory (every step of a training run) never has to be held whole.
+
 A load checks the key and every array's digest before it returns anything:
 a file that does not match (truncated, edited, from another key) is not
 trusted and the caller recomputes. The arrays come back memory-mapped,
@@ -17,16 +21,17 @@ on two threads (hashlib releases the GIL), which is what a hit costs.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import numpy as np
 
-from .atomic_write import atomic_write, write_json
+from .atomic_write import write_json
 
 FORMAT = 2
 _HASH_THREADS = 2
@@ -83,16 +88,53 @@ class ReferenceCache:
 
     def save(self, name: str, key: str, arrays: Mapping[str, np.ndarray]) -> Path:
         """Save ``arrays`` under ``key`` (replacing an entry of the same key); returns its folder."""
-        folder = self.entry(name, key)
-        if folder.exists():
-            shutil.rmtree(folder)
-        items = []
-        for index, (array_name, array) in enumerate(arrays.items()):
-            array = np.asarray(array, order="C")
-            file = f"{index:05d}.npy"
-            atomic_write(folder / file, lambda tmp, a=array: np.save(tmp, a, allow_pickle=False),
-                         keep_suffix=True)
-            items.append({"name": array_name, "file": file, "shape": list(array.shape),
-                          "dtype": array.dtype.str, "sha256": _digest(array)})
-        write_json(folder / "manifest.json", {"format": FORMAT, "key": key, "arrays": items})
-        return folder
+        with self.writer(name, key) as entry:
+            for array_name, array in arrays.items():
+                entry.add(array_name, array)
+        return entry.folder
+
+    @contextlib.contextmanager
+    def writer(self, name: str, key: str) -> Iterator["EntryWriter"]:
+        """An `EntryWriter` for the entry ``name`` under ``key`` (replacing one of the same key).
+        Leaving the block normally writes the manifest; an exception removes the entry."""
+        entry = EntryWriter(self.entry(name, key), key)
+        try:
+            yield entry
+        except BaseException:
+            shutil.rmtree(entry.folder, ignore_errors=True)
+            raise
+        entry.commit()
+
+
+class EntryWriter:
+    """Writes an entry's arrays one by one (`add`), then its manifest (`commit`).
+
+    The array files are plain writes: until the manifest exists the folder is
+    no entry, and once it does every file is checked against its digest on
+    load, so neither a rename nor an fsync per file is needed for safety.
+    """
+
+    def __init__(self, folder: Path, key: str):
+        self.folder, self.key = Path(folder), key
+        if self.folder.exists():
+            shutil.rmtree(self.folder)
+        self.folder.mkdir(parents=True)
+        self.items: list[dict] = []
+        self._names: set[str] = set()
+        self.nbytes = 0
+
+    def add(self, name: str, array) -> None:
+        """Write one array (its current values: later changes to it are not seen)."""
+        if name in self._names:
+            raise ValueError(f"cache entry {self.folder.name}: array {name!r} added twice")
+        array = np.asarray(array, order="C")
+        file = f"{len(self.items):05d}.npy"
+        np.save(self.folder / file, array, allow_pickle=False)
+        self._names.add(name)
+        self.items.append({"name": name, "file": file, "shape": list(array.shape), "dtype": array.dtype.str,
+                           "sha256": _digest(array)})
+        self.nbytes += array.nbytes
+
+    def commit(self) -> None:
+        """Write the manifest: from now on the entry can be loaded."""
+        write_json(self.folder / "manifest.json", {"format": FORMAT, "key": self.key, "arrays": self.items})

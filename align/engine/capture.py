@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import difflib
 from collections import Counter
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import numpy as np
 
@@ -261,6 +261,10 @@ class ReluMaskCensus:
     sets the scale of the layer's rounding, and ``spacings`` holds each flipped
     element's |pre-activation| in units of the float spacing at that scale (in
     the pre-activation's own dtype).
+
+    The torch masks of a step can be kept (`reference_masks`, once torch's
+    forward pass is over) and given back in a later run without a torch model
+    (``torch_model=None``, ``start_step(masks)``), for a replayed reference.
     """
 
     def __init__(self, torch_model, paddle_model):
@@ -273,17 +277,27 @@ class ReluMaskCensus:
         self.step_flips = 0
         self.layers: dict[str, list] = {}
         self.step_layers: dict[str, list] = {}
-        self._handles = [m.register_forward_hook(self._torch_hook(n))
-                         for n, m in torch_model.named_modules() if isinstance(m, torch.nn.ReLU)]
+        self._handles = [] if torch_model is None else [
+            m.register_forward_hook(self._torch_hook(n))
+            for n, m in torch_model.named_modules() if isinstance(m, torch.nn.ReLU)]
         self._handles += [l.register_forward_post_hook(self._paddle_hook(n))
                           for n, l in paddle_model.named_sublayers() if isinstance(l, paddle.nn.ReLU)]
 
-    def start_step(self) -> None:
+    def start_step(self, masks: Optional[Mapping[str, np.ndarray]] = None) -> None:
+        """Begin a step; ``masks`` (by `call_key`, as `reference_masks` gave them) stand for
+        torch's forward pass of the step."""
         self._masks.clear()
         self._torch_calls.clear()
         self._paddle_calls.clear()
         self.step_flips = 0
         self.step_layers = {}
+        for key, mask in (masks or {}).items():
+            name, _, index = key.partition("#")
+            self._masks[(name, int(index or 0))] = np.asarray(mask)
+
+    def reference_masks(self) -> dict[str, np.ndarray]:
+        """torch's masks of the current step by `call_key` (before Paddle's forward pass uses them)."""
+        return {call_key(name, index): mask for (name, index), mask in self._masks.items()}
 
     def finish_step(self) -> int:
         if self._masks:

@@ -31,8 +31,10 @@ TRACEBACK_ENV = "ALIGN_TRACEBACK"
 
 
 def stage_parser(stage: str, description: str, *, ckpt_help: str, seed_help: Optional[str] = None,
-                 build_dir: Path, build_dir_help: Optional[str] = None) -> argparse.ArgumentParser:
-    """``--ckpt``, ``--seed``, ``--reports`` and ``--build-dir``, as every stage takes them."""
+                 build_dir: Path, build_dir_help: Optional[str] = None,
+                 cache: bool = False) -> argparse.ArgumentParser:
+    """``--ckpt``, ``--seed``, ``--reports`` and ``--build-dir``, as every stage takes them;
+    with ``cache`` also ``--cache`` and ``--fresh``, for a stage that can keep its reference side."""
     p = argparse.ArgumentParser(prog=f"python -m align.{stage}", description=description)
     p.add_argument("--ckpt", help=ckpt_help)
     p.add_argument("--seed", type=int, default=0, help=seed_help)
@@ -40,6 +42,11 @@ def stage_parser(stage: str, description: str, *, ckpt_help: str, seed_help: Opt
     p.add_argument("--build-dir", type=Path, default=build_dir, help=build_dir_help)
     p.add_argument("-v", "--verbose", action="store_true",
                    help="also print reprod_log's per-tensor report lines (always in <stage>_diff.log)")
+    if cache:
+        p.add_argument("--cache", action="store_true",
+                       help="keep the reference side's results in <build-dir>/cache and reuse them when "
+                            "nothing they depend on changed")
+        p.add_argument("--fresh", action="store_true", help="with --cache: recompute the reference side regardless")
     return p
 
 

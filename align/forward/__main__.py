@@ -11,16 +11,14 @@ from align.ghm.suite import run_stage
 
 def main(argv: list[str] | None = None) -> int:
     p = stage_parser("forward", __doc__, ckpt_help="mmdet checkpoint (default: the seeded synthetic one)",
-                     build_dir=BUILD_DIR, build_dir_help="where the default checkpoint and conversions are cached")
+                     build_dir=BUILD_DIR, build_dir_help="where the default checkpoint and conversions are cached",
+                     cache=True)
     p.add_argument("--shape", default=DEFAULT_SHAPE, help="input NxCxHxW (default %(default)s)")
     p.add_argument("--perturb", help="Paddle parameter to perturb, e.g. backbone.layer3.2.conv2.weight")
     p.add_argument("--perturb-scale", type=float, default=1e-3)
     p.add_argument("--rel-tol", type=float, default=1e-5)
     p.add_argument("--mean-tol", type=float, default=1e-5)
     p.add_argument("--no-layers", action="store_true", help="skip the layer-by-layer capture")
-    p.add_argument("--cache", action="store_true",
-                   help="keep mmdet's side in build/cache and reuse it when nothing it depends on changed")
-    p.add_argument("--fresh", action="store_true", help="with --cache: recompute mmdet's side regardless")
     p.add_argument("--isolate", action="store_true",
                    help="also every layer on mmdet's recorded input: each layer's own error")
     args = p.parse_args(argv)

@@ -123,6 +123,49 @@ class PaddleGHMRecorder:
         del self.layer._region_ids
 
 
+def recorded_calls(recorder: TorchGHMRecorder, first: int) -> dict[str, np.ndarray]:
+    """Calls ``first``, ``first + 1``, ... of ``recorder`` as named arrays, for a recording of
+    the reference: ``edges`` and per call ``<index>/counts``, ``<index>/acc_sum`` and, where
+    kept, ``<index>/g`` and ``<index>/valid``. `RecordedGHM` reads them back."""
+    out = {"edges": recorder.edges()}
+    for call in range(first, len(recorder.counts)):
+        out[f"{call:05d}/counts"] = recorder.counts[call]
+        out[f"{call:05d}/acc_sum"] = recorder.acc_sums[call]
+        if call in recorder.g:
+            out[f"{call:05d}/g"], out[f"{call:05d}/valid"] = recorder.g[call]
+    return out
+
+
+class RecordedGHM:
+    """A `TorchGHMRecorder` read back from `recorded_calls` (what `BinFlips` and the stages
+    read of it: ``counts``, ``acc_sums``, ``g``, ``edges()``, ``clear_g()``)."""
+
+    def __init__(self):
+        self.counts: list[np.ndarray] = []
+        self.acc_sums: list[np.ndarray] = []
+        self.g: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._edges = np.zeros(0)
+
+    def add(self, arrays: dict[str, np.ndarray]) -> None:
+        """Append the calls in ``arrays`` (one `recorded_calls` result), in call order."""
+        if "edges" in arrays:
+            self._edges = np.asarray(arrays["edges"])
+        calls = sorted({int(name.partition("/")[0]) for name in arrays if name != "edges"})
+        for call in calls:
+            if call != len(self.counts):
+                raise ValueError(f"recorded GHM call {call} follows call {len(self.counts) - 1}")
+            self.counts.append(np.asarray(arrays[f"{call:05d}/counts"]))
+            self.acc_sums.append(np.asarray(arrays[f"{call:05d}/acc_sum"]))
+            if f"{call:05d}/g" in arrays:
+                self.g[call] = (np.asarray(arrays[f"{call:05d}/g"]), np.asarray(arrays[f"{call:05d}/valid"]))
+
+    def edges(self) -> np.ndarray:
+        return self._edges
+
+    def clear_g(self) -> None:
+        self.g.clear()
+
+
 def ghm_records(prefix: str, recorder) -> dict[str, np.ndarray]:
     out = {}
     for j, (c, a) in enumerate(zip(recorder.counts, recorder.acc_sums)):
