@@ -18,6 +18,8 @@ the file short: each run builds both models, which costs more than a step.
 """
 from __future__ import annotations
 
+import json
+
 from align.backward.stage import BackwardOptions, run_backward, schedule_comparison
 from paddle_impl.engine import optimizer
 import pytest
@@ -163,3 +165,61 @@ def test_float32_disagreements_are_explained_and_a_planted_one_is_not(tmp_path, 
                                                                            "cause, float32"))
     assert (table[0].step, table[0].row, table[0].verdict) == (1, "step1.loss_cls.P3", "unexplained")
     assert planted.meta["runs"]["float32"]["divergences"]["unexplained"] == 1
+
+
+def comparable(result) -> tuple:
+    """What a run reports, without its timings: every row and every table row."""
+    rows = [(t.name, t.max_abs, t.mean_abs, t.rel_max, t.passed, t.reason) for t in result.tensors]
+    tables = [(t.title, [tuple(row) for row in t.rows]) for t in result.extra_tables]
+    return result.passed, rows, tables
+
+
+def test_second_run_replays_mmdet_from_the_cache_and_still_catches_a_paddle_fault(tmp_path_factory, monkeypatch):
+    import dataclasses
+
+    from align.backward import reference
+
+    build = tmp_path_factory.mktemp("backward_cache")
+    # float32: the recording then also holds every GHM call's per-element g, for the bin-flip explanation.
+    opts = dataclasses.replace(options(tmp_path_factory.mktemp("r0"), steps=2, clip_max_norm=CLIP),
+                               dtype="float32", build_dir=build)
+    off = run_backward(opts)
+    assert off.meta["runs"]["float32"]["reference_cache"] == "off" and not (build / "cache").exists()
+    first = run_backward(dataclasses.replace(opts, reports=tmp_path_factory.mktemp("r1"), cache=True))
+    assert first.meta["runs"]["float32"]["reference_cache"] == "miss"
+    (entry,) = (build / "cache").glob("backward-float32-*")
+    names = {item["name"] for item in json.loads((entry / "manifest.json").read_text())["arrays"]}
+    assert {"step0002/grad/bbox_head.retina_cls.weight", "step0002/state/momentum/neck.fpn_convs.0.conv.weight",
+            "step0001/extra/relu/backbone.relu", "step0001/extra/ghm/ghmc/00000/g"} <= names
+
+    # mmdet's model is not built when its side is replayed, and the report is the same, row for row.
+    monkeypatch.setattr(reference, "build_torch_model", lambda *a, **k: pytest.fail("mmdet's model was built"))
+    second = run_backward(dataclasses.replace(opts, reports=tmp_path_factory.mktemp("r2"), cache=True))
+    assert second.meta["runs"]["float32"]["reference_cache"] == "hit"
+    assert comparable(second) == comparable(first) == comparable(off)
+
+    # A fault in our optimizer is caught against the replayed reference as against the live one.
+    original = optimizer.SGD.__init__
+
+    def without_decay(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.weight_decay = 0.0
+
+    monkeypatch.setattr(optimizer.SGD, "__init__", without_decay)
+    broken = run_backward(dataclasses.replace(opts, reports=tmp_path_factory.mktemp("r3"), cache=True))
+    assert broken.meta["runs"]["float32"]["reference_cache"] == "hit"
+    assert not broken.passed and "momentum" in failed_kinds(broken)
+    monkeypatch.undo()
+
+    # A damaged file is not trusted: the entry is recomputed.
+    damaged = sorted(entry.glob("*.npy"))[len(names) // 2]
+    damaged.write_bytes(damaged.read_bytes()[:-8])
+    third = run_backward(dataclasses.replace(opts, reports=tmp_path_factory.mktemp("r4"), cache=True))
+    assert third.meta["runs"]["float32"]["reference_cache"] == "mismatch"
+    assert comparable(third) == comparable(off)
+    fresh = run_backward(dataclasses.replace(opts, reports=tmp_path_factory.mktemp("r5"), cache=True, fresh=True))
+    assert fresh.meta["runs"]["float32"]["reference_cache"] == "fresh"
+    # Another clipping bound is another reference: a miss, not the entry above.
+    other = run_backward(dataclasses.replace(opts, reports=tmp_path_factory.mktemp("r6"), cache=True,
+                                             clip_max_norm=2 * CLIP, steps=1))
+    assert other.meta["runs"]["float32"]["reference_cache"] == "miss"
