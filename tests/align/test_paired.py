@@ -89,3 +89,60 @@ def test_a_missing_term_fails():
 def test_a_side_that_skips_the_hook_is_an_error():
     with pytest.raises(RuntimeError, match="did not call after_backward"):
         run(ToySide("torch", skip_hook=True), ToySide("paddle"))
+
+
+class StatefulToySide(ToySide):
+    """`ToySide` with a state group, as an optimizer's buffers."""
+
+    def state(self):
+        return {"momentum": {"w": self.w * 0.5}}
+
+
+def test_a_recorded_side_replays_every_value_the_loop_reads(tmp_path):
+    from align.engine.cache import ReferenceCache
+    from align.engine.replay import RecordingSide, ReplaySide
+
+    def paired(reference):
+        """The loop with gradient and parameter rows, and the reference's gradients as seen."""
+        test, seen = StatefulToySide("paddle", scale=1.001), []
+
+        def at_gradients(step):
+            seen.append(np.array(reference.gradients()["w"]))
+            return compare_named("grad", reference.gradients(), test.gradients(), 1e-9)
+
+        lockstep = run(reference, test, at_gradients=at_gradients,
+                       after_step=lambda record: compare_named("param", reference.parameters(), test.parameters(),
+                                                               1e-9))
+        return lockstep, seen
+
+    cache = ReferenceCache(tmp_path)
+    live_ref = StatefulToySide("torch")
+    with cache.writer("toy", "k") as entry:
+        live, recorded = paired(RecordingSide(live_ref, entry, extras=lambda: {"hook": live_ref.grad * 3}))
+    replay = ReplaySide("torch", cache.load("toy", "k"))
+    assert replay.steps == 2
+    with pytest.raises(ValueError, match="no parameters before step 1"):
+        replay.parameters()
+    replayed, seen = paired(replay)
+    assert [(r.name, r.max_abs, r.passed) for r in replayed.rows] == [(r.name, r.max_abs, r.passed) for r in live.rows]
+    assert {r.name.split(".")[0] for r in replayed.rows} >= {"grad", "param"}
+    assert [s.reference for s in replayed.steps] == [s.reference for s in live.steps]
+    np.testing.assert_array_equal(np.array(seen), np.array(recorded))
+    np.testing.assert_array_equal(replay.parameters()["w"], live_ref.w)
+    np.testing.assert_array_equal(replay.state()["momentum"]["w"], live_ref.w * 0.5)
+    np.testing.assert_array_equal(replay.extras(2)["hook"], recorded[1] * 3)
+    with pytest.raises(ValueError, match="has 2 steps; step 3"):
+        replay.train_step(None)
+
+
+def test_an_interrupted_recording_leaves_no_entry(tmp_path):
+    from align.engine.cache import ReferenceCache
+
+    cache = ReferenceCache(tmp_path)
+    with pytest.raises(RuntimeError):
+        with cache.writer("toy", "k") as entry:
+            entry.add("a", np.ones(3))
+            with pytest.raises(ValueError, match="added twice"):
+                entry.add("a", np.ones(3))
+            raise RuntimeError("stopped")
+    assert cache.load("toy", "k") is None and not cache.entry("toy", "k").exists()
