@@ -8,6 +8,7 @@ from align.backward.stage import (DEFAULT_ITERS_PER_EPOCH, DEFAULT_SHAPE, Backwa
 from align.engine.cli import stage_parser
 from align.ghm.pair import BUILD_DIR, add_dtype_arguments, extra_dtype
 from align.ghm.suite import run_stage
+from paddle_impl.arguments import positive
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="skip the reprod_log .npy files (several copies of the model's arrays)")
     p.add_argument("--isolate", action="store_true",
                    help="also every layer at step 1 on mmdet's recorded input and output gradient (float32)")
+    p.add_argument("--paddle-threads", type=positive,
+                   help="Paddle's CPU math threads (default: as many as torch uses, so both sides compute "
+                        "on the same cores)")
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error("--steps must be at least 1")
@@ -39,13 +43,20 @@ def main(argv: list[str] | None = None) -> int:
                            extra_dtype=extra_dtype(args),
                            clip_max_norm=args.clip_max_norm, reprod_log=not args.no_reprod_log,
                            schedule_iters_per_epoch=args.iters_per_epoch, isolate=args.isolate,
-                           reports=args.reports, build_dir=args.build_dir, cache=args.cache, fresh=args.fresh)
+                           reports=args.reports, build_dir=args.build_dir, cache=args.cache, fresh=args.fresh,
+                           paddle_threads=args.paddle_threads or _torch_threads())
     return run_stage(lambda: run_backward(opts), label=lambda r: f"backward ({r.meta['dtype']})",
                      summary=lambda r: (f"({len(r.tensors)} compared); mmdet {r.meta['mmdet_s']:.1f} s"
                                         f"{' (replayed from the cache)' if _replayed(r) else ''}, "
                                         f"paddle {r.meta['paddle_s']:.1f} s"),
                      details=_details, first_divergence=first_divergence, verbose=args.verbose,
                      report=opts.reports / "backward.html")
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _replayed(result) -> bool:

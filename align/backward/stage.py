@@ -113,6 +113,9 @@ class BackwardOptions:
     # matches (see `align.backward.reference`); ``fresh``: recompute it regardless.
     cache: bool = False
     fresh: bool = False
+    # Paddle's CPU math threads for the run (None: left as they are; Paddle's default is 1,
+    # torch's the number of cores). The command line gives Paddle as many as torch has.
+    paddle_threads: int | None = None
 
 
 def make_batches(opts: BackwardOptions) -> list[FakeInputs]:
@@ -319,6 +322,10 @@ def run_backward(opts: BackwardOptions) -> StageResult:
     if opts.lr is None:
         opts = dataclasses.replace(opts, lr=scaled_lr(parse_shape(opts.shape)[0]))
     warmup = opts.warmup_iters if opts.warmup_iters is not None else max(1, opts.steps // 2)
+    if opts.paddle_threads is not None:
+        import paddle
+
+        paddle.base.core.set_num_threads(opts.paddle_threads)
     ckpts = prepare_checkpoints(opts.ckpt, opts.seed, opts.build_dir)
     batches = make_batches(opts)
     runs = [train_pair(opts, opts.dtype, ckpts, batches, warmup, keep_logs=opts.reprod_log)]
@@ -375,6 +382,7 @@ def run_backward(opts: BackwardOptions) -> StageResult:
         "base_lr": opts.lr,
         "warmup_iters": warmup,
         "clip_max_norm": opts.clip_max_norm,
+        "paddle_threads": opts.paddle_threads,
         "dtype": main.dtype,
         "extra_dtype": runs[1].dtype if len(runs) > 1 else None,
         "largest_parameter_change_mmdet": main.largest_change,

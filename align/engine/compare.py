@@ -440,8 +440,11 @@ def worst_named(prefix: str, reference: Mapping[str, Any], test: Mapping[str, An
             elif ref.size == 0:
                 rel = 0.0
             else:
-                scale = float(np.abs(ref).max())
-                diff = float(np.abs(tst - ref).max())
+                if ref.dtype == tst.dtype and ref.dtype.kind == "f":
+                    diff, _, scale = _abs_diff_stats(ref, tst)
+                else:
+                    scale = float(np.abs(ref).max())
+                    diff = float(np.abs(tst - ref).max())
                 rel = diff / scale if scale > 0 else (0.0 if diff == 0 else math.inf)
         else:
             rel = math.nan

@@ -643,3 +643,22 @@ def test_reference_cache_trusts_only_matching_files(tmp_path):
     cache.save("forward", key, {"out:y": np.zeros((), np.float64)})
     reloaded = cache.load("forward", key)
     assert set(reloaded) == {"out:y"} and reloaded["out:y"].shape == ()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_worst_named_is_the_whole_array_figure_over_many_blocks(dtype):
+    from align.engine.compare import _BLOCK, worst_named
+
+    rng = np.random.default_rng(0)
+    ref = {name: rng.normal(size=size).astype(dtype) for name, size in (("a", 3 * _BLOCK + 7), ("b", 11))}
+    test = {name: (value + rng.normal(size=value.shape) * 1e-6).astype(dtype) for name, value in ref.items()}
+    # The largest difference sits in the last, partial block of "a".
+    test["a"][-1] += dtype(1e-3)
+    expected = {n: float(np.abs(test[n] - ref[n]).max()) / float(np.abs(ref[n]).max()) for n in ref}
+    rel, name = worst_named("grad", ref, test)
+    assert name == "grad.a" and rel == pytest.approx(expected["a"], rel=1e-12)
+    test["b"][3] = np.nan
+    assert worst_named("grad", ref, test)[1] == "grad.b" and math.isnan(worst_named("grad", ref, test)[0])
+    test["b"][3] = ref["b"][3]
+    test["c"] = np.zeros(2, dtype)
+    assert worst_named("grad", ref, test)[1] == "grad.c"
