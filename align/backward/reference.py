@@ -17,6 +17,9 @@ versions and the source of the code that builds and records the reference.
   gives the recorded values back step by step, and the census and the bin-flip
   explanation read the recorded masks and g.
 
+mmengine's learning rate over the whole schedule (`mmengine_schedule`) is
+kept the same way.
+
 A float64 run of the default batch records about 9 GB, a float32 one about
 half; every file is checked against its digest before a hit is used.
 """
@@ -25,8 +28,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import time
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -35,6 +39,7 @@ from align.engine.capture import ReluMaskCensus
 from align.engine.replay import RecordingSide, ReplaySide
 from align.ghm.pair import Checkpoints, build_torch_model
 from align.ghm.recorders import RecordedGHM, TorchGHMRecorder, recorded_calls
+from align.ghm.schedule import mmengine_lrs
 from align.ghm.sides import FakeInputs, MmdetSide
 from align.ghm.suite import reference_sources, reference_versions
 
@@ -53,6 +58,7 @@ class Reference:
         ghm: ``{"ghmc": recorder, "ghmr": recorder}``, `TorchGHMRecorder` or `RecordedGHM`.
         max_norm: the clipping bound mmdet's side uses.
         status: "off" (no cache), "miss", "mismatch", "fresh" (computed and recorded) or "hit".
+        check_s: seconds spent looking the run up in the cache (reading it and checking every digest).
         census: the stage's `ReluMaskCensus`, set once both models exist; its torch
             masks are recorded with each step.
     """
@@ -62,6 +68,7 @@ class Reference:
     ghm: dict[str, Any]
     max_norm: float
     status: str
+    check_s: float = 0.0
     census: Optional[ReluMaskCensus] = None
     # Per GHM loss, how many of its calls are recorded so far.
     _recorded_calls: dict[str, int] = dataclasses.field(default_factory=dict, repr=False)
@@ -97,8 +104,26 @@ def batches_digest(batches: Sequence[FakeInputs]) -> str:
         for array in [batch.images, *truth.gt_bboxes, *truth.gt_labels]:
             array = np.ascontiguousarray(array)
             digest.update(f"{array.dtype.str}{array.shape}".encode())
-            digest.update(memoryview(array).cast("B"))
+            digest.update(array.tobytes())
     return digest.hexdigest()
+
+
+def mmengine_schedule(*, cache_dir, use_cache: bool, fresh: bool) -> Callable[[int], np.ndarray]:
+    """`align.ghm.schedule.mmengine_lrs`, kept in the cache (as the runs are) when ``use_cache``."""
+    if not use_cache:
+        return mmengine_lrs
+
+    def lrs(iters_per_epoch: int) -> np.ndarray:
+        key = cache_key({"stage": "backward.lr_schedule", "format": 1, "iters_per_epoch": iters_per_epoch,
+                         "versions": reference_versions(), "code": reference_sources(*REFERENCE_CODE)})
+        cache = ReferenceCache(cache_dir)
+        arrays = None if fresh else cache.load("lr-schedule", key)
+        if arrays is None:
+            arrays = {"lr": mmengine_lrs(iters_per_epoch)}
+            cache.save("lr-schedule", key, arrays)
+        return np.asarray(arrays["lr"])
+
+    return lrs
 
 
 @contextlib.contextmanager
@@ -115,11 +140,13 @@ def mmdet_reference(ckpts: Checkpoints, dtype: str, batches: Sequence[FakeInputs
                      "code": reference_sources(*REFERENCE_CODE)})
     cache = ReferenceCache(cache_dir)
     name = f"backward-{dtype}"
+    start = time.perf_counter()
     arrays = cache.load(name, key) if use_cache and not fresh else None
+    check_s = time.perf_counter() - start
     if arrays is not None:
         yield Reference(side=ReplaySide("mmdet", arrays), torch_model=None,
                         ghm={"ghmc": RecordedGHM(), "ghmr": RecordedGHM()},
-                        max_norm=float(arrays["max_norm"]), status="hit")
+                        max_norm=float(arrays["max_norm"]), status="hit", check_s=check_s)
         return
     live = MmdetSide(build_torch_model(ckpts, dtype), **settings)
     head = live.model.bbox_head
@@ -129,7 +156,8 @@ def mmdet_reference(ckpts: Checkpoints, dtype: str, batches: Sequence[FakeInputs
     with contextlib.ExitStack() as stack:
         for recorder in ghm.values():
             stack.enter_context(recorder)
-        reference = Reference(side=live, torch_model=live.model, ghm=ghm, max_norm=live.max_norm, status=status)
+        reference = Reference(side=live, torch_model=live.model, ghm=ghm, max_norm=live.max_norm, status=status,
+                              check_s=check_s)
         if not use_cache:
             yield reference
             return

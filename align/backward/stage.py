@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from align.backward.reference import Reference, mmdet_reference
+from align.backward.reference import Reference, mmdet_reference, mmengine_schedule
 from align.backward.tables import (ParameterRow, StepRow, headline, loss_curve_png, relu_table, side_run,
                                    summarize)
 from align.engine.capture import ReluMaskCensus
@@ -144,6 +144,8 @@ class PairRun:
         seconds: time in each framework's steps ("mmdet_s", "paddle_s").
         logs: (mmdet, paddle) arrays of ``rows`` when kept, for reprod_log.
         divergences: each step's first disagreement and its cause (`align.engine.divergence`).
+        reference_cache: how mmdet's side was obtained (`align.backward.reference.Reference.status`);
+        reference_check_s: the time spent reading and checking it in the cache.
     """
 
     dtype: str
@@ -156,6 +158,7 @@ class PairRun:
     logs: tuple[dict, dict] | None = field(default=None, repr=False)
     divergences: list[Divergence] = field(default_factory=list)
     reference_cache: str = "off"
+    reference_check_s: float = 0.0
 
 
 def train_pair(opts: BackwardOptions, dtype: str, ckpts: Checkpoints, batches: list[FakeInputs],
@@ -183,7 +186,8 @@ def train_pair(opts: BackwardOptions, dtype: str, ckpts: Checkpoints, batches: l
                    largest_change=max((c for c, _ in changes), default=0.0),
                    relative_change=(float(np.median(relative)), max(relative)) if relative else (0.0, 0.0),
                    seconds={"mmdet_s": run.seconds["mmdet"], "paddle_s": run.seconds["paddle"]}, logs=logs,
-                   divergences=classify(evidence, row_kind), reference_cache=reference.status)
+                   divergences=classify(evidence, row_kind), reference_cache=reference.status,
+                   reference_check_s=reference.check_s)
 
 
 def _lockstep(opts: BackwardOptions, dtype: str, reference: Reference, paddle: PaddleSide,
@@ -332,7 +336,9 @@ def run_backward(opts: BackwardOptions) -> StageResult:
     if opts.extra_dtype not in (None, opts.dtype):
         runs.append(train_pair(opts, opts.extra_dtype, ckpts, batches, warmup, keep_logs=False))
     main = runs[0]
-    schedule = (schedule_comparison(opts.schedule_iters_per_epoch)
+    schedule = (schedule_comparison(opts.schedule_iters_per_epoch,
+                                    mmengine_schedule(cache_dir=opts.build_dir / "cache", use_cache=opts.cache,
+                                                      fresh=opts.fresh))
                 if opts.schedule_iters_per_epoch > 0 else None)
 
     reprod = (reprod_log_diff(main.logs[1], main.logs[0], opts.reports, "backward", opts.loss_tol)
@@ -399,6 +405,7 @@ def run_backward(opts: BackwardOptions) -> StageResult:
             "relu_mask_flips_step1": sum(r[0] for r in run.relu_layers.values()),
             # "hit": mmdet's side was replayed from build/cache (its time is then only the replay's).
             "reference_cache": run.reference_cache,
+            "reference_cache_check_s": round(run.reference_check_s, 3),
             "divergences": {"steps": len(run.divergences),
                             "unexplained": sum(d.verdict == "unexplained" for d in run.divergences),
                             "causes": sorted({d.cause for d in run.divergences})},

@@ -27,9 +27,11 @@ from align.engine.report import Headline, StageResult
 from align.engine.weights import NameMap
 from align.ghm.pair import (BUILD_DIR, build_paddle_model, build_torch_model, parse_shape,
                             prepare_checkpoints, seeded_images)
-from align.ghm.suite import reference_versions, write_report
+from align.ghm.suite import reference_sources, reference_versions, write_report
 
 DEFAULT_SHAPE = "2x3x800x1344"
+# The code that builds and records mmdet's side (part of the cache key): a change to it is a new reference.
+REFERENCE_CODE = ("torch_ref", "align.ghm", "align.engine.capture", "align.forward.stage")
 BACKBONE_NAMES = ["C2", "C3", "C4", "C5"]
 FPN_NAMES = ["P3", "P4", "P5", "P6", "P7"]
 
@@ -103,9 +105,9 @@ def reference_outputs(ckpts, images: np.ndarray, opts: ForwardOptions):
     status: "off", "hit", "miss", "mismatch" or "fresh"."""
     from paddle_impl.config import get_config
 
-    key = cache_key({"stage": "forward", "format": 1, "checkpoint": ckpts.sha256, "input_shape": list(images.shape),
+    key = cache_key({"stage": "forward", "format": 2, "checkpoint": ckpts.sha256, "input_shape": list(images.shape),
                      "seed": opts.seed, "preprocessor": get_config()["data_preprocessor"], "layers": opts.layers,
-                     "versions": reference_versions()})
+                     "versions": reference_versions(), "code": reference_sources(*REFERENCE_CODE)})
     cache = ReferenceCache(opts.build_dir / "cache")
     arrays = None if opts.fresh or not opts.cache else cache.load("forward", key)
     if arrays is not None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 from types import SimpleNamespace
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 
@@ -116,16 +116,19 @@ class BoundaryRow(NamedTuple):
     abs_diff: float
 
 
-def schedule_comparison(iters_per_epoch: int) -> tuple[TensorDiff, list[BoundaryRow], dict]:
+def schedule_comparison(iters_per_epoch: int, reference: Optional[Callable[[int], np.ndarray]] = None
+                        ) -> tuple[TensorDiff, list[BoundaryRow], dict]:
     """Every iteration's learning rate over the config's whole schedule: mmengine's schedulers vs ours.
 
-    Returns the ``(iters_per_epoch * max_epochs,)`` diff row, a table of the
-    schedule's boundary iterations and figures for the report's meta.
+    ``reference`` gives mmengine's rates (default `mmengine_lrs`; a stage may
+    take them from its cache). Returns the ``(iters_per_epoch * max_epochs,)``
+    diff row, a table of the schedule's boundary iterations and figures for
+    the report's meta.
     """
     from paddle_impl.config import get_config
 
     o = get_config()["optimizer"]
-    ref, ours = mmengine_lrs(iters_per_epoch), paddle_lrs(iters_per_epoch)
+    ref, ours = (reference or mmengine_lrs)(iters_per_epoch), paddle_lrs(iters_per_epoch)
     row = diff_arrays(f"lr_schedule.{o['max_epochs']}_epochs_x_{iters_per_epoch}_iters", ref, ours,
                       rel_tol=LR_TOL, mean_tol=LR_TOL, ref_label="mmengine")
     boundaries = {"first iteration": 0, "last warm-up iteration": o["warmup_iters"] - 1,

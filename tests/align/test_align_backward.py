@@ -181,19 +181,21 @@ def test_second_run_replays_mmdet_from_the_cache_and_still_catches_a_paddle_faul
 
     build = tmp_path_factory.mktemp("backward_cache")
     # float32: the recording then also holds every GHM call's per-element g, for the bin-flip explanation.
-    opts = dataclasses.replace(options(tmp_path_factory.mktemp("r0"), steps=2, clip_max_norm=CLIP),
-                               dtype="float32", build_dir=build)
+    opts = dataclasses.replace(options(tmp_path_factory.mktemp("r0"), steps=2, clip_max_norm=CLIP,
+                                       schedule_iters_per_epoch=50), dtype="float32", build_dir=build)
     off = run_backward(opts)
     assert off.meta["runs"]["float32"]["reference_cache"] == "off" and not (build / "cache").exists()
     first = run_backward(dataclasses.replace(opts, reports=tmp_path_factory.mktemp("r1"), cache=True))
     assert first.meta["runs"]["float32"]["reference_cache"] == "miss"
     (entry,) = (build / "cache").glob("backward-float32-*")
     names = {item["name"] for item in json.loads((entry / "manifest.json").read_text())["arrays"]}
+    assert len(list((build / "cache").glob("lr-schedule-*"))) == 1
     assert {"step0002/grad/bbox_head.retina_cls.weight", "step0002/state/momentum/neck.fpn_convs.0.conv.weight",
             "step0001/extra/relu/backbone.relu", "step0001/extra/ghm/ghmc/00000/g"} <= names
 
     # mmdet's model is not built when its side is replayed, and the report is the same, row for row.
     monkeypatch.setattr(reference, "build_torch_model", lambda *a, **k: pytest.fail("mmdet's model was built"))
+    monkeypatch.setattr(reference, "mmengine_lrs", lambda *a, **k: pytest.fail("mmengine's schedule was run"))
     second = run_backward(dataclasses.replace(opts, reports=tmp_path_factory.mktemp("r2"), cache=True))
     assert second.meta["runs"]["float32"]["reference_cache"] == "hit"
     assert comparable(second) == comparable(first) == comparable(off)
@@ -223,3 +225,20 @@ def test_second_run_replays_mmdet_from_the_cache_and_still_catches_a_paddle_faul
     other = run_backward(dataclasses.replace(opts, reports=tmp_path_factory.mktemp("r6"), cache=True,
                                              clip_max_norm=2 * CLIP, steps=1))
     assert other.meta["runs"]["float32"]["reference_cache"] == "miss"
+
+
+def test_the_cache_key_covers_every_batch_including_one_without_boxes():
+    import dataclasses
+
+    from align.backward.reference import batches_digest
+    from align.backward.stage import make_batches
+
+    opts = options(None, steps=4)
+    batches = make_batches(opts)
+    assert batches[3].truth.gt_bboxes[-1].shape == (0, 4)
+    digest = batches_digest(batches)
+    assert digest == batches_digest(make_batches(opts))
+    assert digest != batches_digest(make_batches(dataclasses.replace(opts, seed=1)))
+    moved = make_batches(opts)
+    moved[2].truth.gt_bboxes[0][0, 0] += 1
+    assert digest != batches_digest(moved)
