@@ -41,7 +41,7 @@ from align.ghm.pair import Checkpoints, build_torch_model
 from align.ghm.recorders import RecordedGHM, TorchGHMRecorder, recorded_calls
 from align.ghm.schedule import mmengine_lrs
 from align.ghm.sides import FakeInputs, MmdetSide
-from align.ghm.suite import reference_sources, reference_versions
+from align.ghm.suite import reference_sources, reference_threads, reference_versions
 
 # The code that builds mmdet's side and records what the stage reads of it.
 REFERENCE_CODE = ("torch_ref", "align.ghm", "align.engine.replay", "align.engine.capture",
@@ -136,7 +136,7 @@ def mmdet_reference(ckpts: Checkpoints, dtype: str, batches: Sequence[FakeInputs
     """
     key = cache_key({"stage": "backward", "format": 1, "checkpoint": ckpts.sha256, "dtype": dtype,
                      "batches": batches_digest(batches), "steps": len(batches), "settings": settings,
-                     "ghm_g": keep_g, "versions": reference_versions(),
+                     "ghm_g": keep_g, "versions": reference_versions(), "torch_threads": reference_threads(),
                      "code": reference_sources(*REFERENCE_CODE)})
     cache = ReferenceCache(cache_dir)
     name = f"backward-{dtype}"

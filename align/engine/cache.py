@@ -8,6 +8,11 @@ folder ``<name>-<key>/`` holding one ``.npy`` file per array and a
 the SHA-256 of its bytes. The manifest is written last, so an interrupted
 save leaves no usable entry.
 
+One entry is kept per name: writing an entry removes the entries of the same
+name under other keys first (a reference recorded before a change of the
+options or of the reference code, which would otherwise stay on disk for good;
+a training run's recording takes gigabytes).
+
 An entry can also be written as it is produced (`ReferenceCache.writer`):
 each array goes to its file at once, so a reference whose recording is larger
 than memory (every step of a training run) never has to be held whole.
@@ -95,9 +100,15 @@ class ReferenceCache:
 
     @contextlib.contextmanager
     def writer(self, name: str, key: str) -> Iterator["EntryWriter"]:
-        """An `EntryWriter` for the entry ``name`` under ``key`` (replacing one of the same key).
-        Leaving the block normally writes the manifest; an exception removes the entry."""
-        entry = EntryWriter(self.entry(name, key), key)
+        """An `EntryWriter` for the entry ``name`` under ``key``; the entries of ``name`` under
+        any key are removed first. Leaving the block normally writes the manifest; an exception
+        removes the entry."""
+        folder = self.entry(name, key)
+        for stale in self.folder.glob(f"{name}-*"):
+            suffix = stale.name[len(name) + 1:]
+            if stale != folder and stale.is_dir() and len(suffix) == 20 and set(suffix) <= set("0123456789abcdef"):
+                shutil.rmtree(stale)
+        entry = EntryWriter(folder, key)
         try:
             yield entry
         except BaseException:

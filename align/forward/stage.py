@@ -27,7 +27,7 @@ from align.engine.report import Headline, StageResult
 from align.engine.weights import NameMap
 from align.ghm.pair import (BUILD_DIR, build_paddle_model, build_torch_model, parse_shape,
                             prepare_checkpoints, seeded_images)
-from align.ghm.suite import reference_sources, reference_versions, write_report
+from align.ghm.suite import reference_sources, reference_threads, reference_versions, write_report
 
 DEFAULT_SHAPE = "2x3x800x1344"
 # The code that builds and records mmdet's side (part of the cache key): a change to it is a new reference.
@@ -107,7 +107,8 @@ def reference_outputs(ckpts, images: np.ndarray, opts: ForwardOptions):
 
     key = cache_key({"stage": "forward", "format": 2, "checkpoint": ckpts.sha256, "input_shape": list(images.shape),
                      "seed": opts.seed, "preprocessor": get_config()["data_preprocessor"], "layers": opts.layers,
-                     "versions": reference_versions(), "code": reference_sources(*REFERENCE_CODE)})
+                     "versions": reference_versions(), "torch_threads": reference_threads(),
+                     "code": reference_sources(*REFERENCE_CODE)})
     cache = ReferenceCache(opts.build_dir / "cache")
     arrays = None if opts.fresh or not opts.cache else cache.load("forward", key)
     if arrays is not None:

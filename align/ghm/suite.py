@@ -38,6 +38,13 @@ def reference_versions() -> dict[str, str]:
     return {m: installed(PACKAGES[m]) for m in ("torch", "mmdet", "mmcv", "mmengine", "numpy")}
 
 
+def reference_threads() -> int:
+    """torch's math threads: the order of torch's CPU sums, so part of a cache key too."""
+    import torch
+
+    return torch.get_num_threads()
+
+
 def reference_sources(*modules: str) -> str:
     """SHA-256 of the source files of ``modules`` (a package: every ``.py`` file under it), for
     cache keys: a change to the code that builds or records the reference invalidates what it

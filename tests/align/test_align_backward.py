@@ -225,6 +225,9 @@ def test_second_run_replays_mmdet_from_the_cache_and_still_catches_a_paddle_faul
     other = run_backward(dataclasses.replace(opts, reports=tmp_path_factory.mktemp("r6"), cache=True,
                                              clip_max_norm=2 * CLIP, steps=1))
     assert other.meta["runs"]["float32"]["reference_cache"] == "miss"
+    # It replaced the entry above: one recording per run kind stays on disk.
+    assert [p.name for p in (build / "cache").glob("backward-float32-*")] != [entry.name]
+    assert len(list((build / "cache").glob("backward-float32-*"))) == 1
 
 
 def test_the_cache_key_covers_every_batch_including_one_without_boxes():

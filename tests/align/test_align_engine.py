@@ -643,6 +643,11 @@ def test_reference_cache_trusts_only_matching_files(tmp_path):
     cache.save("forward", key, {"out:y": np.zeros((), np.float64)})
     reloaded = cache.load("forward", key)
     assert set(reloaded) == {"out:y"} and reloaded["out:y"].shape == ()
+    # One entry per name: another key replaces it, entries of other names stay.
+    other = cache.save("forward-extra", key, {"a": np.ones(2)})
+    newer = cache.save("forward", cache_key({"checkpoint": "def"}), {"out:z": np.ones(1)})
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted([newer.name, other.name])
+    assert cache.load("forward", key) is None and cache.last_status == "miss"
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
