@@ -85,8 +85,9 @@ class Reference:
             recorded.add({name[len(prefix):]: a for name, a in extras.items() if name.startswith(prefix)})
         self.census.start_step(masks)
 
-    def _extras(self) -> dict[str, np.ndarray]:
-        """What a recorded step keeps of the hooks (called after mmdet's backward)."""
+    def hook_arrays(self) -> dict[str, np.ndarray]:
+        """What a recorded step keeps of the hooks: the step's ReLU masks and GHM calls (called
+        after mmdet's backward, before ours runs)."""
         out = {f"relu/{key}": mask for key, mask in self.census.reference_masks().items()}
         for kind, recorder in self.ghm.items():
             first = self._recorded_calls.get(kind, 0)
@@ -102,7 +103,6 @@ def batches_digest(batches: Sequence[FakeInputs]) -> str:
         truth = batch.truth
         digest.update(repr((batch.images.shape, truth.batch_shape, truth.img_shapes, truth.pad_shapes)).encode())
         for array in [batch.images, *truth.gt_bboxes, *truth.gt_labels]:
-            array = np.ascontiguousarray(array)
             digest.update(f"{array.dtype.str}{array.shape}".encode())
             digest.update(array.tobytes())
     return digest.hexdigest()
@@ -163,5 +163,5 @@ def mmdet_reference(ckpts: Checkpoints, dtype: str, batches: Sequence[FakeInputs
             return
         with cache.writer(name, key) as entry:
             entry.add("max_norm", np.float64(live.max_norm))
-            reference.side = RecordingSide(live, entry, extras=reference._extras)
+            reference.side = RecordingSide(live, entry, extras=reference.hook_arrays)
             yield reference

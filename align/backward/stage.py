@@ -171,8 +171,7 @@ def train_pair(opts: BackwardOptions, dtype: str, ckpts: Checkpoints, batches: l
     keep_g = dtype == "float32"
     with mmdet_reference(ckpts, dtype, batches, settings, keep_g=keep_g, cache_dir=opts.build_dir / "cache",
                          use_cache=opts.cache, fresh=opts.fresh) as reference:
-        run, figures, steps, causes, logs = _lockstep(opts, dtype, reference, paddle, batches, keep_g,
-                                                               keep_logs)
+        run, figures, steps, causes, logs = _lockstep(opts, dtype, reference, paddle, batches, keep_g, keep_logs)
         final = reference.side.parameters()
     evidence = [StepEvidence(r.step, [row.name for row in r.rows if not row.passed], causes.get(r.step, []))
                 for r in run.steps]
