@@ -36,7 +36,7 @@ from typing import Any, Iterator, Mapping, Optional
 
 import numpy as np
 
-from .atomic_write import write_json
+from .atomic_write import write_error, write_json
 
 FORMAT = 2
 _HASH_THREADS = 2
@@ -127,9 +127,12 @@ class EntryWriter:
 
     def __init__(self, folder: Path, key: str):
         self.folder, self.key = Path(folder), key
-        if self.folder.exists():
-            shutil.rmtree(self.folder)
-        self.folder.mkdir(parents=True)
+        try:
+            if self.folder.exists():
+                shutil.rmtree(self.folder)
+            self.folder.mkdir(parents=True)
+        except OSError as err:
+            raise write_error(self.folder, err) from err
         self.items: list[dict] = []
         self._names: set[str] = set()
         self.nbytes = 0
@@ -140,7 +143,10 @@ class EntryWriter:
             raise ValueError(f"cache entry {self.folder.name}: array {name!r} added twice")
         array = np.asarray(array, order="C")
         file = f"{len(self.items):05d}.npy"
-        np.save(self.folder / file, array, allow_pickle=False)
+        try:
+            np.save(self.folder / file, array, allow_pickle=False)
+        except OSError as err:  # a full disk, most likely: a recording takes gigabytes
+            raise write_error(self.folder / file, err) from err
         self._names.add(name)
         self.items.append({"name": name, "file": file, "shape": list(array.shape), "dtype": array.dtype.str,
                            "sha256": _digest(array)})

@@ -146,3 +146,23 @@ def test_an_interrupted_recording_leaves_no_entry(tmp_path):
                 entry.add("a", np.ones(3))
             raise RuntimeError("stopped")
     assert cache.load("toy", "k") is None and not cache.entry("toy", "k").exists()
+
+
+def test_a_recording_that_cannot_be_written_names_the_file_and_leaves_no_entry(tmp_path, monkeypatch):
+    from align.engine import cache as cache_module
+    from align.engine.atomic_write import WriteError
+
+    cache = cache_module.ReferenceCache(tmp_path)
+    old, new = cache_module.cache_key({"run": 1}), cache_module.cache_key({"run": 2})
+
+    def full_disk(path, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with cache.writer("toy", old) as entry:
+        entry.add("a", np.ones(3))
+    monkeypatch.setattr(cache_module.np, "save", full_disk)
+    with pytest.raises(WriteError, match=rf"toy-{new[:20]}/00000\.npy: cannot write \(No space left on device\)"):
+        with cache.writer("toy", new) as entry:
+            entry.add("a", np.ones(3))
+    # The new entry is gone; the old one was replaced before the recording started.
+    assert list(tmp_path.iterdir()) == []
