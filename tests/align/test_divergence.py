@@ -94,3 +94,31 @@ def test_a_bin_flip_far_from_the_edge_is_no_cause():
     t = FakeRecorder([np.array([1, 0])] + [np.array([1, 1])] * 4, {0: (g_t, valid)}, valid, edges)
     p = FakeRecorder([np.array([0, 1])] + [np.array([1, 1])] * 4, {0: (g_p, valid)}, valid, edges)
     assert BinFlips({"ghmr": (t, p)}).explanation(1) is None
+
+
+def test_a_replayed_recorder_explains_a_bin_flip_as_the_live_one_does(tmp_path):
+    from align.engine.cache import ReferenceCache
+    from align.ghm.recorders import RecordedGHM, recorded_calls
+
+    edges = np.array([0.0, 0.5, 1.000001], np.float32)
+    below = np.nextafter(np.float32(0.5), np.float32(0))
+    g_t, g_p = np.array([[0.1, below, 0.9]], np.float32), np.array([[0.1, 0.5, 0.9]], np.float32)
+    valid = np.ones_like(g_t, bool)
+
+    def recorders():
+        t = FakeRecorder([np.array([2, 1])] * 5, {0: (g_t, valid)}, valid, edges)
+        t.acc_sums = [np.array([0.5, 0.25])] * 5
+        p = FakeRecorder([np.array([1, 2])] + [np.array([2, 1])] * 4, {0: (g_p, valid)}, valid, edges)
+        return t, p
+
+    t, p = recorders()
+    live = BinFlips({"ghmc": (t, p)}).explanation(1)
+    # Recorded as the backward stage's cache keeps it (one step's calls), then read back.
+    t, p = recorders()
+    cache = ReferenceCache(tmp_path)
+    cache.save("ghm", "k", recorded_calls(t, 0))
+    replayed = RecordedGHM()
+    replayed.add(dict(cache.load("ghm", "k")))
+    assert [c.tolist() for c in replayed.counts] == [c.tolist() for c in t.counts]
+    assert BinFlips({"ghmc": (replayed, p)}).explanation(1) == live
+    assert "(mmdet, bin 0)" in live.detail
