@@ -30,6 +30,7 @@ import contextlib
 import hashlib
 import json
 import shutil
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
@@ -64,28 +65,16 @@ class ReferenceCache:
         return self.folder / f"{name}-{key[:20]}"
 
     def load(self, name: str, key: str) -> Optional[dict[str, np.ndarray]]:
-        """The arrays saved under ``key`` (read-only memory maps), or None (absent, or a file
-        not matching its digest)."""
+        """The arrays saved under ``key`` (read-only memory maps), or None: absent (a miss) or
+        not checking out (a mismatch: one line on stderr says why, and the caller recomputes)."""
         folder = self.entry(name, key)
-        manifest = folder / "manifest.json"
-        if not manifest.is_file():
+        if not (folder / "manifest.json").is_file():
             self.last_status = "miss"
             return None
         try:
-            record = json.loads(manifest.read_text())
-            if record.get("format") != FORMAT or record.get("key") != key:
-                raise ValueError("another key or format")
-            arrays = {}
-            for item in record["arrays"]:
-                array = np.load(folder / item["file"], mmap_mode="r", allow_pickle=False)
-                if list(array.shape) != item["shape"] or array.dtype.str != item["dtype"]:
-                    raise ValueError(f"{item['file']}: shape or dtype differs from the manifest")
-                arrays[item["name"]] = array
-            with ThreadPoolExecutor(_HASH_THREADS) as pool:
-                digests = list(pool.map(_digest, arrays.values()))
-            if digests != [item["sha256"] for item in record["arrays"]]:
-                raise ValueError("an array does not match its digest")
-        except (OSError, ValueError, KeyError, TypeError):
+            arrays = _checked_arrays(folder, key)
+        except _Stale as why:
+            print(f"cache: {folder}: {why}; recomputing", file=sys.stderr)
             self.last_status = "mismatch"
             return None
         self.last_status = "hit"
@@ -115,6 +104,63 @@ class ReferenceCache:
             shutil.rmtree(entry.folder, ignore_errors=True)
             raise
         entry.commit()
+
+
+class _Stale(Exception):
+    """An entry that does not check out; the message says why."""
+
+
+def _checked_manifest(folder: Path, key: str) -> list[dict]:
+    """The manifest's array records, each with a plain file name in ``folder``, a unique name,
+    a shape, a dtype and a digest; `_Stale` naming the first thing that does not check out."""
+    try:
+        record = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError) as err:
+        raise _Stale(f"manifest.json cannot be read ({' '.join(str(err).split())})") from None
+    if not isinstance(record, dict):
+        raise _Stale(f"manifest.json holds a {type(record).__name__}, not an object")
+    if record.get("format") != FORMAT:
+        raise _Stale(f"format {record.get('format')!r}, this program writes {FORMAT}")
+    if record.get("key") != key:
+        raise _Stale("recorded under another key")
+    items = record.get("arrays")
+    if not isinstance(items, list):
+        raise _Stale("manifest.json has no list of arrays")
+    names = set()
+    for index, item in enumerate(items):
+        fields = {"name": str, "file": str, "shape": list, "dtype": str, "sha256": str}
+        if not isinstance(item, dict) or any(not isinstance(item.get(f), t) for f, t in fields.items()):
+            raise _Stale(f"manifest.json: array {index} lacks one of {sorted(fields)} or has it of another type")
+        if Path(item["file"]).name != item["file"] or not item["file"].endswith(".npy"):
+            raise _Stale(f"manifest.json: array {item['name']!r} names the file {item['file']!r}, "
+                         "not a .npy file of the entry")
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in item["shape"]):
+            raise _Stale(f"manifest.json: array {item['name']!r} has the shape {item['shape']!r}")
+        if item["name"] in names:
+            raise _Stale(f"manifest.json: array {item['name']!r} is listed twice")
+        names.add(item["name"])
+    return items
+
+
+def _checked_arrays(folder: Path, key: str) -> dict[str, np.ndarray]:
+    """Every array of the entry, memory-mapped, after its shape, dtype and digest checked out."""
+    items = _checked_manifest(folder, key)
+    arrays = {}
+    for item in items:
+        try:
+            array = np.load(folder / item["file"], mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise _Stale(f"{item['file']} cannot be read ({' '.join(str(err).split())})") from None
+        if list(array.shape) != item["shape"] or array.dtype.str != item["dtype"]:
+            raise _Stale(f"{item['file']} holds {array.dtype.str} {list(array.shape)}, "
+                         f"the manifest says {item['dtype']} {item['shape']}")
+        arrays[item["name"]] = array
+    with ThreadPoolExecutor(_HASH_THREADS) as pool:
+        digests = list(pool.map(_digest, arrays.values()))
+    for item, digest in zip(items, digests):
+        if digest != item["sha256"]:
+            raise _Stale(f"{item['file']} does not match its digest")
+    return arrays
 
 
 class EntryWriter:

@@ -93,7 +93,7 @@ def test_isolated_forward_names_only_the_perturbed_layer(build_dir, tmp_path):
     assert not any((build_dir / "isolate").iterdir())  # the spilled activations are removed
 
 
-def test_second_run_takes_mmdet_from_the_cache_and_a_damaged_entry_is_recomputed(tmp_path_factory):
+def test_second_run_takes_mmdet_from_the_cache_and_a_damaged_entry_is_recomputed(tmp_path_factory, capsys):
     build = tmp_path_factory.mktemp("cache_build")
     off = run_forward(options(build, tmp_path_factory.mktemp("r0")))
     assert off.meta["reference_cache"] == "off" and not (build / "cache").exists()
@@ -110,3 +110,13 @@ def test_second_run_takes_mmdet_from_the_cache_and_a_damaged_entry_is_recomputed
     assert third.meta["reference_cache"] == "mismatch" and third.passed
     fresh = run_forward(options(build, tmp_path_factory.mktemp("r4"), cache=True, fresh=True))
     assert fresh.meta["reference_cache"] == "fresh"
+    # A manifest that is JSON but not an object: a mismatch named on stderr, then recomputed.
+    (entry,) = (build / "cache").glob("forward-*")
+    (entry / "manifest.json").write_text("[1, 2, 3]")
+    capsys.readouterr()
+    planted = run_forward(options(build, tmp_path_factory.mktemp("r5"), cache=True))
+    assert planted.meta["reference_cache"] == "mismatch" and planted.passed
+    assert capsys.readouterr().err.splitlines() == [
+        f"cache: {entry}: manifest.json holds a list, not an object; recomputing"]
+    again = run_forward(options(build, tmp_path_factory.mktemp("r6"), cache=True))
+    assert again.meta["reference_cache"] == "hit"
