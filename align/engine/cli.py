@@ -3,8 +3,8 @@
 A stage's ``__main__`` adds its own options to :func:`stage_parser`, builds
 its options, and hands :func:`run_stage` the function that runs it and the
 lines that summarise its result. Exit status: 0 PASS, 1 FAIL, 2 bad input
-(one line on stderr naming the file or option; the client's traceback
-variable, e.g. ``<NAME>_TRACEBACK=1``, adds the traceback).
+(one line on stderr naming the file or option; ``-v`` or the client's
+traceback variable, e.g. ``<NAME>_TRACEBACK=1``, adds the traceback).
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import traceback
 from pathlib import Path
 from typing import Callable, Iterable, Optional, TypeVar
 
+from .arguments import non_negative
 from .atomic_write import write_text
 from .compare import echo_reprod_log
 from .report import StageResult
@@ -37,7 +38,7 @@ def stage_parser(stage: str, description: str, *, ckpt_help: str, seed_help: Opt
     with ``cache`` also ``--cache`` and ``--fresh``, for a stage that can keep its reference side."""
     p = argparse.ArgumentParser(prog=f"python -m align.{stage}", description=description)
     p.add_argument("--ckpt", help=ckpt_help)
-    p.add_argument("--seed", type=int, default=0, help=seed_help)
+    p.add_argument("--seed", type=non_negative, default=0, help=seed_help)
     p.add_argument("--reports", type=Path, default=Path("reports"))
     p.add_argument("--build-dir", type=Path, default=build_dir, help=build_dir_help)
     p.add_argument("-v", "--verbose", action="store_true",
@@ -109,9 +110,10 @@ def run_stage(run: Callable[[], StageResult], *, label: Callable[[StageResult], 
         first_divergence: named after a FAIL.
         report: the HTML report's path, printed last.
         details: lines printed before the verdict with ``verbose`` (the report has them all).
-        verbose: also print the details and echo reprod_log's report lines (``-v``).
+        verbose: also print the details and echo reprod_log's report lines (``-v``),
+            and the traceback of a bad-input error before its line.
         traceback_env: the environment variable that, set to anything but 0,
-            shows the traceback of a bad-input error.
+            shows the traceback of a bad-input error without ``verbose``.
     """
     echo_reprod_log(verbose)
     # What libraries print or log while the stage runs (pycocotools' "loading annotations...",
@@ -121,7 +123,7 @@ def run_stage(run: Callable[[], StageResult], *, label: Callable[[StageResult], 
         with contextlib.nullcontext() if verbose else _captured(printed):
             result = run()
     except BAD_INPUT as err:
-        if os.environ.get(traceback_env, "") not in ("", "0"):
+        if verbose or os.environ.get(traceback_env, "") not in ("", "0"):
             traceback.print_exc()
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2

@@ -2,7 +2,10 @@
 
 Names are rewritten by a `NameMap`: an ordered list of prefix rules (the first
 rule whose torch prefix starts a name replaces it; a name no rule matches is
-kept). What differs between the two frameworks for every model is added here:
+kept). A rule whose torch prefix ends in a dot names a module: it also matches
+that module itself (``"fc."`` matches ``fc`` as well as ``fc.weight``). A rule
+that matches no torch module of the model is an error (`NameMap.check`): a
+misspelt rule would otherwise leave the names it meant unmapped without a word. What differs between the two frameworks for every model is added here:
 
 - BatchNorm statistics: torch ``running_mean`` / ``running_var`` are Paddle's
   ``_mean`` / ``_variance``; torch's ``num_batches_tracked`` has no Paddle
@@ -32,6 +35,9 @@ class NameMap:
 
     prefixes: Sequence[tuple[str, str]] = field(default_factory=list)
 
+    # Where the rules came from (a file), named by the errors about them.
+    source: str = "name map"
+
     @classmethod
     def from_json(cls, path: str | Path) -> "NameMap":
         """``{"prefixes": [["backbone.", ""], ["pool", "avgpool"]]}``; a malformed file is a
@@ -45,14 +51,40 @@ class NameMap:
         if not isinstance(rules, list) or not all(
                 isinstance(r, list) and len(r) == 2 and all(isinstance(p, str) for p in r) for r in rules):
             raise ValueError(f"--map {path}: expected {{\"prefixes\": [[torch prefix, paddle prefix], ...]}}")
-        return cls([(a, b) for a, b in rules])
+        return cls([(a, b) for a, b in rules], source=f"--map {path}")
+
+    def _rule(self, torch_name: str) -> int | None:
+        """The index of the first rule matching ``torch_name``, or None."""
+        for index, (old, _) in enumerate(self.prefixes):
+            if torch_name.startswith(old) or (old.endswith(".") and torch_name == old[:-1]):
+                return index
+        return None
 
     def layer(self, torch_name: str) -> str:
         """The Paddle name of a torch layer (module) name."""
-        for old, new in self.prefixes:
-            if torch_name.startswith(old):
-                return new + torch_name[len(old):]
-        return torch_name
+        index = self._rule(torch_name)
+        if index is None:
+            return torch_name
+        old, new = self.prefixes[index]
+        if torch_name == old[:-1] and old.endswith("."):
+            return new[:-1] if new.endswith(".") else new
+        return new + torch_name[len(old):]
+
+    def check(self, torch_module) -> None:
+        """A ``ValueError`` naming every rule that no module name of ``torch_module`` selects
+        (a rule shadowed by an earlier one selects nothing either), with the closest module name."""
+        import difflib
+
+        names = [name for name, _ in torch_module.named_modules() if name]
+        used = {self._rule(name) for name in names}
+        unused = []
+        for index, (old, new) in enumerate(self.prefixes):
+            if index not in used:
+                close = difflib.get_close_matches(old.rstrip("."), names, n=1)
+                unused.append(f"[{old!r}, {new!r}]" + (f" (closest module: {close[0]!r})" if close else ""))
+        if unused:
+            raise ValueError(f"{self.source}: {'; '.join(unused)} match{'es' if len(unused) == 1 else ''} "
+                             "no module of the torch model")
 
     def tensor(self, torch_key: str) -> str | None:
         """The Paddle state-dict key of a torch state-dict key; None when it has no counterpart."""

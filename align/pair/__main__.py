@@ -14,6 +14,7 @@ import importlib
 import sys
 from pathlib import Path
 
+from align.engine.arguments import non_negative_float, positive_float, tensor_shape
 from align.engine.cli import parse_shape, run_stage, stage_parser
 from align.engine.compare import first_failed_name
 from align.engine.weights import NameMap
@@ -34,11 +35,14 @@ def load_builder(spec: str, option: str):
     return builder
 
 
-def input_shape(text: str) -> tuple[int, ...]:
-    shape = parse_shape(text)
-    if len(shape) < 2:
-        raise ValueError(f"--shape {text!r}: expected NxCxHxW such as 2x3x224x224")
-    return shape
+def build(spec: str, option: str):
+    """The model the builder named by ``spec`` returns; a builder that raises is a ``ValueError``
+    naming ``module:function`` and its exception (the traceback with ``-v``)."""
+    builder = load_builder(spec, option)
+    try:
+        return builder()
+    except Exception as err:
+        raise ValueError(f"{option} {spec}: the builder raised {type(err).__name__}: {err}") from err
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,14 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--torch", required=True, help="module:function building the reference torch module")
     p.add_argument("--paddle", required=True, help="module:function building the Paddle layer")
     p.add_argument("--map", type=Path, help="JSON name map {\"prefixes\": [[torch, paddle], ...]}")
-    p.add_argument("--shape", default="2x3x224x224", help="input NxCxHxW (default %(default)s)")
+    p.add_argument("--shape", type=tensor_shape(), default="2x3x224x224", help="input NxCxHxW (default %(default)s)")
     p.add_argument("--isolate", action="store_true", help="also compare every layer in isolation")
     p.add_argument("--backward", action="store_true", help="also compare gradients")
     p.add_argument("--no-carry", action="store_true", help="the builders load equal weights themselves")
     p.add_argument("--perturb", help="Paddle parameter to perturb (the report must name its layer)")
-    p.add_argument("--perturb-scale", type=float, default=1e-3)
-    p.add_argument("--rel-tol", type=float, default=1e-5)
-    p.add_argument("--mean-tol", type=float, default=1e-5)
+    p.add_argument("--perturb-scale", type=positive_float, default=1e-3)
+    p.add_argument("--rel-tol", type=non_negative_float, default=1e-5)
+    p.add_argument("--mean-tol", type=non_negative_float, default=1e-5)
     p.add_argument("--spill", action="store_true", help="keep recorded activations on disk, not in memory")
     p.add_argument("--name", default="pair", help="report file stem (default %(default)s)")
     args = p.parse_args(argv)
@@ -64,10 +68,10 @@ def main(argv: list[str] | None = None) -> int:
 
         from align.pair.run import align_pair
 
-        shape = input_shape(args.shape)
+        shape = parse_shape(args.shape)
         name_map = NameMap.from_json(args.map) if args.map else NameMap()
-        torch_model = load_builder(args.torch, "--torch")()
-        paddle_model = load_builder(args.paddle, "--paddle")()
+        torch_model = build(args.torch, "--torch")
+        paddle_model = build(args.paddle, "--paddle")
         inputs = np.random.default_rng(args.seed).standard_normal(shape).astype(np.float32)
         return align_pair(torch_model, paddle_model, inputs, name_map=name_map, isolate=args.isolate,
                           backward=args.backward, carry=not args.no_carry, seed=args.seed, rel_tol=args.rel_tol,

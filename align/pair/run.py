@@ -6,7 +6,8 @@ layer, backward, and each layer in isolation; one JSON and HTML report with the 
 
 Steps, all on the engine (`align.engine`):
 
-1. `carry_weights`: every torch tensor into its Paddle counterpart, strictly.
+1. `carry_weights`: every torch tensor into its Paddle counterpart, strictly
+   (and every rule of the name map selects some torch module).
 2. Forward: the output(s) and every leaf layer's output (`TorchRecorder`,
    `PaddleComparer`; layer names through the name map), in execution order.
 3. With ``backward``: the loss ``sum(output * R)`` for a seeded ``R`` of the
@@ -64,6 +65,7 @@ def align_pair(torch_model, paddle_model, inputs: np.ndarray, *, name_map: Optio
     import torch
 
     name_map = name_map or NameMap()
+    name_map.check(torch_model)
     conversions, dropped = carry_weights(torch_model, paddle_model, name_map) if carry else ([], [])
     if perturb:
         perturb_parameter(paddle_model, perturb, scale=perturb_scale, seed=seed)

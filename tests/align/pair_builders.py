@@ -1,0 +1,22 @@
+"""Builders for `python -m align.pair` in the tests: the small block pair, and builders that fail."""
+from __future__ import annotations
+
+
+def block_torch():
+    from tests.align.test_isolate import TorchBlock
+
+    return TorchBlock().eval()
+
+
+def block_paddle():
+    from tests.align.test_isolate import PaddleBlock
+
+    return PaddleBlock().eval()
+
+
+def raising():
+    raise RuntimeError("cannot open /nowhere/weights.pth")
+
+
+def nested_failure():
+    return {}["backbone"]
