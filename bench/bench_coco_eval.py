@@ -33,7 +33,7 @@ import numpy as np
 
 from align.engine.atomic_write import write_json
 from bench.machine import cpu_info, load_average
-from paddle_impl.arguments import positive
+from paddle_impl.arguments import non_negative, positive
 from paddle_impl.evaluation.coco_eval import EVAL_BACKENDS, check_backend, evaluate_bbox
 from paddle_impl.evaluation.synthetic import synthetic_detections, synthetic_ground_truth
 
@@ -78,7 +78,7 @@ def timed(backend: str, ground_truth: dict, records: list[dict]) -> tuple[float,
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=positive, default=5000, help="images of the synthetic ground truth")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
+    parser.add_argument("--seed", type=non_negative, default=0, help="seed of the synthetic data")
     parser.add_argument("--repeats", type=positive, default=1, help="timed runs per backend (median)")
     parser.add_argument("--out", default="reports/bench_coco_eval.json", help="JSON report path")
     args = parser.parse_args(argv)

@@ -31,6 +31,7 @@ import numpy as np
 import paddle
 import torch
 
+from align.engine.arguments import positive
 from align.engine.atomic_write import write_json
 from bench.machine import load_average, machine_info
 from paddle_impl.config import get_config
@@ -175,7 +176,7 @@ def print_row(row: dict) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls per measurement")
+    parser.add_argument("--repeats", type=positive, default=5, help="timed calls per measurement")
     parser.add_argument("--out", default="reports/bench_ghm.json", help="JSON report path")
     parser.add_argument("--backward", action="store_true",
                         help="also time forward+backward (the gradient w.r.t. the predictions)")

@@ -48,6 +48,7 @@ import statistics
 import sys
 import time
 
+from align.engine.arguments import non_negative, positive
 from align.engine.atomic_write import write_json
 from bench.machine import load_average, machine_info, set_threads
 from paddle_impl.arguments import parse_size
@@ -188,13 +189,13 @@ def print_table(rows: list[dict]) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=3, help="timed steps per side and size")
+    parser.add_argument("--repeats", type=positive, default=3, help="timed steps per side and size")
     parser.add_argument("--out", default="reports/bench_train.json", help="JSON report path")
     parser.add_argument("--sizes", default=DEFAULT_SIZES,
                         help="comma-separated image sizes WxH (default %(default)s)")
     parser.add_argument("--ckpt", help="mmdet checkpoint (default: the seeded synthetic one)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int,
+    parser.add_argument("--seed", type=non_negative, default=0)
+    parser.add_argument("--threads", type=non_negative,
                         help="CPU threads of both libraries (default: torch's default; 0: each "
                              "library's own default)")
     parser.add_argument("--no-cpu-config", action="store_true",

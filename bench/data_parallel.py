@@ -81,6 +81,7 @@ from align.ghm.sides import PaddleSide, summed_terms  # noqa: E402
 from bench.distributed_run import (BATCH_PER_PROCESS, WARMUP_ITERS, WORLD_SIZE, LaunchError,  # noqa: E402
                                    run_distributed)
 from bench.machine import load_average  # noqa: E402
+from align.engine.arguments import non_negative, positive, positive_float  # noqa: E402
 from paddle_impl.arguments import parse_size  # noqa: E402
 from paddle_impl.config import get_config  # noqa: E402
 from paddle_impl.data.dataset import CocoDetection, build_dataloader  # noqa: E402
@@ -354,14 +355,14 @@ def iteration_table(dist_run: dict[str, Any], emu: dict[str, Any], joined: dict[
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.data_parallel", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--iters", type=int, default=4, help="training iterations (default %(default)s)")
-    p.add_argument("--lr", type=float, default=0.01, help="learning rate (default %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--iters", type=positive, default=4, help="training iterations (default %(default)s)")
+    p.add_argument("--lr", type=positive_float, default=0.01, help="learning rate (default %(default)s)")
+    p.add_argument("--seed", type=non_negative, default=0)
     p.add_argument("--scale", type=parse_size, default=(128, 96),
                    help="resize scale WxH (default 128x96)")
-    p.add_argument("--train-images", type=int, default=40,
+    p.add_argument("--train-images", type=positive, default=40,
                    help="training images generated before the padded-shape filter (default %(default)s)")
-    p.add_argument("--timeout", type=float, default=1200, help="seconds allowed for the launched run")
+    p.add_argument("--timeout", type=positive_float, default=1200, help="seconds allowed for the launched run")
     p.add_argument("--work-dir", type=Path, default=Path("build/data_parallel"))
     p.add_argument("--out", type=Path, default=Path("reports/data_parallel.json"))
     args = p.parse_args(argv)

@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from align.engine.arguments import positive_float
 from paddle_impl.arguments import non_negative, parse_size, positive
 from paddle_impl.errors import run_command
 
@@ -75,7 +76,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="DataLoader worker counts, one run each (default %s)" % DEFAULT_WORKERS)
     p.add_argument("--batch", type=positive, default=2, help="images per batch (default %(default)s)")
     p.add_argument("--seed", type=non_negative, default=0)
-    p.add_argument("--timeout", type=float, default=7200, help="seconds allowed per run (default %(default)s)")
+    p.add_argument("--timeout", type=positive_float, default=7200, help="seconds allowed per run (default %(default)s)")
     p.add_argument("--work-dir", type=Path, default=Path("build/bench_data"))
     p.add_argument("--out", type=Path, default=Path("reports/bench_data.json"), help="JSON report")
     args = p.parse_args(argv)

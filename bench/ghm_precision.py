@@ -16,6 +16,8 @@ import json
 
 import numpy as np
 
+from align.engine.arguments import non_negative
+
 
 def float64_ghmc(pred, labels, label_weights, bins: int, momentum: float) -> float:
     """The first GHM-C call on fresh state, evaluated in float64."""
@@ -58,7 +60,7 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m bench.ghm_precision", description=__doc__)
     p.add_argument("--shape", default="2x3x800x1344")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative, default=0)
     args = p.parse_args(argv)
     shape = parse_shape(args.shape)
     model = build_torch_model(prepare_checkpoints(None, args.seed))

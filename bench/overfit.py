@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+from align.engine.arguments import non_negative, positive, positive_float
+
 
 def make_dataset(root: Path, images: int, seed: int) -> Path:
     """Tiny COCO at ``root`` with ``images`` training images and val = a copy of train."""
@@ -46,17 +48,17 @@ def make_dataset(root: Path, images: int, seed: int) -> Path:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.overfit", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", type=int, default=4, help="training images (default %(default)s)")
-    p.add_argument("--iters", type=int, default=600, help="training iterations (default %(default)s)")
-    p.add_argument("--lr", type=float, default=0.01, help="base learning rate (default %(default)s)")
-    p.add_argument("--warmup-iters", type=int, default=50)
-    p.add_argument("--decay-at", type=float, default=0.75,
+    p.add_argument("--images", type=positive, default=4, help="training images (default %(default)s)")
+    p.add_argument("--iters", type=positive, default=600, help="training iterations (default %(default)s)")
+    p.add_argument("--lr", type=positive_float, default=0.01, help="base learning rate (default %(default)s)")
+    p.add_argument("--warmup-iters", type=non_negative, default=50)
+    p.add_argument("--decay-at", type=positive_float, default=0.75,
                    help="fraction of the iterations after which the lr drops x0.1 (1: never; "
                         "default %(default)s)")
     p.add_argument("--scale", default="480x320", help="resize scale WxH (default %(default)s: the images' own)")
-    p.add_argument("--eval-every", type=int, default=0,
+    p.add_argument("--eval-every", type=non_negative, default=0,
                    help="also evaluate every N epochs (an epoch is images / 2 iterations; 0: only at the end)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative, default=0)
     p.add_argument("--init-backbone", help="backbone .pdparams (default: random initialisation)")
     p.add_argument("--work-dir", type=Path, default=Path("build/overfit"))
     p.add_argument("--out", type=Path, default=Path("reports/overfit.json"))

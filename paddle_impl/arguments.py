@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 
+from align.engine.arguments import non_negative, positive  # noqa: F401 (the programs take them from here too)
 from paddle_impl.errors import InputError
 
 
@@ -37,20 +38,6 @@ def learning_rate(text: str) -> float | str:
         raise argparse.ArgumentTypeError(f"--lr must be 'auto' or a number, got {text!r}") from None
     if not (value > 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"--lr must be positive, got {text!r}")
-    return value
-
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
     return value
 
 

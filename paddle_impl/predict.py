@@ -51,6 +51,7 @@ from paddle_impl.boxes.postprocess import Detections  # noqa: E402
 from paddle_impl.engine.weights import convert_torch_checkpoint, load_weights, load_weights_file  # noqa: E402
 from paddle_impl.errors import InputError, run_command  # noqa: E402
 from paddle_impl.arguments import add_eval_backend, eval_backend, parse_size  # noqa: E402
+from align.engine.arguments import fraction  # noqa: E402
 from paddle_impl.data.transforms import Collate, load_image, test_pipeline  # noqa: E402
 
 
@@ -62,7 +63,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--img-prefix", help="folder of the --ann-file images")
     p.add_argument("--out", required=True, help="COCO results json to write")
     p.add_argument("--draw-dir", help="write one PNG per image with the boxes drawn")
-    p.add_argument("--draw-thr", type=float, default=0.3, help="lowest score drawn (default 0.3)")
+    p.add_argument("--draw-thr", type=fraction, default=0.3, help="lowest score drawn (default 0.3)")
     p.add_argument("--scale", type=parse_size, help="test resize scale WxH (default 1333x800)")
     add_eval_backend(p)
     p.add_argument("-v", "--verbose", action="store_true",

@@ -5,25 +5,25 @@ import sys
 
 from align.backward.stage import (DEFAULT_ITERS_PER_EPOCH, DEFAULT_SHAPE, BackwardOptions, first_divergence,
                                   run_backward)
+from align.engine.arguments import non_negative, positive, positive_float, tensor_shape
 from align.engine.cli import stage_parser
 from align.ghm.pair import BUILD_DIR, add_dtype_arguments, extra_dtype
 from align.ghm.suite import run_stage
-from paddle_impl.arguments import positive
 
 
 def main(argv: list[str] | None = None) -> int:
     p = stage_parser("backward", __doc__, ckpt_help="mmdet checkpoint (default: the seeded synthetic one)",
                      build_dir=BUILD_DIR, cache=True)
-    p.add_argument("--shape", default=DEFAULT_SHAPE, help="batch NxCxHxW (default %(default)s)")
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--lr", type=float,
+    p.add_argument("--shape", type=tensor_shape(4, channels=3), default=DEFAULT_SHAPE, help="batch NxCxHxW (default %(default)s)")
+    p.add_argument("--steps", type=positive, default=10)
+    p.add_argument("--lr", type=positive_float,
                    help="base learning rate (default: the config's 0.01 for 16 images, scaled linearly "
                         "to the batch size)")
-    p.add_argument("--warmup-iters", type=int, help="linear warm-up length (default: steps // 2)")
+    p.add_argument("--warmup-iters", type=non_negative, help="linear warm-up length (default: steps // 2)")
     add_dtype_arguments(p)
-    p.add_argument("--clip-max-norm", type=float,
+    p.add_argument("--clip-max-norm", type=positive_float,
                    help="gradient clipping threshold on both sides (default: the config's)")
-    p.add_argument("--iters-per-epoch", type=int, default=DEFAULT_ITERS_PER_EPOCH,
+    p.add_argument("--iters-per-epoch", type=non_negative, default=DEFAULT_ITERS_PER_EPOCH,
                    help="iterations per epoch of the whole-schedule learning-rate comparison (default "
                         "%(default)s: COCO train2017 at 16 images per step; 0 skips it)")
     p.add_argument("--no-reprod-log", action="store_true",
@@ -34,10 +34,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="Paddle's CPU math threads (default: as many as torch uses, so both sides compute "
                         "on the same cores)")
     args = p.parse_args(argv)
-    if args.steps < 1:
-        p.error("--steps must be at least 1")
-    if args.iters_per_epoch < 0:
-        p.error("--iters-per-epoch must be 0 (skip) or positive")
     opts = BackwardOptions(ckpt=args.ckpt, shape=args.shape, seed=args.seed, steps=args.steps,
                            lr=args.lr, warmup_iters=args.warmup_iters, dtype=args.dtype,
                            extra_dtype=extra_dtype(args),

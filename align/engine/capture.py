@@ -212,6 +212,15 @@ class PaddleComparer(_CallHooks):
         return merged
 
 
+def named_parameter(layer, name: str):
+    """The Paddle parameter ``name`` of ``layer``; a ``KeyError`` naming it and the closest names."""
+    params = dict(layer.named_parameters())
+    if name not in params:
+        close = difflib.get_close_matches(name, list(params), n=5)
+        raise KeyError(f"no parameter named {name!r}; close names: {close}")
+    return params[name]
+
+
 def perturb_parameter(layer, name: str, scale: float = 1e-3, seed: int = 0) -> float:
     """Add seeded Gaussian noise to one Paddle parameter in place, to test that a diff is caught.
 
@@ -225,11 +234,7 @@ def perturb_parameter(layer, name: str, scale: float = 1e-3, seed: int = 0) -> f
     Raises:
         KeyError: naming ``name`` and the closest parameter names.
     """
-    params = dict(layer.named_parameters())
-    if name not in params:
-        close = difflib.get_close_matches(name, list(params), n=5)
-        raise KeyError(f"no parameter named {name!r}; close names: {close}")
-    param = params[name]
+    param = named_parameter(layer, name)
     value = param.numpy().astype(np.float64)
     spread = float(value.std()) if value.size else 0.0
     if spread == 0.0:

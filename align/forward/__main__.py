@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 
+from align.engine.arguments import non_negative_float, positive_float, tensor_shape
 from align.engine.cli import stage_parser
 from align.forward.stage import DEFAULT_SHAPE, ForwardOptions, first_divergence, run_forward
 from align.ghm.pair import BUILD_DIR
@@ -13,11 +14,11 @@ def main(argv: list[str] | None = None) -> int:
     p = stage_parser("forward", __doc__, ckpt_help="mmdet checkpoint (default: the seeded synthetic one)",
                      build_dir=BUILD_DIR, build_dir_help="where the default checkpoint and conversions are cached",
                      cache=True)
-    p.add_argument("--shape", default=DEFAULT_SHAPE, help="input NxCxHxW (default %(default)s)")
+    p.add_argument("--shape", type=tensor_shape(4, channels=3), default=DEFAULT_SHAPE, help="input NxCxHxW (default %(default)s)")
     p.add_argument("--perturb", help="Paddle parameter to perturb, e.g. backbone.layer3.2.conv2.weight")
-    p.add_argument("--perturb-scale", type=float, default=1e-3)
-    p.add_argument("--rel-tol", type=float, default=1e-5)
-    p.add_argument("--mean-tol", type=float, default=1e-5)
+    p.add_argument("--perturb-scale", type=positive_float, default=1e-3)
+    p.add_argument("--rel-tol", type=non_negative_float, default=1e-5)
+    p.add_argument("--mean-tol", type=non_negative_float, default=1e-5)
     p.add_argument("--no-layers", action="store_true", help="skip the layer-by-layer capture")
     p.add_argument("--isolate", action="store_true",
                    help="also every layer on mmdet's recorded input: each layer's own error")

@@ -25,7 +25,7 @@ from align.engine.isolate import (TorchCallRecorder, isolated_forward, isolation
                                   spill_store)
 from align.engine.report import Headline, StageResult
 from align.engine.weights import NameMap
-from align.ghm.pair import (BUILD_DIR, build_paddle_model, build_torch_model, parse_shape,
+from align.ghm.pair import (BUILD_DIR, build_paddle_model, build_torch_model, check_perturb, parse_shape,
                             prepare_checkpoints, seeded_images)
 from align.ghm.suite import reference_sources, reference_threads, reference_versions, write_report
 
@@ -142,6 +142,7 @@ def run_isolated(torch_model, paddle_model, images: np.ndarray, opts: ForwardOpt
 def run_forward(opts: ForwardOptions) -> StageResult:
     """Run both models, diff, write ``forward*`` files into ``opts.reports``."""
     shape = parse_shape(opts.shape)
+    check_perturb(opts.perturb)
     t0 = time.perf_counter()
     ckpts = prepare_checkpoints(opts.ckpt, opts.seed, opts.build_dir)
     paddle_model = build_paddle_model(ckpts)

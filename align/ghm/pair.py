@@ -60,6 +60,21 @@ def prepare_checkpoints(ckpt: str | None, seed: int, build_dir: Path = BUILD_DIR
     return Checkpoints(torch_path, paddle_path, sha, synthetic)
 
 
+def check_perturb(name: str | None) -> None:
+    """``PERTURB``: a name no parameter of our detector has is refused before any work (a
+    ``ValueError`` naming the option, the value and the closest names)."""
+    if name is None:
+        return
+    from align.engine.capture import named_parameter
+    from paddle_impl.config import get_config
+    from paddle_impl.model.detector import RetinaNet
+
+    try:
+        named_parameter(RetinaNet.from_config(get_config()), name)
+    except KeyError as err:
+        raise ValueError(f"--perturb {name}: {err.args[0]}") from None
+
+
 MODEL_DTYPES = ("float32", "float64")
 
 

@@ -18,16 +18,6 @@ TINY_TRAIN_IMAGES = 8
 TINY_VAL_IMAGES = 4
 
 
-def parse_scale(text: str) -> tuple[int, int]:
-    """``SCALE`` (``WxH`` or ``W,H``, e.g. ``1333,800``) -> ``(w, h)``: the bound of a keep-ratio resize."""
-    from paddle_impl.arguments import parse_size
-
-    try:
-        return parse_size(text)
-    except ValueError as err:
-        raise ValueError(f"SCALE: {err}") from None
-
-
 def tiny_coco_root(build_dir: Path, seed: int) -> Path:
     """The seeded tiny COCO (8 train, 4 val images) under ``build_dir``, generated once.
 

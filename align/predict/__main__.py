@@ -3,27 +3,26 @@ from __future__ import annotations
 
 import sys
 
+from align.engine.arguments import fraction, non_negative_float
 from align.engine.cli import stage_parser
 from align.ghm.pair import BUILD_DIR
-from align.ghm.pipelines import parse_scale
 from align.ghm.suite import run_stage
+from paddle_impl.arguments import parse_size
 from align.predict.stage import DEFAULT_SCALE, PredictOptions, first_divergence, run_predict
 
 
 def main(argv: list[str] | None = None) -> int:
     p = stage_parser("predict", __doc__, ckpt_help="mmdet checkpoint (default: the seeded synthetic one, "
                                                    "plus its sharpened variant)", build_dir=BUILD_DIR)
-    p.add_argument("--scale", default="x".join(map(str, DEFAULT_SCALE)),
+    p.add_argument("--scale", type=parse_size, default="x".join(map(str, DEFAULT_SCALE)),
                    help="test Resize bound WxH (mmdet's scale=(w, h)) for both pipelines (default %(default)s, the config's)")
-    p.add_argument("--score-thr", type=float, help="override test_cfg.score_thr on both sides")
-    p.add_argument("--box-atol", type=float, default=1e-3, help="pixels (default %(default)s)")
-    p.add_argument("--score-atol", type=float, default=1e-5)
+    p.add_argument("--score-thr", type=fraction, help="override test_cfg.score_thr on both sides")
+    p.add_argument("--box-atol", type=non_negative_float, default=1e-3, help="pixels (default %(default)s)")
+    p.add_argument("--score-atol", type=non_negative_float, default=1e-5)
     args = p.parse_args(argv)
 
     def run():
-        if args.score_thr is not None and not 0.0 <= args.score_thr < 1.0:
-            raise ValueError(f"--score-thr must be in [0, 1), got {args.score_thr}")
-        opts = PredictOptions(ckpt=args.ckpt, seed=args.seed, scale=parse_scale(args.scale),
+        opts = PredictOptions(ckpt=args.ckpt, seed=args.seed, scale=args.scale,
                               score_thr=args.score_thr, box_atol=args.box_atol,
                               score_atol=args.score_atol, reports=args.reports, build_dir=args.build_dir)
         return run_predict(opts)

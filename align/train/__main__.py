@@ -5,7 +5,8 @@ import sys
 
 from align.engine.cli import stage_parser
 from align.ghm.pair import BUILD_DIR, add_dtype_arguments, extra_dtype
-from align.ghm.pipelines import parse_scale
+from align.engine.arguments import non_negative, non_negative_float, positive, positive_float
+from paddle_impl.arguments import parse_size
 from align.ghm.suite import run_stage
 from align.train.stage import DEFAULT_SCALE, FLIP_MODES, STAGE, TrainOptions, first_divergence, run_train
 
@@ -13,21 +14,21 @@ from align.train.stage import DEFAULT_SCALE, FLIP_MODES, STAGE, TrainOptions, fi
 def main(argv: list[str] | None = None) -> int:
     p = stage_parser("train", __doc__, ckpt_help="mmdet checkpoint (default: the seeded synthetic one)",
                      seed_help="seed of the tiny COCO, the flips and the default weights", build_dir=BUILD_DIR)
-    p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--lr", type=float, default=0.00125,
+    p.add_argument("--iters", type=positive, default=20)
+    p.add_argument("--lr", type=positive_float, default=0.00125,
                    help="base learning rate of both sides (default %(default)s: 0.01 x 2/16 images)")
-    p.add_argument("--warmup-iters", type=int, help="linear warm-up length (default: iters // 2)")
-    p.add_argument("--scale", default="x".join(map(str, DEFAULT_SCALE)),
+    p.add_argument("--warmup-iters", type=non_negative, help="linear warm-up length (default: iters // 2)")
+    p.add_argument("--scale", type=parse_size, default="x".join(map(str, DEFAULT_SCALE)),
                    help="train Resize bound WxH (mmdet's scale=(w, h)) for both pipelines (default %(default)s)")
     p.add_argument("--flip", choices=FLIP_MODES, default="seeded",
                    help="seeded: the same seeded decision per sample on both sides; on/off: forced")
     add_dtype_arguments(p)
-    p.add_argument("--loss-rel-tol", type=float, default=1e-4)
+    p.add_argument("--loss-rel-tol", type=non_negative_float, default=1e-4)
     args = p.parse_args(argv)
 
     def run():
         opts = TrainOptions(ckpt=args.ckpt, seed=args.seed, iters=args.iters, lr=args.lr,
-                            warmup_iters=args.warmup_iters, scale=parse_scale(args.scale), flip=args.flip,
+                            warmup_iters=args.warmup_iters, scale=args.scale, flip=args.flip,
                             dtype=args.dtype, extra_dtype=extra_dtype(args),
                             loss_rel_tol=args.loss_rel_tol, reports=args.reports, build_dir=args.build_dir)
         return run_train(opts)

@@ -44,7 +44,7 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
-from paddle_impl.arguments import parse_size
+from paddle_impl.arguments import non_negative, parse_size, positive
 from paddle_impl.data.coco_classes import COCO_CATEGORY_IDS, COCO_CLASSES
 
 # COCO's supercategories, as contiguous runs of COCO_CLASSES.
@@ -344,9 +344,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m paddle_impl.data.tiny_coco",
                                      description="Write a seeded synthetic COCO instances dataset.")
     parser.add_argument("out_dir", help="folder to create (must not exist, or be empty)")
-    parser.add_argument("--train", type=int, default=8, help="training images (default 8)")
-    parser.add_argument("--val", type=int, default=4, help="validation images (default 4)")
-    parser.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    parser.add_argument("--train", type=positive, default=8, help="training images (default 8)")
+    parser.add_argument("--val", type=positive, default=4, help="validation images (default 4)")
+    parser.add_argument("--seed", type=non_negative, default=0, help="seed (default 0)")
     parser.add_argument("--size", type=_base_size, default=(320, 480),
                         help="landscape base size WxH (default 480x320)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty out_dir")
