@@ -96,7 +96,7 @@ def run_loss(opts: LossOptions) -> StageResult:
 
     shape = parse_shape(opts.shape)
     if shape[0] != 2:
-        raise ValueError(f"the loss stage's fake batch has 2 images; SHAPE asks for {shape[0]}")
+        raise ValueError(f"--shape {opts.shape}: the loss stage's fake batch has 2 images, not {shape[0]}")
     batch = default_batch(shape[2:])
     ckpts = prepare_checkpoints(opts.ckpt, opts.seed, opts.build_dir)
     torch_model = build_torch_model(ckpts)

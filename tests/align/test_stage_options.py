@@ -65,3 +65,14 @@ def test_a_perturbation_of_no_parameter_is_refused_before_the_checkpoint_is_made
     assert line.startswith("error: --perturb backbone.layer3.2.conv9.weight: no parameter named")
     assert "backbone.layer3.2.conv2.weight" in line  # the closest names
     assert not any(tmp_path.iterdir())
+
+
+def test_a_loss_batch_of_another_size_is_refused_by_name_before_any_work(tmp_path, capsys):
+    from align.loss.__main__ import main
+
+    status = main(["--shape", "3x3x64x64", "--reports", str(tmp_path / "reports"),
+                   "--build-dir", str(tmp_path / "build")])
+    assert status == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: --shape 3x3x64x64: the loss stage's fake batch has 2 images, not 3"]
+    assert not any(tmp_path.iterdir())
