@@ -23,6 +23,12 @@ MMCV_CUDA    ?= 0
 MAX_JOBS     ?= 2
 
 STAMP := $(VENV)/.installed
+# mmcv 2.1.0's setup.py needs a setuptools older than torch accepts: it is built into a wheel in a
+# throw-away environment (its own setuptools, the project environment's torch behind it), and only
+# the wheel is installed, so the project environment never holds conflicting packages.
+MMCV_ENV    := $(VENV)/.mmcv-build-env
+MMCV_PY     := $(abspath $(MMCV_ENV))/bin/python
+MMCV_WHEELS := $(VENV)/.mmcv-wheel
 # The project itself, installed editable into the environment (pyproject.toml).
 SETUP := $(VENV)/.project
 
@@ -97,26 +103,32 @@ $(STAMP): requirements/build.txt requirements/reference.txt requirements/lock.tx
 	@echo "==> [1/5] virtual environment $(VENV)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade "pip>=24"
-	$(PIP) install -q -r requirements/build.txt
 	@echo "==> [2/5] $(TORCH_PKG)"
 	$(PIP) install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_PKG)"
 	@echo "==> [3/5] $(PADDLE_PKG)"
 	$(PIP) install -q -c requirements/lock.txt $(if $(PADDLE_INDEX),--extra-index-url $(PADDLE_INDEX)) "$(PADDLE_PKG)"
 	@echo "==> [4/5] $(MMCV_PKG) with compiled ops (first build about 9 minutes on 2 cores; cached afterwards)"
-	$(PIP) install -q -r requirements/build.txt
-	PATH="$(abspath $(VENV))/bin:$$PATH" MMCV_WITH_OPS=1 FORCE_CUDA=$(MMCV_CUDA) MAX_JOBS=$(MAX_JOBS) \
-	  $(PIP) install -v --no-build-isolation -c requirements/lock.txt "$(MMCV_PKG)" 2>&1 \
+	rm -rf $(MMCV_ENV) $(MMCV_WHEELS) && $(PYTHON) -m venv $(MMCV_ENV)
+	$(MMCV_PY) -m pip install -q --upgrade "pip>=24"
+	$(MMCV_PY) -m pip install -q -r requirements/build.txt
+	$(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib']); print(sysconfig.get_paths()['platlib'])" \
+	  > "$$($(MMCV_PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/project-env.pth"
+	PATH="$(abspath $(MMCV_ENV))/bin:$$PATH" MMCV_WITH_OPS=1 FORCE_CUDA=$(MMCV_CUDA) MAX_JOBS=$(MAX_JOBS) \
+	  $(MMCV_PY) -m pip wheel -v --no-build-isolation --no-deps -w $(MMCV_WHEELS) "$(MMCV_PKG)" 2>&1 \
 	  | tee $(VENV)/mmcv-build.log \
-	  | { grep --line-buffered -E '^ *\[[0-9]+/[0-9]+\]|Using cached|Successfully|already satisfied: mmcv|ERROR|error:' || true; } \
+	  | { grep --line-buffered -E '^ *\[[0-9]+/[0-9]+\]|Using cached|Saved |ERROR|error:' || true; } \
 	  | sed -u -E 's/^ *(\[[0-9]+\/[0-9]+\]).*/  mmcv build \1/'
+	$(PIP) install -q -c requirements/lock.txt $(MMCV_WHEELS)/mmcv-*.whl
+	rm -rf $(MMCV_ENV) $(MMCV_WHEELS)
 	$(PY) -c "import mmcv.ops; print('  mmcv', mmcv.__version__, 'ops ok')"
 	@echo "==> [5/5] mmengine, mmdet, reprod_log, pycocotools, faster-coco-eval, tools"
 	$(PIP) install -q -r requirements/reference.txt -c requirements/lock.txt "$(TORCH_PKG)" "$(PADDLE_PKG)" "$(MMCV_PKG)"
-	$(PY) -c "import torch, paddle, mmcv, mmdet, mmengine, reprod_log; print('  torch', torch.__version__, '| paddle', paddle.__version__, '| mmcv', mmcv.__version__, '| mmdet', mmdet.__version__)"
+	$(PY) -W ignore -c "import torch, paddle, mmcv, mmdet, mmengine, reprod_log; print('  torch', torch.__version__, '| paddle', paddle.__version__, '| mmcv', mmcv.__version__, '| mmdet', mmdet.__version__)"
+	$(PIP) check
 	touch $@
 
 $(SETUP): $(STAMP) pyproject.toml
-	$(PIP) install -q --no-deps --no-build-isolation -e .
+	PYTHONWARNINGS=ignore $(PIP) install -q --no-deps --no-build-isolation -e .
 	touch $@
 
 # Every stage runs even when an earlier one fails; the exit status reports any failure.
