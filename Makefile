@@ -70,8 +70,9 @@ TINY_COCO ?= build/tiny_coco
 SCALE       ?=
 TRAIN_ITERS ?=
 REPEATS     ?=
-# The order of `make align`: each stage builds on the agreement shown by the ones before it.
-STAGES  := forward loss backward data predict metric train
+# The order of `make align` (and of the report index): each stage builds on the agreement shown
+# by the ones before it; the one list is align/ghm/stages.txt.
+STAGES  := $(shell awk '!/^\#/ && NF {print $$1}' align/ghm/stages.txt)
 
 COMMON_ARGS = --reports $(REPORTS) --seed $(SEED) $(if $(CKPT),--ckpt $(CKPT)) $(if $(SHAPE),--shape $(SHAPE))
 

@@ -7,8 +7,17 @@ from align.engine.cli import run_stage as _run_stage
 # Set to show the traceback of a bad-input error (as for every command of the project).
 TRACEBACK_ENV = "GHM_TRACEBACK"
 
+
+def _stage_reports() -> tuple[str, ...]:
+    """The report names of the stages, in `make align`'s order (``stages.txt``, which the Makefile reads too)."""
+    from pathlib import Path
+
+    lines = Path(__file__).with_name("stages.txt").read_text().splitlines()
+    return tuple(line.split()[1] for line in lines if line.strip() and not line.startswith("#"))
+
+
 # The order in which `make align` runs the stages (each builds on the ones before).
-STAGE_ORDER = ("forward", "loss", "backward", "data", "predict", "metric", "train_align")
+STAGE_ORDER = _stage_reports()
 
 # Module name -> the distribution names it may be installed under.
 PACKAGES = {
