@@ -39,10 +39,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from align.engine.arguments import positive_float
-from paddle_impl.arguments import non_negative, parse_size, positive
+from paddle_impl.arguments import format_size, non_negative, parse_size, positive
+from paddle_impl.config import get_config
 from paddle_impl.errors import run_command
 
-DEFAULT_SIZE = "1333x800"
+DEFAULT_SIZE = format_size(get_config()["data"]["scale"])
 DEFAULT_WORKERS = "0,2"
 # Training images the tiny COCO drops (its no-annotation and 24-pixel-strip roles), plus spare ones.
 EXTRA_IMAGES = 8

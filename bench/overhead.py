@@ -68,10 +68,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from paddle_impl.arguments import non_negative, parse_size, positive
+from paddle_impl.arguments import format_size, non_negative, parse_size, positive
+from paddle_impl.config import get_config
 from paddle_impl.errors import InputError, run_command
 
-DEFAULT_SIZE = "1333x800"
+DEFAULT_SIZE = format_size(get_config()["data"]["scale"])
 WARMUP_ROUNDS = 1
 # Per side: the times each round records, and the median ones the report and the summary give.
 PADDLE_TIMES = ("network_s", "iteration_s", "data_wait_s", "step_s", "loading_work_s",

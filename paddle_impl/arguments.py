@@ -29,6 +29,12 @@ def parse_size(text: str, minimum: int = 32) -> tuple[int, int]:
     return w, h
 
 
+def format_size(size) -> str:
+    """``(w, h)`` -> ``"WxH"``, the form `parse_size` reads (for defaults shown in ``--help``)."""
+    w, h = size
+    return f"{w}x{h}"
+
+
 def learning_rate(text: str) -> float | str:
     if text == "auto":
         return text

@@ -7,7 +7,7 @@ from align.data.stage import DEFAULT_SCALE, DataOptions, first_divergence, run_d
 from align.engine.cli import stage_parser
 from align.ghm.pair import BUILD_DIR
 from align.engine.arguments import non_negative_float, positive
-from paddle_impl.arguments import parse_size
+from paddle_impl.arguments import format_size, parse_size
 from align.ghm.suite import run_stage
 
 
@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     p = stage_parser("data", __doc__, ckpt_help="accepted for a uniform command line; the data stage uses no weights",
                      seed_help="seed of the tiny COCO (default %(default)s)", build_dir=BUILD_DIR,
                      build_dir_help="where the tiny COCO is generated (default %(default)s)")
-    p.add_argument("--scale", type=parse_size, default="x".join(map(str, DEFAULT_SCALE)),
+    p.add_argument("--scale", type=parse_size, default=format_size(DEFAULT_SCALE),
                    help="Resize bound WxH (mmdet's scale=(w, h)) for both pipelines (default %(default)s, the config's)")
     p.add_argument("--batch-size", type=positive, default=2)
     p.add_argument("--input-atol", type=non_negative_float, default=1e-6)

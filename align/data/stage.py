@@ -31,8 +31,9 @@ from align.ghm.pair import BUILD_DIR
 from align.ghm.pipelines import (mmdet_batch, mmdet_dataset, mmdet_preprocessor, mmdet_setup,
                                   our_dataset, tiny_coco_root)
 from align.ghm.suite import write_report
+from paddle_impl.config import get_config
 
-DEFAULT_SCALE = (1333, 800)
+DEFAULT_SCALE = tuple(get_config()["data"]["scale"])
 
 
 class ImageRow(NamedTuple):

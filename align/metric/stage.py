@@ -37,6 +37,7 @@ from align.engine.rows import exact_row
 from align.ghm.pair import BUILD_DIR
 from align.ghm.pipelines import VAL_SPLIT, ann_file, mmdet_setup, our_dataset, tiny_coco_root
 from align.ghm.suite import write_report
+from paddle_impl.config import get_config
 
 # Relative to each box's size, so tiny objects are matched as often as large ones.
 JITTER_REL = 0.04
@@ -176,7 +177,7 @@ def run_metric(opts: MetricOptions) -> StageResult:
     root = tiny_coco_root(opts.build_dir, opts.seed)
     ann = ann_file(root, VAL_SPLIT)
     cfg = mmdet_setup()
-    dataset = our_dataset(root, train=False, scale=(1333, 800))
+    dataset = our_dataset(root, train=False, scale=tuple(get_config()["data"]["test_scale"]))
     dets = synthetic_detections(dataset, opts.seed)
     ours_in, dropped_from = (drop_best_true(dets) if opts.drop_detection else (dets, None))
 

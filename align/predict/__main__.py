@@ -7,14 +7,14 @@ from align.engine.arguments import fraction, non_negative_float
 from align.engine.cli import stage_parser
 from align.ghm.pair import BUILD_DIR
 from align.ghm.suite import run_stage
-from paddle_impl.arguments import parse_size
+from paddle_impl.arguments import format_size, parse_size
 from align.predict.stage import DEFAULT_SCALE, PredictOptions, first_divergence, run_predict
 
 
 def main(argv: list[str] | None = None) -> int:
     p = stage_parser("predict", __doc__, ckpt_help="mmdet checkpoint (default: the seeded synthetic one, "
                                                    "plus its sharpened variant)", build_dir=BUILD_DIR)
-    p.add_argument("--scale", type=parse_size, default="x".join(map(str, DEFAULT_SCALE)),
+    p.add_argument("--scale", type=parse_size, default=format_size(DEFAULT_SCALE),
                    help="test Resize bound WxH (mmdet's scale=(w, h)) for both pipelines (default %(default)s, the config's)")
     p.add_argument("--score-thr", type=fraction, help="override test_cfg.score_thr on both sides")
     p.add_argument("--box-atol", type=non_negative_float, default=1e-3, help="pixels (default %(default)s)")

@@ -57,8 +57,9 @@ from align.ghm.pair import (BUILD_DIR, Checkpoints, build_paddle_model, build_to
 from align.ghm.pipelines import (mmdet_batch, mmdet_dataset, mmdet_setup, our_dataset,
                                   tiny_coco_root)
 from align.ghm.suite import write_report
+from paddle_impl.config import get_config
 
-DEFAULT_SCALE = (1333, 800)
+DEFAULT_SCALE = tuple(get_config()["data"]["test_scale"])
 SHARPEN_MEAN = -6.0
 SHARPEN_STD = 1.5
 CALIBRATION_SHAPE = (1, 3, 320, 480)
@@ -134,7 +135,6 @@ def mmdet_predictions(model, dataset, score_thr: float | None) -> list[dict[str,
 
 def paddle_predictions(model, dataset, score_thr: float | None) -> list[dict[str, np.ndarray]]:
     """Our detections per image: our test pipeline, ``Collate`` and ``RetinaNet.predict``."""
-    from paddle_impl.config import get_config
     from paddle_impl.data.transforms import Collate
 
     cfg = get_config()["test_cfg"]
@@ -217,8 +217,6 @@ def compare_run(name: str, ref: list[dict], got: list[dict], opts: PredictOption
 
 def run_predict(opts: PredictOptions) -> StageResult:
     """Predict on both sides, diff, write ``predict*`` files into ``opts.reports``."""
-    from paddle_impl.config import get_config
-
     root = tiny_coco_root(opts.build_dir, opts.seed)
     cfg = mmdet_setup()
     mm_ds = mmdet_dataset(cfg, root, train=False, scale=opts.scale)

@@ -6,7 +6,7 @@ import sys
 from align.engine.cli import stage_parser
 from align.ghm.pair import BUILD_DIR, add_dtype_arguments, extra_dtype
 from align.engine.arguments import non_negative, non_negative_float, positive, positive_float
-from paddle_impl.arguments import parse_size
+from paddle_impl.arguments import format_size, parse_size
 from align.ghm.suite import run_stage
 from align.train.stage import DEFAULT_SCALE, FLIP_MODES, STAGE, TrainOptions, first_divergence, run_train
 
@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=positive_float, default=0.00125,
                    help="base learning rate of both sides (default %(default)s: 0.01 x 2/16 images)")
     p.add_argument("--warmup-iters", type=non_negative, help="linear warm-up length (default: iters // 2)")
-    p.add_argument("--scale", type=parse_size, default="x".join(map(str, DEFAULT_SCALE)),
+    p.add_argument("--scale", type=parse_size, default=format_size(DEFAULT_SCALE),
                    help="train Resize bound WxH (mmdet's scale=(w, h)) for both pipelines (default %(default)s)")
     p.add_argument("--flip", choices=FLIP_MODES, default="seeded",
                    help="seeded: the same seeded decision per sample on both sides; on/off: forced")
