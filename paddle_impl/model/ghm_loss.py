@@ -21,6 +21,8 @@ The numerical semantics are those of mmdet 3.3.0's ``GHMC`` and ``GHMR``
   ``tot = max(sum(label_weight), 1)``;
 * with ``momentum > 0`` a per-region running count ``acc_sum`` replaces the
   count, and only non-empty regions are updated (empty ones are not decayed);
+  as in mmdet, the buffer exists only then: with momentum 0 the state dict
+  holds ``edges`` alone;
 * the reduction is ``sum(weight * loss) / (tot + eps)`` for ``'mean'`` and the
   weighted element-wise loss for ``'none'``, both times ``loss_weight``.
   ``'sum'`` is rejected with a ValueError, as mmdet's ``weight_reduce_loss``
@@ -28,10 +30,28 @@ The numerical semantics are those of mmdet 3.3.0's ``GHMC`` and ``GHMR``
   check comes before any work, so unlike mmdet a rejected call leaves
   ``acc_sum`` untouched. An ``avg_factor`` argument is accepted and ignored.
 
-Precision. Predictions are float32 in training; float64 predictions are
-supported for alignment runs in double precision. Then, as in mmdet, the
-losses, gradient norms and weights are in the prediction's dtype and the
-targets may stay float32. The buffers keep the dtype the module was given:
+Precision and dtypes. Predictions are float32 in training; float64
+predictions are supported for alignment runs in double precision, and any
+other dtype is a ValueError. The output has the dtype mmdet's has, the
+gradient the prediction's:
+
+* GHM-C casts the targets and the label weights to float32 as mmdet's
+  ``.float()`` does (a soft float64 target is rounded, a float64 weight too
+  small for float32 is not positive), so integer and bool targets and weights
+  are accepted; class-index targets must be int32 or int64, the dtypes torch
+  indexes with (others are a ValueError naming the dtype). The losses,
+  gradient norms, weights and output are in the prediction's dtype.
+* GHM-R computes ``pred - target`` in the dtype torch's type promotion
+  gives: the wider of two floats (a float32 prediction with float64 targets
+  gives a float64 loss), the prediction's with integer targets, and a 0-dim
+  target does not widen a prediction with dimensions; a bool target is a
+  ValueError naming the dtypes, as torch refuses to subtract it. The losses,
+  gradient norms, weights and output are in that dtype, and the gradient is
+  rounded to the prediction's dtype at the end, where torch's autograd casts
+  it. The label weights are compared with zero in their own dtype and summed
+  in float32.
+
+The buffers keep the dtype the module was given:
 ``layer.to(dtype='float64')`` widens them like torch's ``module.double()``
 (the edges keep their float32 values), and the region arithmetic runs in the
 dtype of ``acc_sum``, as mmdet's runs in its buffer's. One rounding of mmdet's
@@ -69,30 +89,44 @@ __all__ = ["GHMC", "GHMR", "build_ghmc", "build_ghmr"]
 # mmdet divides by ``tot + torch.finfo(torch.float32).eps``.
 _FLOAT32_EPS = float(np.finfo(np.float32).eps)
 
+
+def _check_prediction_dtype(loss_name: str, pred: paddle.Tensor) -> None:
+    if pred.dtype not in (paddle.float32, paddle.float64):
+        raise ValueError(f"{loss_name}: predictions must be float32 or float64, got {pred.dtype}")
+
+
+def _as_float32(tensor: paddle.Tensor) -> paddle.Tensor:
+    """``tensor.float()`` of torch: the tensor itself when it is float32 already."""
+    return tensor if tensor.dtype == paddle.float32 else tensor.astype("float32")
+
+
 class _HarmonizedLoss(PyLayer):
     """Reduction of the weighted element-wise loss, with its gradient.
 
     The forward pass receives everything precomputed without autograd:
     ``weighted`` = loss * weights and ``derivative`` = d loss / d pred, both
-    shaped like ``pred``, and the per-element ``weights``. The gradient with
+    shaped like ``pred``, and the per-element ``weights``, all in the loss's
+    computation dtype (``pred``'s, or wider for GHM-R). The gradient with
     respect to ``pred`` is ``derivative * weights`` times the reduction's
-    factor, which is what autograd would give (the weights depend on ``pred``
-    only through detached quantities) without keeping a graph of full-size
-    intermediates alive.
+    factor, in ``pred``'s dtype, which is what autograd would give (the
+    weights depend on ``pred`` only through detached quantities) without
+    keeping a graph of full-size intermediates alive.
     """
 
     @staticmethod
     def forward(ctx, pred, weighted, derivative, weights, denominator, loss_weight, mean):
         """Args:
             pred: the prediction, only to attach the gradient to.
-            weighted, derivative, weights: tensors shaped like ``pred``.
-            denominator: () ``tot + eps`` in ``pred``'s dtype.
+            weighted, derivative, weights: tensors shaped like ``pred``, in
+                the computation dtype.
+            denominator: () ``tot + eps`` in the computation dtype.
             loss_weight: python float.
             mean: reduce to ``sum / denominator`` (else element-wise).
         Returns:
-            () for ``mean``, else shaped like ``pred``.
+            () for ``mean``, else shaped like ``pred``; in the computation dtype.
         """
         ctx.save_for_backward(derivative, weights, denominator)
+        ctx.pred_dtype = pred.dtype
         ctx.loss_weight = loss_weight
         ctx.mean = mean
         if mean:
@@ -111,19 +145,24 @@ class _HarmonizedLoss(PyLayer):
             grad.multiply_(grad_output * ctx.loss_weight / denominator)
         else:
             grad.multiply_(grad_output * ctx.loss_weight)
+        # A wider computation dtype (float32 deltas, float64 targets) is
+        # rounded back at the end, as torch's autograd casts at the promotion.
+        if grad.dtype != ctx.pred_dtype:
+            grad = grad.astype(ctx.pred_dtype)
         return grad, None, None, None, None
 
 
 class _GHMBase(paddle.nn.Layer):
     """Region bookkeeping shared by GHM-C and GHM-R.
 
-    Buffers (both persistable, so ``state_dict()`` holds them under the names
-    mmdet uses): ``edges`` (bins + 1,) float32 and ``acc_sum`` (bins,)
-    float32, the running region counts, zero until the first call (float64
-    after ``to(dtype='float64')``, see the module docstring). After a
-    call, ``last_bin_counts`` (bins,) holds that call's region counts. One
-    ``acc_sum`` serves every call of the module: a detection head calls it
-    once per FPN level and iteration, and each call updates it.
+    Buffers (persistable, so ``state_dict()`` holds them under the names and
+    in the order mmdet uses): ``edges`` (bins + 1,) float32 and, only when
+    momentum > 0, ``acc_sum`` (bins,) float32, the running region counts,
+    zero until the first call (float64 after ``to(dtype='float64')``, see the
+    module docstring). After a call, ``last_bin_counts`` (bins,) holds that
+    call's region counts. One ``acc_sum`` serves every call of the module: a
+    detection head calls it once per FPN level and iteration, and each call
+    updates it.
     """
 
     def __init__(self, bins: int, momentum: float, loss_weight: float,
@@ -137,8 +176,11 @@ class _GHMBase(paddle.nn.Layer):
         self.reduction = reduction
         edges = bin_edges(self.bins, last_edge)
         self.register_buffer("edges", paddle.to_tensor(edges), persistable=True)
-        self.register_buffer(
-            "acc_sum", paddle.zeros([self.bins], dtype="float32"), persistable=True)
+        # Without momentum there is no running count, and mmdet registers no
+        # buffer for it: the state dicts then hold ``edges`` alone.
+        if momentum > 0:
+            self.register_buffer(
+                "acc_sum", paddle.zeros([self.bins], dtype="float32"), persistable=True)
         self._fast_bucketing = truncation_is_exact(edges, self.bins)
 
     def _region_ids(self, g: paddle.Tensor, valid: paddle.Tensor) -> paddle.Tensor:
@@ -173,7 +215,8 @@ class _GHMBase(paddle.nn.Layer):
         """
         with paddle.no_grad():
             ids = self._region_ids(paddle.abs(derivative), valid)
-            weights, counts = density_weights(ids, tot, self.acc_sum, self.momentum)
+            acc_sum = self.acc_sum if self.momentum > 0 else None
+            weights, counts = density_weights(ids, tot, self.bins, self.momentum, acc_sum)
         # Kept for inspection (alignment reports compare them with mmdet's).
         self.last_bin_counts = counts
         return weights
@@ -185,9 +228,11 @@ class _GHMBase(paddle.nn.Layer):
         Args:
             pred, target, label_weight: the inputs of ``forward``.
         Returns:
-            loss, derivative: shaped like ``pred`` in its dtype, without autograd.
+            loss, derivative: shaped like ``pred``, without autograd, in the
+                computation dtype: ``pred``'s, or for GHM-R the promoted dtype
+                of ``pred - target``.
             valid: bool, broadcastable to ``pred``: the label weight is > 0.
-            tot: () normaliser in ``pred``'s dtype.
+            tot: () normaliser in the computation dtype.
         """
         raise NotImplementedError
 
@@ -220,8 +265,8 @@ class _GHMBase(paddle.nn.Layer):
         a call, advances ``acc_sum`` when momentum > 0.
 
         Returns:
-            weights shaped like ``pred`` in its dtype, zero for excluded
-            elements, without ``loss_weight``.
+            weights shaped like ``pred`` in the computation dtype (that of
+            the loss), zero for excluded elements, without ``loss_weight``.
         """
         _, derivative, valid, tot = self._elementwise(pred, target, label_weight)
         return self._weights(derivative, valid, tot)
@@ -256,31 +301,37 @@ class GHMC(_GHMBase):
         Args:
             pred: (N, C) float32 (or float64) logits; element-wise targets
                 accept any shape.
-            target: targets in [0, 1] shaped like ``pred`` (binary in
-                practice; a value outside [0, 1] could give g > 1, which
-                mmdet leaves out of every region and this implementation may
-                put in the last), or, for ``pred`` (N, C), (N,) integer class
-                indices, where any value outside [0, C) (the background index
-                C, or a negative one) means "no foreground class".
+            target: targets in [0, 1] shaped like ``pred``, of any float,
+                integer or bool dtype, cast to float32 (binary in practice; a
+                value outside [0, 1] could give g > 1, which mmdet leaves out
+                of every region and this implementation may put in the last),
+                or, for ``pred`` (N, C), (N,) int32 or int64 class indices,
+                where any value outside [0, C) (the background index C, or a
+                negative one) means "no foreground class".
             label_weight: broadcastable to ``pred`` ((N, C), (N, 1), (1, C),
                 a scalar...), or N values with index targets; an element
                 counts when its weight is > 0, and ``tot`` counts the
                 positive entries of ``label_weight`` as given (mmdet's rule),
                 except that index targets expand it to (N, C) first, as
-                mmdet does. Only the sign matters: the weights do not scale
-                the loss.
+                mmdet does. Only the sign (after a cast to float32) matters:
+                the weights do not scale the loss.
             reduction_override: None, 'mean' or 'none'.
             **kwargs: ignored (the head passes ``avg_factor``).
         Returns:
-            () loss for 'mean', (N, C) for 'none'.
+            () loss for 'mean', (N, C) for 'none', in ``pred``'s dtype.
         """
         return self._loss(pred, target, label_weight, reduction_override)
 
     def _elementwise(self, pred, target, label_weight):
         """Binary cross-entropy on logits; ``valid`` is (N, 1) for index
         targets, ``tot`` is ``max(#valid elements, 1)``."""
+        _check_prediction_dtype("GHMC", pred)
         index_targets = _check_ghmc_shapes(pred, target, label_weight)
         with paddle.no_grad():
+            # mmdet casts the targets and the label weights to float32 first:
+            # a soft float64 target is rounded, a float64 weight too small for
+            # float32 does not count.
+            label_weight = _as_float32(label_weight)
             logits = pred.detach()
             # The derivative of BCE with logits is sigmoid(x) - t; g is its magnitude.
             derivative = F.sigmoid(logits)
@@ -305,7 +356,9 @@ class GHMC(_GHMBase):
                 valid = label_weight.reshape([-1, 1]) > 0
                 num_valid = valid.astype("int64").sum() * num_classes
             else:
-                target = target.astype(pred.dtype)
+                target = _as_float32(target)
+                if target.dtype != pred.dtype:
+                    target = target.astype(pred.dtype)
                 derivative.subtract_(target)
                 loss.subtract_(logits * target)
                 # mmdet counts the weights as given, before they broadcast.
@@ -322,14 +375,19 @@ class GHMC(_GHMBase):
 
 
 def _check_ghmc_shapes(pred, target, label_weight) -> bool:
-    """Whether the targets are class indices; a ValueError naming the shapes when the
-    inputs do not fit together (mmdet would fail later, or silently broadcast)."""
+    """Whether the targets are class indices; a ValueError naming the shapes (or the
+    dtype of index targets) when the inputs do not fit together (mmdet would fail
+    later, or silently broadcast)."""
     pred_shape, target_shape = list(pred.shape), list(target.shape)
     weight_shape = list(label_weight.shape)
     if len(target_shape) != len(pred_shape):
         if len(pred_shape) != 2 or len(target_shape) != 1 or target_shape[0] != pred_shape[0]:
             raise ValueError(f"GHMC: class-index targets need pred (N, C) and target (N,), "
                              f"got pred {pred_shape} and target {target_shape}")
+        # torch indexes with int32 and int64 only; mmdet raises an IndexError for others.
+        if target.dtype not in (paddle.int32, paddle.int64):
+            raise ValueError(f"GHMC: class-index targets must be int32 or int64, got {target.dtype} "
+                             f"targets for {pred.dtype} pred")
         if int(np.prod(weight_shape)) != pred_shape[0]:
             raise ValueError(f"GHMC: with class-index targets label_weight needs N = {pred_shape[0]} "
                              f"values, got label_weight {weight_shape} for pred {pred_shape}")
@@ -368,26 +426,35 @@ class GHMR(_GHMBase):
         Args:
             pred: (N, 4) float32 (or float64) box deltas (any shape works,
                 element-wise).
-            target: (N, 4) regression targets, same shape as ``pred``.
-            label_weight: (N, 4) box weights; an element counts when > 0 and
-                ``tot`` is their sum (so four per positive anchor).
+            target: (N, 4) regression targets, same shape as ``pred``, of
+                any float or integer dtype.
+            label_weight: (N, 4) box weights of any real or bool dtype; an
+                element counts when > 0 and ``tot`` is their float32 sum (so
+                four per positive anchor).
             avg_factor: ignored, as in mmdet.
             reduction_override: None, 'mean' or 'none'.
         Returns:
-            () loss for 'mean', (N, 4) for 'none'.
+            () loss for 'mean', (N, 4) for 'none', in the dtype torch gives
+            ``pred - target`` (float64 when either is float64).
         """
         return self._loss(pred, target, label_weight, reduction_override)
 
     def _elementwise(self, pred, target, label_weight):
         """The ASL1 loss; ``valid`` is shaped like ``label_weight``, ``tot`` is
         ``max(sum(label_weight), 1)``."""
+        _check_prediction_dtype("GHMR", pred)
+        dtype = _difference_dtype(pred, target)
         mu = self.mu
         with paddle.no_grad():
-            # mmdet subtracts float32 targets from float64 predictions with
-            # type promotion; widening them first is the same exact step.
-            if target.dtype != pred.dtype:
-                target = target.astype(pred.dtype)
-            diff = pred.detach() - target
+            # mmdet's ``pred - target`` promotes both to ``dtype``, where the
+            # loss, the gradient norms and the weights then live; widening
+            # first is the same exact step.
+            values = pred.detach()
+            if values.dtype != dtype:
+                values = values.astype(dtype)
+            if target.dtype != dtype:
+                target = target.astype(dtype)
+            diff = values - target
             # One root serves the loss and the derivative d / root,
             # rounded as mmdet rounds both of its expressions.
             square = diff * diff + mu * mu
@@ -397,11 +464,28 @@ class GHMR(_GHMBase):
             root = paddle.where(paddle.isinf(square), square, root)
             loss = root - mu
             derivative = diff / root
-            # mmdet sums the weights in float32 whatever the prediction's dtype.
-            label_weight = label_weight.astype("float32")
-            tot = paddle.maximum(label_weight.sum(), paddle.ones([], dtype="float32")).astype(pred.dtype)
+            # mmdet compares the weights with zero in their own dtype, but sums
+            # them in float32 whatever the other dtypes.
             valid = label_weight > 0
+            weight_sum = _as_float32(label_weight).sum()
+            tot = paddle.maximum(weight_sum, paddle.ones([], dtype="float32")).astype(dtype)
         return loss, derivative, valid, tot
+
+
+def _difference_dtype(pred, target):
+    """The dtype torch gives ``pred - target`` for a float32 or float64 ``pred``.
+
+    Integer targets take the prediction's dtype and floating ones the wider of
+    the two, except that a 0-dim tensor does not widen one with dimensions. A
+    bool target is a ValueError naming the dtypes (torch refuses to subtract it).
+    """
+    if target.dtype == paddle.bool:
+        raise ValueError(f"GHMR: cannot subtract {target.dtype} targets from {pred.dtype} pred")
+    if not paddle.is_floating_point(target):
+        return pred.dtype
+    if (pred.ndim == 0) != (target.ndim == 0):
+        return target.dtype if pred.ndim == 0 else pred.dtype
+    return paddle.float64 if paddle.float64 in (pred.dtype, target.dtype) else pred.dtype
 
 
 def build_ghmc(**overrides) -> GHMC:

@@ -105,22 +105,26 @@ def region_ids(g: paddle.Tensor, valid: paddle.Tensor, edges: paddle.Tensor,
     return ids + (ids == bins).astype("int32")
 
 
-def density_weights(ids: paddle.Tensor, tot: paddle.Tensor, acc_sum: paddle.Tensor,
-                    momentum: float) -> tuple[paddle.Tensor, paddle.Tensor]:
-    """Per-element GHM weights, updating ``acc_sum`` in place when momentum > 0.
+def density_weights(ids: paddle.Tensor, tot: paddle.Tensor, bins: int, momentum: float = 0.0,
+                    acc_sum: Optional[paddle.Tensor] = None) -> tuple[paddle.Tensor, paddle.Tensor]:
+    """Per-element GHM weights from this call's region counts or, with momentum,
+    from the running counts ``acc_sum``, which are updated in place.
 
     Args:
         ids: (...) int32 region ids from `region_ids`.
         tot: () the normaliser ``tot`` of the call, in the dtype of the
-            weights to return (the prediction's).
-        acc_sum: (bins,) running region counts, float32 or float64; only
-            the non-empty regions of this call are updated.
+            weights to return (the loss's computation dtype).
+        bins: the number of regions.
         momentum: moving-average factor of the counts (0: none).
+        acc_sum: (bins,) running region counts, float32 or float64; required
+            when momentum > 0 and unused otherwise. Only the non-empty
+            regions of this call are updated.
     Returns:
         weights: (...) in ``tot``'s dtype, zero for excluded elements.
         counts: (bins,) int64 region counts of this call.
     """
-    bins = acc_sum.shape[0]
+    if momentum > 0 and acc_sum is None:
+        raise ValueError(f"momentum {momentum} needs the running counts acc_sum")
     counts = paddle.bincount(ids.reshape([-1]), minlength=bins + 2)
     # Fold the alias of the last region into it; drop the excluded id.
     counts = paddle.concat([counts[:bins - 1], counts[bins - 1:bins + 1].sum(keepdim=True)])
@@ -131,7 +135,7 @@ def density_weights(ids: paddle.Tensor, tot: paddle.Tensor, acc_sum: paddle.Tens
         # mmdet: acc = mmt * acc + (1 - mmt) * num with the first product
         # in the buffer's dtype and the second in double, then tot / acc
         # evaluated as reciprocal(acc) * tot in the buffer's dtype; the
-        # result is stored into the weights (the prediction's dtype).
+        # result is stored into the weights (the computation dtype).
         acc_dtype = acc_sum.dtype
         decayed = acc_sum * paddle.full([1], momentum, dtype=acc_dtype)
         fresh = (counts64 * (1.0 - momentum)).astype(acc_dtype)

@@ -1,8 +1,9 @@
 """GHM-C and GHM-R in Paddle against mmdet 3.3.0's own ``GHMC`` and ``GHMR``.
 
 Every comparison builds mmdet's module and ours with the same options and
-feeds both the same float32 numpy arrays. Inputs stay small: the point is the
-semantics (regions, edges, momentum, reductions, gradients), not scale.
+feeds both the same numpy arrays, float32 except in the tests of input dtypes.
+Inputs stay small: the point is the semantics (regions, edges, momentum,
+reductions, gradients, dtypes, state dicts), not scale.
 
 What is compared, and how closely:
 
@@ -139,12 +140,13 @@ def compare(ours, theirs, inputs, reduction_override=None, what="call"):
 
 
 def assert_same_state(ours, theirs, what="call"):
-    """``acc_sum`` equal to mmdet's (which only exists when momentum > 0)."""
+    """``acc_sum`` equal to mmdet's; like mmdet's, it only exists when momentum > 0."""
     if theirs.momentum > 0:
         assert_within(ours.acc_sum.numpy(), theirs.acc_sum.numpy(), atol=0.0,
                       what=f"{what}: acc_sum")
     else:
-        assert not ours.acc_sum.numpy().any()
+        assert not hasattr(theirs, "acc_sum")
+        assert not hasattr(ours, "acc_sum") and "acc_sum" not in ours.state_dict()
 
 
 def classification_inputs(rng, n, c, pos_rate=0.1, ignore_rate=0.1, scale=3.0, index=True):
@@ -390,7 +392,8 @@ def test_all_label_weights_zero():
         for reduction in ("mean", "none"):
             got, _ = compare(ours, theirs, inputs, reduction_override=reduction)
             assert not got.any()
-        assert not ours.acc_sum.numpy().any()
+        if momentum > 0:
+            assert not ours.acc_sum.numpy().any()
     box_pred, box_target, _ = regression_inputs(rng, 12)
     got, _ = compare(GHMR(momentum=0.7), MMDetGHMR(momentum=0.7),
                           (box_pred, box_target, np.zeros_like(box_pred)))
@@ -630,6 +633,29 @@ def test_acc_sum_state_dict_round_trip(tmp_path):
     assert_same_state(ours, theirs)
 
 
+def state_layout(state_dict) -> list:
+    """(name, shape, dtype) of each entry, in order, for a Paddle or a torch state dict."""
+    return [(name, list(value.shape), str(np.asarray(value.numpy()).dtype))
+            for name, value in state_dict.items()]
+
+
+@pytest.mark.parametrize("momentum", [0, 0.75])
+@pytest.mark.parametrize("loss_class, mmdet_class", [(GHMC, MMDetGHMC), (GHMR, MMDetGHMR)])
+def test_state_dict_layout_is_mmdets(loss_class, mmdet_class, momentum):
+    """Names, order, shapes and dtypes; ``acc_sum`` exists only with momentum,
+    before and after a call."""
+    ours, theirs = loss_class(bins=30, momentum=momentum), mmdet_class(bins=30, momentum=momentum)
+    want = [("edges", [31], "float32")] + ([("acc_sum", [30], "float32")] if momentum else [])
+    assert state_layout(theirs.state_dict()) == want
+    assert state_layout(ours.state_dict()) == want
+    assert hasattr(ours, "acc_sum") == hasattr(theirs, "acc_sum") == bool(momentum)
+    rng = np.random.default_rng(30)
+    inputs = (classification_inputs(rng, 20, 4) if loss_class is GHMC
+              else regression_inputs(rng, 20, pos_rate=0.5))
+    compare(ours, theirs, inputs)
+    assert state_layout(ours.state_dict()) == state_layout(theirs.state_dict()) == want
+
+
 # ------------------------------------------------- the per-region weight bug
 
 
@@ -755,3 +781,133 @@ def test_ghmr_infinite_prediction_agrees_with_mmdet(value):
         finite = np.isfinite(want)
         np.testing.assert_allclose(got[finite], want[finite], rtol=1e-5, atol=1e-7)
         assert_same_state(ours, theirs)
+
+
+# ------------------------------------------------------------ input dtypes
+
+
+FLOAT_DTYPES = ("float32", "float64")
+WEIGHT_DTYPES = ("float32", "float64", "int64", "bool")
+DTYPE_CASES = (
+    [("ghmc", p, t, w) for p in FLOAT_DTYPES for t in FLOAT_DTYPES + ("int64", "bool")
+     for w in WEIGHT_DTYPES]
+    + [("ghmc-index", p, t, w) for p in FLOAT_DTYPES for t in ("int32", "int64")
+       for w in WEIGHT_DTYPES]
+    + [("ghmr", p, t, w) for p in FLOAT_DTYPES for t in FLOAT_DTYPES + ("int64",)
+       for w in WEIGHT_DTYPES])
+
+
+def dtype_case(kind, pred_dtype, target_dtype, weight_dtype):
+    """Both modules (with momentum), the inputs in the given dtypes and the
+    gradient's ulp bound (see GRADIENT_CASES)."""
+    rng = np.random.default_rng(31)
+    if kind == "ghmr":
+        pred, target, weights = regression_inputs(rng, 24, pos_rate=0.5)
+        if target_dtype == "int64":
+            target = np.round(3 * target)
+        modules, ulps = (GHMR(momentum=0.7), MMDetGHMR(momentum=0.7)), 4
+    else:
+        pred, target, weights = classification_inputs(rng, 24, 5, pos_rate=0.3, ignore_rate=0.2,
+                                                      index=kind == "ghmc-index")
+        modules, ulps = (GHMC(bins=30, momentum=0.75), MMDetGHMC(bins=30, momentum=0.75)), 2
+    inputs = (pred.astype(pred_dtype), target.astype(target_dtype), weights.astype(weight_dtype))
+    return modules, inputs, ulps
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("kind, pred_dtype, target_dtype, weight_dtype", DTYPE_CASES)
+def test_output_dtype_is_mmdets(kind, pred_dtype, target_dtype, weight_dtype, reduction):
+    """The loss in mmdet's dtype (GHM-C: the prediction's, as mmdet casts the
+    targets to float32; GHM-R: ``pred - target`` promoted as torch promotes),
+    with mmdet's values; the gradient in the prediction's dtype, with mmdet's values."""
+    (ours, theirs), inputs, ulps = dtype_case(kind, pred_dtype, target_dtype, weight_dtype)
+    # The values, within the tolerances of the float32 comparisons above.
+    compare(ours, theirs, inputs, reduction_override=reduction)
+    pred, *rest = inputs
+    tp, pp = _torch(pred, grad=True), _paddle(pred, grad=True)
+    weights = mmdet_weights(theirs, inputs)
+    t_out = theirs(tp, *[_torch(a) for a in rest], reduction_override=reduction)
+    p_out = ours(pp, *[_paddle(a) for a in rest], reduction_override=reduction)
+    want_dtype = str(t_out.detach().numpy().dtype)
+    assert str(p_out.numpy().dtype) == want_dtype
+
+    upstream = np.random.default_rng(7).random(tuple(t_out.shape)).astype(want_dtype)
+    (t_out * _torch(upstream)).sum().backward()
+    (p_out * _paddle(upstream)).sum().backward()
+    assert str(pp.grad.numpy().dtype) == str(tp.grad.numpy().dtype) == pred_dtype
+    scale = weights * theirs.loss_weight * upstream
+    if reduction == "mean":
+        scale = scale / normaliser(theirs, inputs)
+    assert_within(pp.grad.numpy(), tp.grad.numpy(), atol=ulps * EPS32 * scale, rtol=1e-5,
+                  what="gradient")
+    assert_same_state(ours, theirs)
+
+
+
+@pytest.mark.parametrize("pred_dtype, target_dtype, target_shape", [
+    ("float32", "float64", ()), ("float64", "float32", ()), ("float32", "float64", (1, 4))])
+def test_ghmr_target_of_fewer_dimensions_promotes_as_torch(pred_dtype, target_dtype, target_shape):
+    """A 0-dim target does not widen the prediction (torch's rule); one with
+    dimensions that broadcasts does."""
+    rng = np.random.default_rng(32)
+    pred, _, weights = regression_inputs(rng, 12, pos_rate=0.5)
+    target = (0.3 * rng.standard_normal(target_shape)).astype(target_dtype)
+    inputs = (pred.astype(pred_dtype), target, weights)
+    for reduction in ("mean", "none"):
+        got, want = compare(GHMR(momentum=0.7), MMDetGHMR(momentum=0.7), inputs,
+                            reduction_override=reduction)
+        assert got.dtype == want.dtype
+
+
+def test_ghmc_float64_soft_targets_are_rounded_to_float32_like_mmdet():
+    """mmdet's ``target.float()``: a float64 target of 0.1 becomes fl32(0.1),
+    which is the first edge for 10 bins, so g lands in region 1, not 0."""
+    target = np.array([[0.1]] * 3 + [[0.35]] * 2 + [[0.7]], np.float64)
+    pred = np.full_like(target, SATURATED)
+    inputs = (pred, target, np.ones_like(target))
+    for momentum in (0.0, 0.75):
+        ours, theirs = GHMC(bins=10, momentum=momentum), MMDetGHMC(bins=10, momentum=momentum)
+        for reduction in ("none", "mean"):
+            compare(ours, theirs, inputs, reduction_override=reduction, what=reduction)
+        assert ours.last_bin_counts.numpy()[:2].tolist() == [0, 3]
+
+
+def test_label_weights_are_compared_as_mmdet_compares_them():
+    """A float64 weight of 1e-50 counts for GHM-R (compared in float64) but
+    not for GHM-C (compared after the cast to float32, where it is zero)."""
+    rng = np.random.default_rng(33)
+    tiny = np.full((6, 4), 1e-50)
+    cls_pred, cls_target, _ = classification_inputs(rng, 6, 4, index=False)
+    box_pred, box_target, _ = regression_inputs(rng, 6)
+    for reduction in ("none", "mean"):
+        got, _ = compare(GHMC(bins=10), MMDetGHMC(bins=10), (cls_pred, cls_target, tiny),
+                         reduction_override=reduction)
+        assert not got.any()
+        got, _ = compare(GHMR(), MMDetGHMR(), (box_pred, box_target, tiny),
+                         reduction_override=reduction)
+        assert got.all()
+
+
+@pytest.mark.parametrize("loss_class, mmdet_class, target, message", [
+    (GHMC, MMDetGHMC, np.array([0, 2, 4, 1, 4, 3], np.float32), "int32 or int64, got paddle.float32"),
+    (GHMC, MMDetGHMC, np.array([0, 2, 4, 1, 4, 3], np.float64), "int32 or int64, got paddle.float64"),
+    (GHMC, MMDetGHMC, np.array([0, 1, 0, 1, 1, 0], bool), "int32 or int64, got paddle.bool"),
+    (GHMC, MMDetGHMC, np.array([0, 2, 4, 1, 4, 3], np.uint8), "int32 or int64, got paddle.uint8"),
+    (GHMC, MMDetGHMC, np.array([0, 2, 4, 1, 4, 3], np.int8), "int32 or int64, got paddle.int8"),
+    (GHMR, MMDetGHMR, np.zeros((6, 4), bool), "paddle.bool targets from paddle.float32 pred"),
+])
+def test_target_dtypes_mmdet_rejects_are_named(loss_class, mmdet_class, target, message):
+    """Index targets torch cannot index with, a bool GHM-R target torch cannot subtract."""
+    pred = np.random.default_rng(34).standard_normal((6, 4)).astype(np.float32)
+    weights = np.ones(target.shape, np.float32)
+    with pytest.raises((IndexError, RuntimeError)):
+        mmdet_class()(_torch(pred), _torch(target), _torch(weights))
+    with pytest.raises(ValueError, match=message):
+        loss_class()(_paddle(pred), _paddle(target), _paddle(weights))
+
+
+@pytest.mark.parametrize("loss_class", [GHMC, GHMR])
+def test_predictions_other_than_float32_or_float64_are_named(loss_class):
+    pred = paddle.zeros([6, 4], dtype="float16")
+    with pytest.raises(ValueError, match="float32 or float64, got paddle.float16"):
+        loss_class()(pred, paddle.zeros([6, 4], dtype="float16"), paddle.ones([6, 4]))
