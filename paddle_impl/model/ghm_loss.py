@@ -81,6 +81,7 @@ import paddle.nn.functional as F
 from paddle.autograd import PyLayer
 
 from paddle_impl.config import get_config
+from paddle_impl.model.ghm_inputs import as_float32, check_prediction_dtype, difference_dtype, ghmc_index_targets
 from paddle_impl.model.gradient_density import (bin_edges, density_weights, region_ids,
                                                   truncation_is_exact)
 
@@ -88,16 +89,6 @@ __all__ = ["GHMC", "GHMR", "build_ghmc", "build_ghmr"]
 
 # mmdet divides by ``tot + torch.finfo(torch.float32).eps``.
 _FLOAT32_EPS = float(np.finfo(np.float32).eps)
-
-
-def _check_prediction_dtype(loss_name: str, pred: paddle.Tensor) -> None:
-    if pred.dtype not in (paddle.float32, paddle.float64):
-        raise ValueError(f"{loss_name}: predictions must be float32 or float64, got {pred.dtype}")
-
-
-def _as_float32(tensor: paddle.Tensor) -> paddle.Tensor:
-    """``tensor.float()`` of torch: the tensor itself when it is float32 already."""
-    return tensor if tensor.dtype == paddle.float32 else tensor.astype("float32")
 
 
 class _HarmonizedLoss(PyLayer):
@@ -325,13 +316,13 @@ class GHMC(_GHMBase):
     def _elementwise(self, pred, target, label_weight):
         """Binary cross-entropy on logits; ``valid`` is (N, 1) for index
         targets, ``tot`` is ``max(#valid elements, 1)``."""
-        _check_prediction_dtype("GHMC", pred)
-        index_targets = _check_ghmc_shapes(pred, target, label_weight)
+        check_prediction_dtype("GHMC", pred)
+        index_targets = ghmc_index_targets(pred, target, label_weight)
         with paddle.no_grad():
             # mmdet casts the targets and the label weights to float32 first:
             # a soft float64 target is rounded, a float64 weight too small for
             # float32 does not count.
-            label_weight = _as_float32(label_weight)
+            label_weight = as_float32(label_weight)
             logits = pred.detach()
             # The derivative of BCE with logits is sigmoid(x) - t; g is its magnitude.
             derivative = F.sigmoid(logits)
@@ -356,7 +347,7 @@ class GHMC(_GHMBase):
                 valid = label_weight.reshape([-1, 1]) > 0
                 num_valid = valid.astype("int64").sum() * num_classes
             else:
-                target = _as_float32(target)
+                target = as_float32(target)
                 if target.dtype != pred.dtype:
                     target = target.astype(pred.dtype)
                 derivative.subtract_(target)
@@ -372,35 +363,6 @@ class GHMC(_GHMBase):
             del tail
             tot = paddle.maximum(num_valid.astype(pred.dtype), paddle.ones([], dtype=pred.dtype))
         return loss, derivative, valid, tot
-
-
-def _check_ghmc_shapes(pred, target, label_weight) -> bool:
-    """Whether the targets are class indices; a ValueError naming the shapes (or the
-    dtype of index targets) when the inputs do not fit together (mmdet would fail
-    later, or silently broadcast)."""
-    pred_shape, target_shape = list(pred.shape), list(target.shape)
-    weight_shape = list(label_weight.shape)
-    if len(target_shape) != len(pred_shape):
-        if len(pred_shape) != 2 or len(target_shape) != 1 or target_shape[0] != pred_shape[0]:
-            raise ValueError(f"GHMC: class-index targets need pred (N, C) and target (N,), "
-                             f"got pred {pred_shape} and target {target_shape}")
-        # torch indexes with int32 and int64 only; mmdet raises an IndexError for others.
-        if target.dtype not in (paddle.int32, paddle.int64):
-            raise ValueError(f"GHMC: class-index targets must be int32 or int64, got {target.dtype} "
-                             f"targets for {pred.dtype} pred")
-        if int(np.prod(weight_shape)) != pred_shape[0]:
-            raise ValueError(f"GHMC: with class-index targets label_weight needs N = {pred_shape[0]} "
-                             f"values, got label_weight {weight_shape} for pred {pred_shape}")
-        return True
-    if target_shape != pred_shape:
-        raise ValueError(f"GHMC: target {target_shape} must have the shape of pred {pred_shape}")
-    try:
-        broadcast = list(np.broadcast_shapes(tuple(weight_shape), tuple(pred_shape)))
-    except ValueError:
-        broadcast = None
-    if broadcast != pred_shape:
-        raise ValueError(f"GHMC: label_weight {weight_shape} does not broadcast to pred {pred_shape}")
-    return False
 
 
 class GHMR(_GHMBase):
@@ -442,8 +404,8 @@ class GHMR(_GHMBase):
     def _elementwise(self, pred, target, label_weight):
         """The ASL1 loss; ``valid`` is shaped like ``label_weight``, ``tot`` is
         ``max(sum(label_weight), 1)``."""
-        _check_prediction_dtype("GHMR", pred)
-        dtype = _difference_dtype(pred, target)
+        check_prediction_dtype("GHMR", pred)
+        dtype = difference_dtype(pred, target)
         mu = self.mu
         with paddle.no_grad():
             # mmdet's ``pred - target`` promotes both to ``dtype``, where the
@@ -467,25 +429,9 @@ class GHMR(_GHMBase):
             # mmdet compares the weights with zero in their own dtype, but sums
             # them in float32 whatever the other dtypes.
             valid = label_weight > 0
-            weight_sum = _as_float32(label_weight).sum()
+            weight_sum = as_float32(label_weight).sum()
             tot = paddle.maximum(weight_sum, paddle.ones([], dtype="float32")).astype(dtype)
         return loss, derivative, valid, tot
-
-
-def _difference_dtype(pred, target):
-    """The dtype torch gives ``pred - target`` for a float32 or float64 ``pred``.
-
-    Integer targets take the prediction's dtype and floating ones the wider of
-    the two, except that a 0-dim tensor does not widen one with dimensions. A
-    bool target is a ValueError naming the dtypes (torch refuses to subtract it).
-    """
-    if target.dtype == paddle.bool:
-        raise ValueError(f"GHMR: cannot subtract {target.dtype} targets from {pred.dtype} pred")
-    if not paddle.is_floating_point(target):
-        return pred.dtype
-    if (pred.ndim == 0) != (target.ndim == 0):
-        return target.dtype if pred.ndim == 0 else pred.dtype
-    return paddle.float64 if paddle.float64 in (pred.dtype, target.dtype) else pred.dtype
 
 
 def build_ghmc(**overrides) -> GHMC:
