@@ -163,8 +163,10 @@ class WarmupMultiStepLR(LRScheduler):
         return {"last_epoch": int(self.last_epoch), "last_lr": float(self.last_lr),
                 "schedule": self._schedule_args()}
 
-    def set_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Resume at the saved iteration; the saved schedule must equal this one.
+    def set_state_dict(self, state_dict: Mapping[str, Any], require_same_schedule: bool = True) -> None:
+        """Resume at the saved iteration; the saved schedule must equal this one, unless
+        ``require_same_schedule`` is False: then the saved iteration continues under this
+        schedule's arguments (a resume told to change the training options).
 
         Raises KeyError for a missing entry and ValueError when the schedule
         arguments differ (resuming into a different schedule would be silent drift).
@@ -174,7 +176,7 @@ class WarmupMultiStepLR(LRScheduler):
             raise KeyError(f"lr schedule state_dict lacks {missing}")
         saved, mine = dict(state_dict["schedule"]), self._schedule_args()
         differ = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
-        if differ:
+        if differ and require_same_schedule:
             raise ValueError(f"lr schedule state_dict is for a different schedule "
                              f"(argument: (saved, this)): {differ}")
         last = state_dict["last_epoch"]
