@@ -3,7 +3,8 @@
 Usage::
 
     python -m paddle_impl.train --coco DIR --work-dir DIR [--epochs 12] [--batch-size 2]
-        [--lr auto|FLOAT] [--max-iters N] [--resume [CKPT]] [--init-backbone r50.pdparams]
+        [--lr auto|FLOAT] [--max-iters N] [--resume [CKPT] [--allow-config-change]]
+        [--init-backbone r50.pdparams]
         [--init WEIGHTS.pdparams|mmdet.pth] [--eval-interval 1] [--eval-backend pycocotools|faster-coco-eval]
         [--num-workers 2] [--seed 0]
         [--mmdet-log FILE] [--scale WxH] [--warmup-iters N] [--milestones 8,11]
@@ -71,6 +72,17 @@ Outputs in ``--work-dir``:
 the exact iteration, batch and GHM state it holds; log lines written after
 that checkpoint by the interrupted run are dropped. Without a checkpoint to
 resume, training starts from scratch (as mmengine's ``resume=True`` does).
+Every checkpoint records the options that change what training computes
+(``--coco``, ``--epochs``, ``--batch-size``, ``--lr``, ``--warmup-iters``,
+``--milestones``, ``--scale``, ``--seed``, ``--init``, ``--init-backbone``, as
+their effective values: an omitted default counts as spelled out). A resume
+whose command differs in any of them stops, before anything is written, with
+one line naming each such option with both values; ``--allow-config-change``
+continues with the new values instead (the lr schedule at the saved iteration
+under the new schedule, a batch position past the new epoch's end at the next
+epoch) and records each change, with its iteration, in ``run.json``
+(``config_changes``, kept across resumes) and ``train.html``. A checkpoint
+written before these records resumes without the comparison.
 
 Faults: the COCO folders, every image file the run will read and the
 writability of ``--work-dir`` and ``--reports`` are checked before anything is
@@ -123,6 +135,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-iters", type=positive, help="stop after this many global iterations")
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
                    help="continue from WORK_DIR/latest.ckpt, or from CKPT")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="with --resume: continue although the training options differ from the "
+                        "checkpoint's, and record the changes in run.json")
     p.add_argument("--init-backbone", help="backbone weights (.pdparams from "
                                            "`python -m weights_convert torchvision-resnet50`)")
     p.add_argument("--init", help="whole-model weights: Paddle .pdparams or an mmdet .pth checkpoint")

@@ -17,6 +17,11 @@ all numpy arrays, so it loads without Paddle objects or a model::
     sampler       ``{'epoch', 'batch'}``: the next batch to draw (same on every rank)
     rng           per rank ``{'python', 'numpy', 'paddle'}`` generator states
     run           the arguments and derived settings of the run (for the record)
+    config        ``{'--option': value}``: the effective value of each option that changes
+                  what training computes, which a resume compares with its own command
+                  (absent from checkpoints written before it was recorded)
+    config_changes  ``[{'iter', 'option', 'old', 'new'}]``: the options a resume with
+                  ``--allow-config-change`` changed, oldest first, carried from resume to resume
 
 Writing goes to a temporary file in the destination folder, flushed to disk,
 then renamed over the destination (`atomic_save`): a crash at any moment

@@ -76,6 +76,15 @@ def _param_fingerprint(model: RetinaNet) -> paddle.Tensor:
     return total
 
 
+def _absolute(path: str | None) -> str | None:
+    return str(Path(path).resolve()) if path else None
+
+
+def _option_text(value: Any) -> str:
+    """A recorded option value as the command line writes it."""
+    return "(not given)" if value is None else str(value)
+
+
 def _gather(obj: Any, world_size: int) -> list[Any]:
     """Every rank's ``obj`` (in rank order) on every rank."""
     if world_size == 1:
@@ -89,7 +98,8 @@ class Trainer:
     """One training run: the data, model, optimizer and schedule of ``args`` on this process.
 
     Build it, then call :meth:`run`. Input problems raise :class:`InputError`
-    before any output is written (except the generated tiny COCO).
+    before any output is written (except the generated tiny COCO); a resume
+    that does not fit its checkpoint raises it before the tiny COCO too.
     """
 
     def __init__(self, args: argparse.Namespace, init_files: dict[str, str] | None = None):
@@ -119,6 +129,12 @@ class Trainer:
         if args.milestones:
             cfg["optimizer"]["milestones"] = args.milestones
         self.cfg = cfg
+        self.total_batch = args.batch_size * self.world_size
+        self.base_lr = scaled_lr(self.total_batch, cfg) if args.lr == "auto" else float(args.lr)
+        self.config = self.training_config()
+        self.config_changes: list[dict[str, Any]] = []
+        # A resume that does not fit its checkpoint stops before any input is read or output written.
+        resumed = self._resume_state() if self.resume_from else None
 
         # The inputs and the output folders are checked before anything is written.
         real_coco = None if self.smoke else coco_paths(args.coco)
@@ -138,8 +154,6 @@ class Trainer:
         self.val_loader = build_dataloader(self.val_set, num_workers=args.num_workers,
                                            rank=self.rank, world_size=self.world_size)
         self.iters_per_epoch = len(self.loader)
-        self.total_batch = args.batch_size * self.world_size
-        self.base_lr = scaled_lr(self.total_batch, cfg) if args.lr == "auto" else float(args.lr)
         self.total_iters = self.iters_per_epoch * self.epochs
         if args.max_iters:
             self.total_iters = min(self.total_iters, args.max_iters)
@@ -162,8 +176,8 @@ class Trainer:
         self._saved_at = -1
         # The clock of the ETA: iterations done by this process since it started training.
         self._started, self._done_here = time.perf_counter(), 0
-        if self.resume_from:
-            self._restore(ckpt.load_checkpoint(self.resume_from))
+        if resumed:
+            self._restore(resumed)
         if self.world_size > 1:
             self._check_same_start()
 
@@ -208,23 +222,59 @@ class Trainer:
             state = load_weights_file(self.init_files["init"], "--init")
             load_weights(self.model, state, f"--init {self.args.init}")
 
-    def _restore(self, state: dict[str, Any]) -> None:
-        """Load a checkpoint: this rank's GHM and RNG state, the shared rest."""
+    def _resume_state(self) -> dict[str, Any]:
+        """The checkpoint to continue from, once it fits this command: the same number of
+        processes, and the same training options unless ``--allow-config-change``, with which
+        each differing option is added to ``config_changes``."""
+        state = ckpt.load_checkpoint(self.resume_from)
         source = f"--resume {self.resume_from}"
         if state["world_size"] != self.world_size:
             raise InputError(f"{source}: saved by {state['world_size']} processes, this run has "
                              f"{self.world_size}: the per-process GHM state and sampler shares differ")
+        if "config" not in state:
+            if self.main:
+                print(f"{source}: the checkpoint does not record its training options (written by an "
+                      "older version); resuming without comparing them with this command", file=sys.stderr)
+            return state
+        saved = state["config"]
+        self.config_changes = list(state["config_changes"])
+        differ = [option for option, value in self.config.items() if saved.get(option) != value]
+        if not differ:
+            return state
+        old = " ".join(f"{option} {_option_text(saved.get(option))}" for option in differ)
+        new = " ".join(f"{option} {_option_text(self.config[option])}" for option in differ)
+        if not self.args.allow_config_change:
+            raise InputError(f"{source}: the run was trained with {old}; this command has {new} "
+                             "(pass --allow-config-change to continue with the new values)")
+        self.config_changes += [{"iter": int(state["iter"]), "option": option,
+                                 "old": _option_text(saved.get(option)), "new": _option_text(self.config[option])}
+                                for option in differ]
+        if self.main:
+            print(f"[train] {source}: continuing at iteration {state['iter']} with {new} (trained with {old})",
+                  file=sys.stderr)
+        return state
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        """Load a checkpoint: this rank's GHM and RNG state, the shared rest."""
+        source = f"--resume {self.resume_from}"
         load_weights(self.model, state["model"], source)
         set_ghm_buffers(self.model, state["ghm_per_rank"][self.rank])
         try:
             self.optimizer.set_state_dict(state["optimizer"])
-            self.schedule.set_state_dict(state["lr_schedule"])
+            self.schedule.set_state_dict(state["lr_schedule"],
+                                         require_same_schedule=not self.args.allow_config_change)
         except (KeyError, ValueError) as err:
             raise InputError(f"{source}: {err}") from None
         ckpt.set_rng_state(state["rng"][self.rank])
         self.iter = int(state["iter"])
         self.position = dict(state["sampler"])
-        self._saved_at = self.iter
+        if self.position["batch"] >= self.iters_per_epoch:
+            # A larger batch or a smaller data set (--allow-config-change) ends this epoch
+            # before the saved position: the next one begins.
+            self.position = {"epoch": self.position["epoch"] + 1, "batch": 0}
+        # With changed options the checkpoint of this very iteration is written again, so that it
+        # records the options training continues with.
+        self._saved_at = self.iter if state.get("config", self.config) == self.config else -1
 
     def _check_same_start(self) -> None:
         """Every rank starts at the same iteration. On several machines each reads the checkpoint
@@ -258,6 +308,8 @@ class Trainer:
             "sampler": dict(self.position),
             "rng": rngs,
             "run": self.run_info(),
+            "config": self.config,
+            "config_changes": self.config_changes,
         }
 
     def save_checkpoint(self) -> None:
@@ -277,6 +329,33 @@ class Trainer:
 
     # The loop -------------------------------------------------------------------------------
 
+    def training_config(self) -> dict[str, Any]:
+        """The effective value of each option that changes what training computes, spelled as on
+        the command line (defaults resolved, paths absolute, ``--lr auto`` as the rate it gives),
+        which a resume compares with its checkpoint's.
+
+        Not in it: --max-iters, --ckpt-interval-iters and --keep-checkpoints (when training stops,
+        what is kept), --eval-interval and --eval-backend (when and with which library it is
+        evaluated, identical numbers), --num-workers (a sample's augmentation is keyed by its
+        epoch, not by the worker that loads it), --mmdet-log, --reports and --no-progress. The
+        number of processes is compared on its own: the GHM state is per process. The initial
+        weights are not read again on resume, but a run continued under other ones would be
+        recorded as a run it is not.
+        """
+        a, opt = self.args, self.cfg["optimizer"]
+        return {
+            "--coco": _absolute(a.coco),
+            "--epochs": self.epochs,
+            "--batch-size": a.batch_size,
+            "--lr": self.base_lr,
+            "--warmup-iters": opt["warmup_iters"],
+            "--milestones": ",".join(str(m) for m in opt["milestones"]),
+            "--scale": "x".join(str(v) for v in self.scale or self.cfg["data"]["scale"]),
+            "--seed": a.seed,
+            "--init": _absolute(a.init),
+            "--init-backbone": _absolute(a.init_backbone),
+        }
+
     def run_info(self) -> dict[str, Any]:
         a = self.args
         return {
@@ -293,6 +372,7 @@ class Trainer:
             "seed": a.seed, "init_backbone": a.init_backbone, "init": a.init,
             "resumed_from": str(self.resume_from) if self.resume_from else None,
             "eval_backend": a.eval_backend,
+            "config_changes": self.config_changes,
         }
 
     def _evaluate(self, epoch: int) -> None:
