@@ -57,6 +57,7 @@ NODE_RANK ?=
 MASTER    ?=
 CONNECT_TIMEOUT ?=
 RESUME    ?=
+RESUME_CHANGE ?=
 MMDET_LOG ?=
 R50       ?=
 # Epoch weight files kept in WORK_DIR (empty: the program's default, 3; 0: all).
@@ -88,7 +89,7 @@ help:
 	@echo "make align-backward training steps and the whole lr schedule; CKPT=, SHAPE=, SEED=, STEPS=, ITERS_PER_EPOCH=, ISOLATE=1"
 	@echo "make align-example  ResNet-18, mmdet's vs paddle.vision's, through python -m align.pair; PERTURB="
 	@echo "make align-data | align-predict | align-metric | align-train   data pipeline, detections, COCO metric, K training iterations on the tiny COCO; SCALE=WxH, TRAIN_ITERS="
-	@echo "make train-full     COCO=/path GPUS=0,1 RESUME=1 MMDET_LOG=scalars.json R50=backbone.pdparams KEEP=3 (epoch weight files kept, 0: all) EVAL_BACKEND=faster-coco-eval; no COCO: smoke run on the tiny COCO"
+	@echo "make train-full     COCO=/path GPUS=0,1 RESUME=1 RESUME_CHANGE=1 (continue with changed options) MMDET_LOG=scalars.json R50=backbone.pdparams KEEP=3 (epoch weight files kept, 0: all) EVAL_BACKEND=faster-coco-eval; no COCO: smoke run on the tiny COCO"
 	@echo "                    NPROC=2 (CPU processes); several machines: NNODES=2 NODE_RANK=0|1 MASTER=node0-ip:port CONNECT_TIMEOUT=60"
 	@echo "make tiny-coco      write the tiny synthetic COCO to $(TINY_COCO)"
 	@echo "make bench-ghm      GHM-C / GHM-R speed, mmdet vs Paddle"
@@ -170,7 +171,8 @@ align-train: $(SETUP)
 	  $(if $(TRAIN_ITERS),--iters $(TRAIN_ITERS)) $(if $(SCALE),--scale $(SCALE))
 
 TRAIN_ARGS = --work-dir $(WORK_DIR) --reports $(REPORTS) $(if $(COCO),--coco $(COCO)) \
-  $(if $(R50),--init-backbone $(R50)) $(if $(RESUME),--resume) $(if $(MMDET_LOG),--mmdet-log $(MMDET_LOG)) \
+  $(if $(R50),--init-backbone $(R50)) $(if $(RESUME),--resume) $(if $(RESUME_CHANGE),--allow-config-change) \
+  $(if $(MMDET_LOG),--mmdet-log $(MMDET_LOG)) \
   $(if $(KEEP),--keep-checkpoints $(KEEP)) \
   $(if $(EVAL_BACKEND),--eval-backend $(EVAL_BACKEND))
 
