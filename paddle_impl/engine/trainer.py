@@ -27,6 +27,7 @@ from align.engine.atomic_write import check_writable_dir, remove_stale_temp_file
 from paddle_impl.engine.fault_injection import maybe_fail
 from paddle_impl.engine.lr_schedule import WarmupMultiStepLR
 from paddle_impl.engine.optimizer import SGD, scaled_lr
+from paddle_impl.engine.run_config import changes_on_resume, training_config
 from paddle_impl.engine.report import (append_jsonl, format_eta, read_mmdet_log, render_report,
                                        truncate_jsonl)
 from paddle_impl.engine.train_step import LossForward, train_step
@@ -76,15 +77,6 @@ def _param_fingerprint(model: RetinaNet) -> paddle.Tensor:
     return total
 
 
-def _absolute(path: str | None) -> str | None:
-    return str(Path(path).resolve()) if path else None
-
-
-def _option_text(value: Any) -> str:
-    """A recorded option value as the command line writes it."""
-    return "(not given)" if value is None else str(value)
-
-
 def _gather(obj: Any, world_size: int) -> list[Any]:
     """Every rank's ``obj`` (in rank order) on every rank."""
     if world_size == 1:
@@ -131,7 +123,8 @@ class Trainer:
         self.cfg = cfg
         self.total_batch = args.batch_size * self.world_size
         self.base_lr = scaled_lr(self.total_batch, cfg) if args.lr == "auto" else float(args.lr)
-        self.config = self.training_config()
+        self.config = training_config(self.args, self.cfg, epochs=self.epochs, base_lr=self.base_lr,
+                                      scale=self.scale or self.cfg["data"]["scale"])
         self.config_changes: list[dict[str, Any]] = []
         # A resume that does not fit its checkpoint stops before any input is read or output written.
         resumed = self._resume_state() if self.resume_from else None
@@ -225,33 +218,14 @@ class Trainer:
     def _resume_state(self) -> dict[str, Any]:
         """The checkpoint to continue from, once it fits this command: the same number of
         processes, and the same training options unless ``--allow-config-change``, with which
-        each differing option is added to ``config_changes``."""
+        each differing option is added to ``config_changes`` (`run_config.changes_on_resume`)."""
         state = ckpt.load_checkpoint(self.resume_from)
         source = f"--resume {self.resume_from}"
         if state["world_size"] != self.world_size:
             raise InputError(f"{source}: saved by {state['world_size']} processes, this run has "
                              f"{self.world_size}: the per-process GHM state and sampler shares differ")
-        if "config" not in state:
-            if self.main:
-                print(f"{source}: the checkpoint does not record its training options (written by an "
-                      "older version); resuming without comparing them with this command", file=sys.stderr)
-            return state
-        saved = state["config"]
-        self.config_changes = list(state["config_changes"])
-        differ = [option for option, value in self.config.items() if saved.get(option) != value]
-        if not differ:
-            return state
-        old = " ".join(f"{option} {_option_text(saved.get(option))}" for option in differ)
-        new = " ".join(f"{option} {_option_text(self.config[option])}" for option in differ)
-        if not self.args.allow_config_change:
-            raise InputError(f"{source}: the run was trained with {old}; this command has {new} "
-                             "(pass --allow-config-change to continue with the new values)")
-        self.config_changes += [{"iter": int(state["iter"]), "option": option,
-                                 "old": _option_text(saved.get(option)), "new": _option_text(self.config[option])}
-                                for option in differ]
-        if self.main:
-            print(f"[train] {source}: continuing at iteration {state['iter']} with {new} (trained with {old})",
-                  file=sys.stderr)
+        self.config_changes = changes_on_resume(state, self.config, source, self.args.allow_config_change,
+                                                report=self.main)
         return state
 
     def _restore(self, state: dict[str, Any]) -> None:
@@ -328,33 +302,6 @@ class Trainer:
                              save_fn=lambda obj, path: paddle.save(obj, path))
 
     # The loop -------------------------------------------------------------------------------
-
-    def training_config(self) -> dict[str, Any]:
-        """The effective value of each option that changes what training computes, spelled as on
-        the command line (defaults resolved, paths absolute, ``--lr auto`` as the rate it gives),
-        which a resume compares with its checkpoint's.
-
-        Not in it: --max-iters, --ckpt-interval-iters and --keep-checkpoints (when training stops,
-        what is kept), --eval-interval and --eval-backend (when and with which library it is
-        evaluated, identical numbers), --num-workers (a sample's augmentation is keyed by its
-        epoch, not by the worker that loads it), --mmdet-log, --reports and --no-progress. The
-        number of processes is compared on its own: the GHM state is per process. The initial
-        weights are not read again on resume, but a run continued under other ones would be
-        recorded as a run it is not.
-        """
-        a, opt = self.args, self.cfg["optimizer"]
-        return {
-            "--coco": _absolute(a.coco),
-            "--epochs": self.epochs,
-            "--batch-size": a.batch_size,
-            "--lr": self.base_lr,
-            "--warmup-iters": opt["warmup_iters"],
-            "--milestones": ",".join(str(m) for m in opt["milestones"]),
-            "--scale": "x".join(str(v) for v in self.scale or self.cfg["data"]["scale"]),
-            "--seed": a.seed,
-            "--init": _absolute(a.init),
-            "--init-backbone": _absolute(a.init_backbone),
-        }
 
     def run_info(self) -> dict[str, Any]:
         a = self.args
