@@ -31,9 +31,9 @@ from importlib.metadata import version
 
 import numpy as np
 
-from align.engine.atomic_write import write_json
+from common.atomic_write import write_json
 from bench.machine import cpu_info, load_average
-from paddle_impl.arguments import non_negative, positive
+from common.arguments import non_negative, positive
 from paddle_impl.evaluation.coco_eval import EVAL_BACKENDS, check_backend, evaluate_bbox
 from paddle_impl.evaluation.synthetic import synthetic_detections, synthetic_ground_truth
 

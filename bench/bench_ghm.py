@@ -31,8 +31,8 @@ import numpy as np
 import paddle
 import torch
 
-from align.engine.arguments import positive
-from align.engine.atomic_write import write_json
+from common.arguments import positive
+from common.atomic_write import write_json
 from bench.machine import load_average, machine_info
 from paddle_impl.config import get_config
 from paddle_impl.model.ghm_loss import GHMC, GHMR

@@ -48,10 +48,9 @@ import statistics
 import sys
 import time
 
-from align.engine.arguments import non_negative, positive
-from align.engine.atomic_write import write_json
+from common.arguments import non_negative, parse_size, positive
+from common.atomic_write import write_json
 from bench.machine import load_average, machine_info, set_threads
-from paddle_impl.arguments import parse_size
 
 DEFAULT_SIZES = "768x512,1344x800"
 BATCH = 2

@@ -76,13 +76,12 @@ configure_cpu()
 
 import paddle  # noqa: E402
 
-from align.engine.atomic_write import write_json  # noqa: E402
+from common.atomic_write import write_json  # noqa: E402
 from align.ghm.sides import PaddleSide, summed_terms  # noqa: E402
 from bench.distributed_run import (BATCH_PER_PROCESS, WARMUP_ITERS, WORLD_SIZE, LaunchError,  # noqa: E402
                                    run_distributed)
 from bench.machine import load_average  # noqa: E402
-from align.engine.arguments import non_negative, positive, positive_float  # noqa: E402
-from paddle_impl.arguments import parse_size  # noqa: E402
+from common.arguments import non_negative, parse_size, positive, positive_float  # noqa: E402
 from paddle_impl.config import get_config  # noqa: E402
 from paddle_impl.data.dataset import CocoDetection, build_dataloader  # noqa: E402
 from paddle_impl.data.tiny_coco import generate  # noqa: E402

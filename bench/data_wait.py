@@ -38,8 +38,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from align.engine.arguments import positive_float
-from paddle_impl.arguments import format_size, non_negative, parse_size, positive
+from common.arguments import format_size, non_negative, parse_size, positive, positive_float
 from paddle_impl.config import get_config
 from paddle_impl.errors import run_command
 
@@ -202,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from align.engine.atomic_write import write_json
+    from common.atomic_write import write_json
     from bench.machine import machine_info
     from paddle_impl.data.dataset import PREFETCH_FACTOR
 

@@ -16,7 +16,7 @@ import json
 
 import numpy as np
 
-from align.engine.arguments import non_negative
+from common.arguments import non_negative
 
 
 def float64_ghmc(pred, labels, label_weights, bins: int, momentum: float) -> float:

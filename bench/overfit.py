@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from align.engine.arguments import non_negative, positive, positive_float
+from common.arguments import non_negative, positive, positive_float
 
 
 def make_dataset(root: Path, images: int, seed: int) -> Path:
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     # As the training program does, before Paddle's MKL makes its first call.
     configure_cpu()
     from paddle_impl import train
-    from align.engine.atomic_write import write_json
+    from common.atomic_write import write_json
 
     root = make_dataset(args.work_dir / "data", args.images, args.seed)
     run_dir = args.work_dir / "run"

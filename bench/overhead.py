@@ -68,9 +68,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from paddle_impl.arguments import format_size, non_negative, parse_size, positive
+from common.arguments import format_size, non_negative, parse_size, positive
 from paddle_impl.config import get_config
-from paddle_impl.errors import InputError, run_command
+from common.errors import InputError
+from paddle_impl.errors import run_command
 
 DEFAULT_SIZE = format_size(get_config()["data"]["scale"])
 WARMUP_ROUNDS = 1
@@ -374,7 +375,7 @@ def _run(args: argparse.Namespace) -> int:
 
     import paddle
 
-    from align.engine.atomic_write import write_json
+    from common.atomic_write import write_json
     from align.ghm.pair import prepare_checkpoints
     from bench.bench_train import environment
     from bench.machine import load_average, set_threads

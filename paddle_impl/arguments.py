@@ -1,38 +1,11 @@
-"""Argument types shared by the command-line programs.
-
-Sizes: every command takes an image size as ``WxH``, width first, as mmdet's
-``Resize(scale=(w, h))`` (``1333x800``); ``W,H`` is read the same way. All
-are parsed by :func:`parse_size`, which returns ``(w, h)``. A tensor shape
-(the stages' ``SHAPE``) is written in the tensor's own order, ``NxCxHxW``.
-"""
+"""Argument types of the training and prediction programs: the learning rate, the milestones,
+the evaluation backend (the generic ones, sizes included, are in `common.arguments`)."""
 from __future__ import annotations
 
 import argparse
 import math
 
-from align.engine.arguments import non_negative, positive  # noqa: F401 (the programs take them from here too)
-from paddle_impl.errors import InputError
-
-
-class SizeError(argparse.ArgumentTypeError, ValueError):
-    """A size that is not ``WxH`` with both sides large enough (argparse and the stages both report it)."""
-
-
-def parse_size(text: str, minimum: int = 32) -> tuple[int, int]:
-    """``"WxH"`` (or ``"W,H"``) -> ``(w, h)``, mmdet's ``Resize(scale=(w, h))`` order."""
-    try:
-        w, h = (int(v) for v in text.lower().replace(",", "x").split("x"))
-    except ValueError:
-        raise SizeError(f"a size is WxH, width first, such as 1333x800; got {text!r}") from None
-    if w < minimum or h < minimum:
-        raise SizeError(f"size {text!r} too small: both sides must be >= {minimum}")
-    return w, h
-
-
-def format_size(size) -> str:
-    """``(w, h)`` -> ``"WxH"``, the form `parse_size` reads (for defaults shown in ``--help``)."""
-    w, h = size
-    return f"{w}x{h}"
+from common.errors import InputError
 
 
 def learning_rate(text: str) -> float | str:

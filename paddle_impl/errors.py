@@ -13,12 +13,10 @@ import sys
 import traceback
 from typing import Callable, Sequence
 
+from common.errors import InputError, one_line
+
 TRACEBACK_ENV = "GHM_TRACEBACK"
 EXIT_BAD_INPUT = 2
-
-
-class InputError(Exception):
-    """Bad command-line input: a missing file or folder, a malformed value; the message names it."""
 
 
 class DataError(Exception):
@@ -28,12 +26,6 @@ class DataError(Exception):
 class NonFiniteLossError(FloatingPointError):
     """A training loss (or the gradient norm) became NaN or infinite; the message names the
     iteration and the term. Nothing from that iteration was saved."""
-
-
-def one_line(err: BaseException) -> str:
-    """The message of ``err`` on one line (an exception without a message shows its type)."""
-    text = " ".join(str(err).split())
-    return text or type(err).__name__
 
 
 def traceback_wanted(argv: Sequence[str] | None) -> bool:

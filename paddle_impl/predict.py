@@ -43,15 +43,16 @@ os.environ.setdefault("GLOG_minloglevel", "2")
 import numpy as np  # noqa: E402
 
 from paddle_impl.data.coco_classes import COCO_CATEGORY_IDS, COCO_CLASSES  # noqa: E402
-from align.engine.atomic_write import atomic_write, write_json  # noqa: E402
+from common.atomic_write import atomic_write, write_json  # noqa: E402
 from paddle_impl.evaluation.coco_eval import detections_to_coco_json, evaluate_bbox  # noqa: E402
 from paddle_impl.config import get_config  # noqa: E402
 from paddle_impl.model.detector import RetinaNet  # noqa: E402
 from paddle_impl.boxes.postprocess import Detections  # noqa: E402
 from paddle_impl.engine.weights import convert_torch_checkpoint, load_weights, load_weights_file  # noqa: E402
-from paddle_impl.errors import InputError, run_command  # noqa: E402
-from paddle_impl.arguments import add_eval_backend, eval_backend, parse_size  # noqa: E402
-from align.engine.arguments import fraction  # noqa: E402
+from common.errors import InputError  # noqa: E402
+from paddle_impl.errors import run_command  # noqa: E402
+from paddle_impl.arguments import add_eval_backend, eval_backend  # noqa: E402
+from common.arguments import fraction, parse_size  # noqa: E402
 from paddle_impl.data.transforms import Collate, load_image, test_pipeline  # noqa: E402
 
 

@@ -109,9 +109,10 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from paddle_impl.arguments import (add_eval_backend, epochs_list, eval_backend, learning_rate, non_negative,
-                                  parse_size, positive)
-from paddle_impl.errors import InputError, run_command
+from common.arguments import non_negative, parse_size, positive
+from common.errors import InputError
+from paddle_impl.arguments import add_eval_backend, epochs_list, eval_backend, learning_rate
+from paddle_impl.errors import run_command
 
 # Quiet the C++ logs of Paddle before it is imported.
 os.environ.setdefault("GLOG_minloglevel", "2")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from align.engine.atomic_write import atomic_write
+from common.atomic_write import atomic_write
 
 CONFIG_RELPATH = "configs/ghm/retinanet_r50_fpn_ghm-1x_coco.py"
 

@@ -15,7 +15,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from align.engine.atomic_write import atomic_write
+from common.atomic_write import atomic_write
 
 # Paddle state-dict suffix -> PyTorch suffix (BatchNorm running statistics).
 RENAMES = {

@@ -5,7 +5,7 @@ import sys
 
 from align.backward.stage import (DEFAULT_ITERS_PER_EPOCH, DEFAULT_SHAPE, BackwardOptions, first_divergence,
                                   run_backward)
-from align.engine.arguments import non_negative, positive, positive_float, tensor_shape
+from common.arguments import non_negative, positive, positive_float, tensor_shape
 from align.engine.cli import stage_parser
 from align.ghm.pair import BUILD_DIR, add_dtype_arguments, extra_dtype
 from align.ghm.suite import run_stage

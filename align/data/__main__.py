@@ -6,8 +6,7 @@ import sys
 from align.data.stage import DEFAULT_SCALE, DataOptions, first_divergence, run_data
 from align.engine.cli import stage_parser
 from align.ghm.pair import BUILD_DIR
-from align.engine.arguments import non_negative_float, positive
-from paddle_impl.arguments import format_size, parse_size
+from common.arguments import format_size, non_negative_float, parse_size, positive
 from align.ghm.suite import run_stage
 
 

@@ -37,7 +37,7 @@ from typing import Any, Iterator, Mapping, Optional
 
 import numpy as np
 
-from .atomic_write import write_error, write_json
+from common.atomic_write import write_error, write_json
 
 FORMAT = 2
 _HASH_THREADS = 2

@@ -18,15 +18,16 @@ import traceback
 from pathlib import Path
 from typing import Callable, Iterable, Optional, TypeVar
 
-from .arguments import non_negative
-from .atomic_write import write_text
+from common.arguments import non_negative
+from common.errors import InputError, one_line
+from common.atomic_write import write_text
 from .compare import echo_reprod_log
 from .report import StageResult
 
 T = TypeVar("T")
 
 # Bad input or a fault of the machine (a file where a folder should be, a full disk): one line.
-BAD_INPUT = (KeyError, ValueError, OSError)
+BAD_INPUT = (InputError, KeyError, ValueError, OSError)
 # Set to show the Python traceback of such an error too (a client may name its own variable).
 TRACEBACK_ENV = "ALIGN_TRACEBACK"
 
@@ -91,10 +92,6 @@ def _captured(buffer: io.StringIO):
         root.handlers = handlers
 
 
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split()) or type(err).__name__
-
-
 def run_stage(run: Callable[[], StageResult], *, label: Callable[[StageResult], str],
               summary: Callable[[StageResult], str], first_divergence: Callable[[StageResult], object],
               report: Path, details: Callable[[StageResult], Iterable[str]] = lambda result: (),
@@ -125,7 +122,7 @@ def run_stage(run: Callable[[], StageResult], *, label: Callable[[StageResult], 
     except BAD_INPUT as err:
         if verbose or os.environ.get(traceback_env, "") not in ("", "0"):
             traceback.print_exc()
-        print(f"error: {_one_line(err)}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     except BaseException:
         sys.stdout.write(printed.getvalue())  # a crash keeps what led to it

@@ -18,7 +18,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .atomic_write import atomic_write
+from common.atomic_write import atomic_write
 
 DEFAULT_REL_TOL = 1e-5
 DEFAULT_MEAN_TOL = 1e-5

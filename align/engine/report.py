@@ -21,7 +21,7 @@ from typing import Any, NamedTuple, Sequence
 
 import jinja2
 
-from .atomic_write import write_text
+from common.atomic_write import write_text
 from .compare import TensorDiff, first_failure, json_float, worst_row
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from align.engine.arguments import non_negative_float, positive_float, tensor_shape
+from common.arguments import non_negative_float, positive_float, tensor_shape
 from align.engine.cli import stage_parser
 from align.forward.stage import DEFAULT_SHAPE, ForwardOptions, first_divergence, run_forward
 from align.ghm.pair import BUILD_DIR

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from align.engine.arguments import non_negative_float, positive, tensor_shape
+from common.arguments import non_negative_float, positive, tensor_shape
 from align.engine.cli import stage_parser
 from align.ghm.pair import BUILD_DIR
 from align.ghm.suite import run_stage

@@ -14,7 +14,7 @@ import importlib
 import sys
 from pathlib import Path
 
-from align.engine.arguments import non_negative_float, positive_float, tensor_shape
+from common.arguments import non_negative_float, positive_float, tensor_shape
 from align.engine.cli import parse_shape, run_stage, stage_parser
 from align.engine.compare import first_failed_name
 from align.engine.weights import NameMap

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import sys
 
-from align.engine.arguments import fraction, non_negative_float
+from common.arguments import format_size, fraction, non_negative_float, parse_size
 from align.engine.cli import stage_parser
 from align.ghm.pair import BUILD_DIR
 from align.ghm.suite import run_stage
-from paddle_impl.arguments import format_size, parse_size
 from align.predict.stage import DEFAULT_SCALE, PredictOptions, first_divergence, run_predict
 
 

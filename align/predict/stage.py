@@ -47,7 +47,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from align.engine.atomic_write import atomic_write
+from common.atomic_write import atomic_write
 from align.engine.cli import progress
 from align.engine.compare import TensorDiff, first_failed_name, reprod_log_diff
 from align.engine.report import Headline, StageResult

@@ -5,8 +5,7 @@ import sys
 
 from align.engine.cli import stage_parser
 from align.ghm.pair import BUILD_DIR, add_dtype_arguments, extra_dtype
-from align.engine.arguments import non_negative, non_negative_float, positive, positive_float
-from paddle_impl.arguments import format_size, parse_size
+from common.arguments import format_size, non_negative, non_negative_float, parse_size, positive, positive_float
 from align.ghm.suite import run_stage
 from align.train.stage import DEFAULT_SCALE, FLIP_MODES, STAGE, TrainOptions, first_divergence, run_train
 

@@ -37,7 +37,8 @@ from pycocotools.coco import COCO
 
 from paddle_impl.data.coco_classes import COCO_CLASSES
 from paddle_impl.config import get_config
-from paddle_impl.errors import DataError, one_line
+from common.errors import one_line
+from paddle_impl.errors import DataError
 from paddle_impl.data.samplers import AspectRatioBatchSampler, BatchSampler, DistributedSampler, SampleKey
 from paddle_impl.data.transforms import Collate, load_image, test_pipeline, train_pipeline, unpack_batch
 

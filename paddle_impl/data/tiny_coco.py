@@ -44,7 +44,7 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
-from paddle_impl.arguments import non_negative, parse_size, positive
+from common.arguments import non_negative, parse_size, positive
 from paddle_impl.data.coco_classes import COCO_CATEGORY_IDS, COCO_CLASSES
 
 # COCO's supercategories, as contiguous runs of COCO_CLASSES.

@@ -44,7 +44,7 @@ import numpy as np
 import paddle
 
 from paddle_impl.engine import safe_load
-from align.engine.atomic_write import atomic_write
+from common.atomic_write import atomic_write
 
 FORMAT = "ghm-retinanet-train/1"
 REQUIRED_KEYS = ("format", "iter", "epoch", "world_size", "model", "ghm_per_rank", "optimizer",
@@ -77,7 +77,7 @@ def to_numpy_tree(obj: Any) -> Any:
 def atomic_save(obj: Any, path: str | os.PathLike,
                 save_fn: Callable[[Any, str], None] | None = None) -> Path:
     """Write ``obj`` to ``path`` with ``save_fn`` (default: pickle protocol 4) through
-    :func:`~align.engine.atomic_write.atomic_write`: ``path`` is either untouched or
+    :func:`~common.atomic_write.atomic_write`: ``path`` is either untouched or
     completely replaced, and a failed write raises a ``WriteError`` naming it."""
     save_fn = save_fn or _pickle_to
     return atomic_write(path, lambda tmp: save_fn(obj, tmp))

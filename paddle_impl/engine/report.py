@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 
 from paddle_impl.config import get_config
-from align.engine.atomic_write import write_text
-from align.engine.atomic_write import write_error
-from paddle_impl.errors import InputError
+from common.atomic_write import write_text
+from common.atomic_write import write_error
+from common.errors import InputError
 from paddle_impl.evaluation.coco_eval import BBOX_METRIC_NAMES
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"

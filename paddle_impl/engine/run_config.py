@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from paddle_impl.arguments import format_size
-from paddle_impl.errors import InputError
+from common.arguments import format_size
+from common.errors import InputError
 
 
 def training_config(args: argparse.Namespace, cfg: dict[str, Any], *, epochs: int, base_lr: float,

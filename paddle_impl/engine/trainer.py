@@ -23,7 +23,7 @@ from paddle_impl.config import get_config
 from paddle_impl.data.dataset import CocoDetection, build_dataloader, check_image_files
 from paddle_impl.data.samplers import resume_position
 from paddle_impl.engine import checkpoint as ckpt
-from align.engine.atomic_write import check_writable_dir, remove_stale_temp_files, write_json
+from common.atomic_write import check_writable_dir, remove_stale_temp_files, write_json
 from paddle_impl.engine.fault_injection import maybe_fail
 from paddle_impl.engine.lr_schedule import WarmupMultiStepLR
 from paddle_impl.engine.optimizer import SGD, scaled_lr
@@ -32,7 +32,8 @@ from paddle_impl.engine.report import (append_jsonl, format_eta, read_mmdet_log,
                                        truncate_jsonl)
 from paddle_impl.engine.train_step import LossForward, train_step
 from paddle_impl.engine.weights import load_weights, load_weights_file, set_ghm_buffers
-from paddle_impl.errors import DataError, InputError
+from common.errors import InputError
+from paddle_impl.errors import DataError
 from paddle_impl.evaluation.coco_eval import BBOX_METRIC_NAMES
 from paddle_impl.evaluation.evaluate import evaluate
 from paddle_impl.model.detector import RetinaNet

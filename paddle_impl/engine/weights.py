@@ -18,7 +18,7 @@ import paddle
 
 from paddle_impl.engine import checkpoint as ckpt
 from paddle_impl.engine import safe_load
-from paddle_impl.errors import InputError
+from common.errors import InputError
 
 TORCH_SUFFIXES = (".pth", ".pt")
 

@@ -43,7 +43,7 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from align.engine.atomic_write import write_json
+from common.atomic_write import write_json
 
 logger = logging.getLogger(__name__)
 

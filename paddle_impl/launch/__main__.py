@@ -34,7 +34,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from align.engine.atomic_write import check_writable_dir
+from common.atomic_write import check_writable_dir
 from paddle_impl.errors import TRACEBACK_ENV, run_command, traceback_wanted
 from paddle_impl.launch.job import LaunchFault, run_job, training_program
 from paddle_impl.launch.nodes import DEFAULT_CONNECT_TIMEOUT, check_master, parse_layout

@@ -21,7 +21,7 @@ import socket
 import time
 from dataclasses import dataclass
 
-from paddle_impl.errors import InputError
+from common.errors import InputError
 
 DEFAULT_CONNECT_TIMEOUT = 60.0
 # How long one connection attempt to the master may take before the next one.

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from align.engine.atomic_write import write_json
+from common.atomic_write import write_json
 
 LAUNCH_ID_ENV = "GHM_LAUNCH_ID"
 # The launcher waits 3 s after its SIGTERM before it kills this process; the

@@ -7,7 +7,8 @@ import sys
 
 from tests.paths import ROOT
 
-BLOCKED = ("paddle_impl", "torch_ref", "weights_convert", "mmdet", "mmengine", "mmcv", "align.ghm",
+BLOCKED = ("paddle_impl", "torch_ref", "weights_convert", "mmdet", "mmengine", "mmcv", "align.ghm", "align.examples",
+           "align.pair",
            "align.forward", "align.loss", "align.backward", "align.data", "align.predict", "align.metric",
            "align.train")
 

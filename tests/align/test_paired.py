@@ -150,7 +150,7 @@ def test_an_interrupted_recording_leaves_no_entry(tmp_path):
 
 def test_a_recording_that_cannot_be_written_names_the_file_and_leaves_no_entry(tmp_path, monkeypatch):
     from align.engine import cache as cache_module
-    from align.engine.atomic_write import WriteError
+    from common.atomic_write import WriteError
 
     cache = cache_module.ReferenceCache(tmp_path)
     old, new = cache_module.cache_key({"run": 1}), cache_module.cache_key({"run": 2})

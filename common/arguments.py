@@ -1,6 +1,12 @@
 """Argument types of the command lines: each checks a value as argparse reads it, so a bad value
 is refused before the program does any work, in argparse's one line that names the option and
-the value (``argument --seed: expected an integer >= 0, got '-1'``)."""
+the value (``argument --seed: expected an integer >= 0, got '-1'``).
+
+Sizes: every command takes an image size as ``WxH``, width first, as mmdet's
+``Resize(scale=(w, h))`` (``1333x800``); ``W,H`` is read the same way. All
+are parsed by :func:`parse_size`, which returns ``(w, h)``. A tensor shape
+(the stages' ``SHAPE``) is written in the tensor's own order, ``NxCxHxW``.
+"""
 from __future__ import annotations
 
 import argparse
@@ -66,6 +72,27 @@ def tensor_shape(dims: int | None = None, channels: int | None = None) -> Callab
         return text
     parse.__name__ = "shape"
     return parse
+
+
+class SizeError(argparse.ArgumentTypeError, ValueError):
+    """A size that is not ``WxH`` with both sides large enough (argparse and the stages both report it)."""
+
+
+def parse_size(text: str, minimum: int = 32) -> tuple[int, int]:
+    """``"WxH"`` (or ``"W,H"``) -> ``(w, h)``, mmdet's ``Resize(scale=(w, h))`` order."""
+    try:
+        w, h = (int(v) for v in text.lower().replace(",", "x").split("x"))
+    except ValueError:
+        raise SizeError(f"a size is WxH, width first, such as 1333x800; got {text!r}") from None
+    if w < minimum or h < minimum:
+        raise SizeError(f"size {text!r} too small: both sides must be >= {minimum}")
+    return w, h
+
+
+def format_size(size) -> str:
+    """``(w, h)`` -> ``"WxH"``, the form `parse_size` reads (for defaults shown in ``--help``)."""
+    w, h = size
+    return f"{w}x{h}"
 
 
 def _integer(text: str) -> int:
