@@ -53,8 +53,8 @@ from align.backward.tables import (ParameterRow, StepRow, headline, loss_curve_p
                                    summarize)
 from align.engine.capture import ReluMaskCensus
 from align.engine.cli import progress
-from align.engine.compare import (TensorDiff, compare_named, first_failed_name, reprod_log_diff, to_numpy,
-                                  worst_named, worst_of)
+from align.engine.compare import TensorDiff, compare_named, first_failed_name, to_numpy, worst_named, worst_of
+from align.engine.reprod import reprod_log_diff
 from align.engine.divergence import Divergence, Explanation, StepEvidence, classify, explained
 from align.engine.isolate import (TorchCallRecorder, isolated_backward, isolated_forward, isolation_tables,
                                   peak_memory_gb, spill_store, worst_per_kind)

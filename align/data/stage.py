@@ -24,7 +24,8 @@ from typing import NamedTuple
 import numpy as np
 
 from align.engine.cli import progress
-from align.engine.compare import TensorDiff, first_failed_name, reprod_log_diff
+from align.engine.compare import TensorDiff, first_failed_name
+from align.engine.reprod import reprod_log_diff
 from align.engine.report import Headline, StageResult
 from align.engine.rows import abs_row, absent_row, exact_row
 from align.ghm.pair import BUILD_DIR

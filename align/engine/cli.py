@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Optional, TypeVar
 from common.arguments import non_negative
 from common.errors import InputError, one_line
 from common.atomic_write import write_text
-from .compare import echo_reprod_log
+from .reprod import echo_reprod_log
 from .report import StageResult
 
 T = TypeVar("T")

@@ -20,7 +20,8 @@ import numpy as np
 from align.engine.cache import ReferenceCache, cache_key
 from align.engine.capture import PaddleComparer, TorchRecorder, perturb_parameter
 from align.engine.cli import progress_bar
-from align.engine.compare import TensorDiff, diff_arrays, first_failed_name, reprod_log_diff
+from align.engine.compare import TensorDiff, diff_arrays, first_failed_name
+from align.engine.reprod import reprod_log_diff
 from align.engine.isolate import (TorchCallRecorder, isolated_forward, isolation_tables, peak_memory_gb,
                                   spill_store)
 from align.engine.report import Headline, StageResult

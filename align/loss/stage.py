@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from align.engine.cli import progress
-from align.engine.compare import TensorDiff, diff_arrays, first_failed_name, reprod_log_diff
+from align.engine.compare import TensorDiff, diff_arrays, first_failed_name
+from align.engine.reprod import reprod_log_diff
 from align.engine.report import Headline, StageResult
 from align.ghm.fake_batch import FakeBatch, default_batch
 from align.ghm.pair import (BUILD_DIR, LEVELS, build_paddle_model, build_torch_model, parse_shape,

@@ -49,7 +49,8 @@ import numpy as np
 
 from common.atomic_write import atomic_write
 from align.engine.cli import progress
-from align.engine.compare import TensorDiff, first_failed_name, reprod_log_diff
+from align.engine.compare import TensorDiff, first_failed_name
+from align.engine.reprod import reprod_log_diff
 from align.engine.report import Headline, StageResult
 from align.engine.rows import abs_row, exact_row
 from align.ghm.pair import (BUILD_DIR, Checkpoints, build_paddle_model, build_torch_model,

@@ -76,7 +76,8 @@ import numpy as np
 
 from align.engine.capture import ReluMaskCensus
 from align.engine.cli import progress
-from align.engine.compare import TensorDiff, first_failed_name, reprod_log_diff
+from align.engine.compare import TensorDiff, first_failed_name
+from align.engine.reprod import reprod_log_diff
 from align.engine.divergence import Divergence, StepEvidence, classify, describe, explained
 from align.engine.paired import train_in_lockstep, value_series
 from align.engine.report import Headline, StageResult

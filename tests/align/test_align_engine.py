@@ -9,7 +9,8 @@ import re
 import numpy as np
 import pytest
 
-from align.engine.compare import diff_arrays, echo_reprod_log, first_failure, reprod_log_diff, reprod_log_passed
+from align.engine.compare import diff_arrays, first_failure
+from align.engine.reprod import echo_reprod_log, reprod_log_diff, reprod_log_passed
 from align.engine.environment import environment_info, sha256_of
 from align.engine.report import Headline, StageResult, write_index, write_stage_report
 from align.ghm.suite import PACKAGES
