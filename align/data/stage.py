@@ -28,7 +28,9 @@ from align.engine.compare import TensorDiff, first_failed_name
 from align.engine.reprod import reprod_log_diff
 from align.engine.report import Headline, StageResult
 from align.engine.rows import abs_row, absent_row, exact_row
-from align.ghm.pair import BUILD_DIR
+from align.engine.options import option, seed_option
+from align.ghm.pair import GhmStageOptions
+from common.arguments import format_size, non_negative_float, parse_size, positive
 from align.ghm.pipelines import (mmdet_batch, mmdet_dataset, mmdet_preprocessor, mmdet_setup,
                                   our_dataset, tiny_coco_root)
 from align.ghm.suite import write_report
@@ -52,16 +54,19 @@ class ImageRow(NamedTuple):
 
 
 @dataclass
-class DataOptions:
-    seed: int = 0
-    scale: tuple[int, int] = DEFAULT_SCALE
-    batch_size: int = 2
-    input_atol: float = 1e-6
+class DataOptions(GhmStageOptions):
+    ckpt: str | None = option(None, "accepted for a uniform command line; the data stage uses no weights")
+    seed: int = seed_option("seed of the tiny COCO (default %(default)s)")
+    scale: tuple[int, int] = option(DEFAULT_SCALE, f"Resize bound WxH (mmdet's scale=(w, h)) for both pipelines "
+                                                   f"(default {format_size(DEFAULT_SCALE)}, the config's)",
+                                    type=parse_size)
+    batch_size: int = option(2, "images per batch (default %(default)s)", type=positive)
+    input_atol: float = option(1e-6, "bound on the input tensors' max |diff| (default %(default)s)",
+                               type=non_negative_float)
     # Deliberate error for testing the stage: our side flips the opposite way
     # to mmdet in the flip-forced passes.
-    inject_flip_mismatch: bool = False
-    reports: Path = Path("reports")
-    build_dir: Path = BUILD_DIR
+    inject_flip_mismatch: bool = option(False, "deliberate error: Paddle flips the opposite way to mmdet "
+                                               "(the stage must fail)")
 
 
 def _mmdet_side(preprocessor, dataset, indices, training: bool) -> dict:

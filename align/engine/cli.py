@@ -52,6 +52,18 @@ def stage_parser(stage: str, description: str, *, ckpt_help: str, seed_help: Opt
     return p
 
 
+def options_parser(stage: str, description: str, options_class: type) -> argparse.ArgumentParser:
+    """A stage's command line: ``-v`` and one option per ``option`` field of ``options_class``
+    (`align.engine.options`), where each option's default and type are declared once."""
+    from .options import add_options
+
+    p = argparse.ArgumentParser(prog=f"python -m align.{stage}", description=description)
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="also print the per-step detail and reprod_log's per-tensor report lines "
+                        "(always in <stage>_diff.log), and the traceback of a bad-input error")
+    return add_options(p, options_class)
+
+
 def parse_shape(text: str) -> tuple[int, ...]:
     """A tensor shape in the tensor's own order, ``"2x3x224x224"`` -> ``(2, 3, 224, 224)``;
     ``()`` when it is not positive integers joined by ``x``."""

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from align.engine.options import build_dir_option, option, reports_option, seed_option
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILD_DIR = REPO_ROOT / "build"
 # The FPN levels the head runs on, in order; losses and targets are named after them.
@@ -34,6 +36,17 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+@dataclass
+class GhmStageOptions:
+    """The options every GHM stage takes (a stage's options extend these)."""
+
+    ckpt: str | None = option(None, "mmdet checkpoint (default: the seeded synthetic one)")
+    seed: int = seed_option()
+    reports: Path = reports_option()
+    build_dir: Path = build_dir_option(BUILD_DIR, "where the default checkpoint, its conversions and the tiny "
+                                                  "COCO are made once (default %(default)s)")
 
 
 def prepare_checkpoints(ckpt: str | None, seed: int, build_dir: Path = BUILD_DIR) -> Checkpoints:

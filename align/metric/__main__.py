@@ -3,23 +3,17 @@ from __future__ import annotations
 
 import sys
 
-from align.engine.cli import stage_parser
-from align.ghm.pair import BUILD_DIR
+from align.engine.cli import options_parser
+from align.engine.options import options_from
 from align.ghm.suite import run_stage
 from align.metric.stage import MetricOptions, first_divergence, run_metric
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = stage_parser("metric", __doc__, ckpt_help="accepted for a uniform command line; the metric stage "
-                                                  "scores seeded synthetic detections and uses no weights",
-                     seed_help="seed of the tiny COCO and the detections", build_dir=BUILD_DIR)
-    p.add_argument("--drop-detection", action="store_true",
-                   help="deliberate error: Paddle's side loses one true detection (the stage must fail)")
-    args = p.parse_args(argv)
+    args = options_parser("metric", __doc__, MetricOptions).parse_args(argv)
+    opts = options_from(MetricOptions, args)
 
     def run():
-        opts = MetricOptions(seed=args.seed, drop_detection=args.drop_detection, reports=args.reports,
-                             build_dir=args.build_dir)
         return run_metric(opts)
 
     def details(result) -> list[str]:
@@ -32,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"worst {worst.name}: |diff| {worst.max_abs:.2e})")
 
     return run_stage(run, label=lambda r: "metric", summary=summary, details=details,
-                     first_divergence=first_divergence, verbose=args.verbose, report=args.reports / "metric.html")
+                     first_divergence=first_divergence, verbose=args.verbose, report=opts.reports / "metric.html")
 
 
 if __name__ == "__main__":

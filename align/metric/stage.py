@@ -35,7 +35,8 @@ from align.engine.compare import TensorDiff, first_failed_name
 from align.engine.reprod import reprod_log_diff
 from align.engine.report import Headline, StageResult
 from align.engine.rows import exact_row
-from align.ghm.pair import BUILD_DIR
+from align.engine.options import option, seed_option
+from align.ghm.pair import GhmStageOptions
 from align.ghm.pipelines import VAL_SPLIT, ann_file, mmdet_setup, our_dataset, tiny_coco_root
 from align.ghm.suite import write_report
 from paddle_impl.config import get_config
@@ -56,13 +57,14 @@ class MetricRow(NamedTuple):
 
 
 @dataclass
-class MetricOptions:
-    seed: int = 0
+class MetricOptions(GhmStageOptions):
+    ckpt: str | None = option(None, "accepted for a uniform command line; the metric stage scores seeded "
+                                    "synthetic detections and uses no weights")
+    seed: int = seed_option("seed of the tiny COCO and the detections (default %(default)s)")
     # Deliberate error for testing the stage: our side loses its best-scoring
     # correctly labelled detection.
-    drop_detection: bool = False
-    reports: Path = Path("reports")
-    build_dir: Path = BUILD_DIR
+    drop_detection: bool = option(False, "deliberate error: Paddle's side loses one true detection "
+                                         "(the stage must fail)")
 
 
 @dataclass

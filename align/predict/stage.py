@@ -53,8 +53,10 @@ from align.engine.compare import TensorDiff, first_failed_name
 from align.engine.reprod import reprod_log_diff
 from align.engine.report import Headline, StageResult
 from align.engine.rows import abs_row, exact_row
-from align.ghm.pair import (BUILD_DIR, Checkpoints, build_paddle_model, build_torch_model,
+from align.engine.options import option
+from align.ghm.pair import (Checkpoints, GhmStageOptions, build_paddle_model, build_torch_model,
                             prepare_checkpoints, seeded_images)
+from common.arguments import format_size, fraction, non_negative_float, parse_size
 from align.ghm.pipelines import (mmdet_batch, mmdet_dataset, mmdet_setup, our_dataset,
                                   tiny_coco_root)
 from align.ghm.suite import write_report
@@ -67,15 +69,16 @@ CALIBRATION_SHAPE = (1, 3, 320, 480)
 
 
 @dataclass
-class PredictOptions:
-    ckpt: str | None = None
-    seed: int = 0
-    scale: tuple[int, int] = DEFAULT_SCALE
-    score_thr: float | None = None
-    box_atol: float = 1e-3
-    score_atol: float = 1e-5
-    reports: Path = Path("reports")
-    build_dir: Path = BUILD_DIR
+class PredictOptions(GhmStageOptions):
+    ckpt: str | None = option(None, "mmdet checkpoint (default: the seeded synthetic one, plus its sharpened "
+                                    "variant)")
+    scale: tuple[int, int] = option(DEFAULT_SCALE, f"test Resize bound WxH (mmdet's scale=(w, h)) for both "
+                                                   f"pipelines (default {format_size(DEFAULT_SCALE)}, the config's)",
+                                    type=parse_size)
+    score_thr: float | None = option(None, "override test_cfg.score_thr on both sides", type=fraction)
+    box_atol: float = option(1e-3, "bound on the boxes' |diff|, pixels (default %(default)s)",
+                             type=non_negative_float)
+    score_atol: float = option(1e-5, "bound on the scores' |diff| (default %(default)s)", type=non_negative_float)
 
 
 def sharpened_checkpoint(ckpts: Checkpoints, seed: int, build_dir: Path) -> Path:
