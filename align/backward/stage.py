@@ -428,7 +428,8 @@ def run_backward(opts: BackwardOptions) -> StageResult:
                     **({"isolated layers at step 1, float32 (rel)": opts.isolate_tol} if opts.isolate else {})},
         meta=meta,
         extra_tables=tables + isolated_tables,
-        figures=[("Total loss per step and relative difference", loss_curve_png(runs))],
+        figures=[("Total loss per step and relative difference", loss_curve_png(runs, opts.loss_tol_first,
+                                                                                opts.loss_tol))],
         reprod_log=reprod,
         reprod_log_check=opts.loss_tol,
         reprod_log_why=("each row is bounded relative to the largest value of its own tensor, by category "

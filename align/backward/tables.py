@@ -122,12 +122,14 @@ def relu_table(runs: list[PairRun]) -> list[list]:
     return rows + [total]
 
 
-def loss_curve_png(runs: list[PairRun]) -> bytes:
-    """Total loss per step of the first run, and the relative difference of every run."""
+def loss_curve_png(runs: list[PairRun], first_tol: float, later_tol: float) -> bytes:
+    """Total loss per step of the first run, and the relative difference of every run with the
+    checked run's tolerance dashed (``first_tol`` at step 1, ``later_tol`` after it)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     main = runs[0]
     steps = np.arange(1, len(main.steps) + 1)
@@ -140,9 +142,14 @@ def loss_curve_png(runs: list[PairRun]) -> bytes:
     for run, marker in zip(runs, "os"):
         # Exact agreement has no logarithm: drawn at the floor of the axis.
         b.semilogy(steps, [max(s.loss_rel, 1e-18) for s in run.steps], marker + "-", label=run.dtype)
+    b.plot(steps, [first_tol if k == 1 else later_tol for k in steps], "--", color="#c0392b", linewidth=0.8,
+           drawstyle="steps-mid", label=f"tolerance ({main.dtype})")
     b.set_xlabel("step")
     b.set_ylabel("|paddle - mmdet| / |mmdet|")
-    b.legend()
+    # Above the panel: inside, it would sit on the tolerance line or on the curves.
+    b.legend(fontsize="small", loc="lower left", bbox_to_anchor=(0, 1), ncol=3, frameon=False)
+    for axis in (a, b):
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, metadata={"Software": None})

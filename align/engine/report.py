@@ -27,6 +27,9 @@ from .compare import TensorDiff, first_failure, json_float, worst_row
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 # Threshold names under which a stage may pass its relative tolerance (drawn on the layer figure).
 REL_THRESHOLD_KEYS = ("rel_tol", "rel_max")
+# Tables longer than this are folded (a click opens them) unless they hold the first divergence,
+# so the figures and the short tables stay on the first screen.
+FOLD_ROWS = 20
 
 
 class Table(NamedTuple):
@@ -80,6 +83,10 @@ class StageResult:
             reprod_log figure is not finite or above its threshold.
         tensors: the compared outputs.
         layers: optional layer-by-layer rows, in execution order.
+        accumulated_layers: when ``layers`` are each layer's own error (measured
+            on the reference's input to that layer), the same layers' error in the
+            normal run, matched by name: drawn behind them on the layer figure, so
+            a reviewer sees what each layer adds and what it inherits.
         thresholds: tolerances used, for display (name -> value); a
             ``"rel_tol"`` or ``"rel_max"`` entry is drawn on the layer figure.
         meta: provenance (seed, input shape, checkpoint path and sha256, ...).
@@ -104,6 +111,7 @@ class StageResult:
     passed: bool
     tensors: list[TensorDiff]
     layers: list[TensorDiff] = field(default_factory=list)
+    accumulated_layers: list[TensorDiff] = field(default_factory=list)
     thresholds: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     env: dict[str, Any] = field(default_factory=dict)
@@ -158,40 +166,74 @@ def _environment() -> jinja2.Environment:
     return env
 
 
-def layer_profile_png(rows: Sequence[TensorDiff], rel_tol: float | None) -> bytes:
+def layer_profile_png(rows: Sequence[TensorDiff], rel_tol: float | None,
+                      accumulated: Sequence[TensorDiff] = ()) -> bytes:
     """PNG of each row's relative max difference along execution order (log scale).
 
-    Non-finite rows are drawn as red triangles at the top edge; failing
-    rows are red, passing rows blue.
+    Passing rows are blue, failing rows red, non-finite ones red triangles at
+    the top; exact agreement (no logarithm) is drawn as grey ticks a decade
+    below the smallest nonzero value. The bound is dashed, the first failing
+    row marked by a dotted line and its name. ``accumulated`` (see
+    `StageResult.accumulated_layers`) is a grey line behind ``rows``. Where the
+    names have several top-level parts (backbone, neck, ...), thin lines part them.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(9, 3.2), dpi=100)
+    figure = Figure(figsize=(11, 3.4), dpi=100)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot(1, 1, 1)
-    finite = [(i, r.rel_max) for i, r in enumerate(rows) if math.isfinite(r.rel_max)]
-    floor = 1e-12
-    values = [max(v, floor) for _, v in finite]
-    top = max(values + [rel_tol or floor, floor]) * 10
-    axes.plot([i for i, _ in finite], values, color="#9aa5b1", linewidth=0.8)
-    for colour, keep in (("#1f6fb2", True), ("#c0392b", False)):
-        points = [(i, max(v, floor)) for i, v in finite if rows[i].passed == keep]
-        axes.scatter([p[0] for p in points], [p[1] for p in points], s=10, color=colour, zorder=3)
-    bad = [i for i, r in enumerate(rows) if not math.isfinite(r.rel_max)]
-    axes.scatter(bad, [top] * len(bad), marker="^", s=30, color="#c0392b", zorder=4)
+    by_name = {row.name: row.rel_max for row in accumulated}
+    behind = [(i, by_name[row.name]) for i, row in enumerate(rows) if row.name in by_name]
+    nonzero = [v for v in [r.rel_max for r in rows] + [v for _, v in behind] if math.isfinite(v) and v > 0]
+    floor = min(nonzero, default=rel_tol or 1e-12) / 10
+    top = max(nonzero + [rel_tol or floor]) * 10
+
+    def shown(value: float) -> float:
+        return max(value, floor) if math.isfinite(value) else top
+
+    line = behind or [(i, r.rel_max) for i, r in enumerate(rows)]
+    axes.plot([i for i, _ in line], [shown(v) for _, v in line], color="#9aa5b1",
+              linewidth=1.0 if behind else 0.8, label="accumulated (normal run)" if behind else None)
+    own = "own, " if behind else ""
+    kinds = (("within the bound", dict(s=10, color="#1f6fb2"), lambda r: r.passed and r.rel_max > 0),
+             ("exactly equal", dict(s=30, marker="|", color="#57606a"), lambda r: r.passed and r.rel_max == 0),
+             ("over the bound", dict(s=10, color="#c0392b"), lambda r: not r.passed and math.isfinite(r.rel_max)),
+             ("NaN / Inf", dict(s=30, marker="^", color="#c0392b"), lambda r: not math.isfinite(r.rel_max)))
+    for label, style, member in kinds:
+        points = [i for i, r in enumerate(rows) if member(r)]
+        if points:
+            axes.scatter(points, [shown(rows[i].rel_max) for i in points], zorder=3, label=own + label, **style)
     if rel_tol:
-        axes.axhline(rel_tol, color="#c0392b", linestyle="--", linewidth=0.8)
+        axes.axhline(rel_tol, color="#c0392b", linestyle="--", linewidth=0.8, label=f"bound {rel_tol:.0e}")
+    _mark_parts(axes, [r.name for r in rows])
+    first = first_failure(rows)
+    if first is not None:
+        axes.axvline(first, color="#c0392b", linestyle=":", linewidth=1.2, label=f"first over: {rows[first].name}")
     axes.set_yscale("log")
-    bottom = min(values + [top]) / 10
-    axes.set_ylim(max(bottom, floor / 2), top * 2)
+    axes.set_ylim(floor / 3, top * 5)
+    axes.set_xlim(-1, max(len(rows), 1))
     axes.set_xlabel("layer output, execution order")
     axes.set_ylabel("max|diff| / max|ref|")
+    axes.legend(loc="lower left", bbox_to_anchor=(0, 1), ncol=4, fontsize=8, frameon=False)
     figure.tight_layout()
     buffer = io.BytesIO()
     # No "Software" chunk: it would carry matplotlib's URL into the page.
     figure.savefig(buffer, format="png", metadata={"Software": None})
     return buffer.getvalue()
+
+
+def _mark_parts(axes, names: Sequence[str]) -> None:
+    """Thin lines and labels at the top where the first part of the names changes (at most 12 parts)."""
+    starts = [i for i, name in enumerate(names) if i == 0 or name.split(".")[0] != names[i - 1].split(".")[0]]
+    if not 2 <= len(starts) <= 12:
+        return
+    for k, i in enumerate(starts):
+        if i:
+            axes.axvline(i - 0.5, color="#d0d7de", linewidth=0.8)
+        # Two heights, in turn: a short part's label would run into the next one's.
+        axes.annotate(names[i].split(".")[0], (i, 0.98 - 0.08 * (k % 2)), xycoords=("data", "axes fraction"),
+                      xytext=(3, 0), textcoords="offset points", va="top", fontsize=8, color="#57606a")
 
 
 def _data_uri(png: bytes) -> str:
@@ -308,11 +350,12 @@ def render_stage_html(result: StageResult) -> str:
     name, layer_index, tensor_index = _first_divergence(result)
     figures = list(result.figures)
     if result.layers:
-        profile = layer_profile_png(result.layers, _rel_threshold(result.thresholds))
-        caption = (
-            "Relative max difference of each layer output, in execution order "
-            "(blue pass, red fail, dashed line the tolerance, triangles at the top NaN/Inf)"
-        )
+        profile = layer_profile_png(result.layers, _rel_threshold(result.thresholds), result.accumulated_layers)
+        what = ("Own error of each layer call, measured on the reference's input to it (blue within the bound, "
+                "red over it), and its accumulated error in the normal run (grey)" if result.accumulated_layers
+                else "Relative max difference of each layer output (blue within the bound, red over it)")
+        caption = (f"{what}, in execution order; dashed: the bound; dotted: the first layer over it; "
+                   "triangles at the top: NaN/Inf")
         figures.insert(0, (caption, profile))
     template = _environment().get_template("stage.html.j2")
     return template.render(
@@ -324,6 +367,7 @@ def render_stage_html(result: StageResult) -> str:
         reprod_rows=_reprod_rows(result),
         reprod_disagreement=reprod_log_disagreement(result),
         figures=[(title, _data_uri(png)) for title, png in figures],
+        fold_rows=FOLD_ROWS,
     )
 
 

@@ -203,8 +203,10 @@ def run_forward(opts: ForwardOptions) -> StageResult:
         title="Forward: mmdet GHM RetinaNet vs Paddle",
         passed=passed,
         tensors=tensors,
-        # With isolation the layer rows are each layer's own error (the accumulated ones are in a table).
+        # With isolation the layer rows are each layer's own error; the accumulated ones are in a table
+        # and drawn behind them on the layer figure.
         layers=isolated if opts.isolate else layer_rows,
+        accumulated_layers=layer_rows if opts.isolate else [],
         thresholds={"rel_max": opts.rel_tol, "mean_abs": opts.mean_tol},
         meta=meta,
         extra_tables=tables,

@@ -10,6 +10,7 @@ buffer afterwards; every loss term per level, their sums and the total.
 """
 from __future__ import annotations
 
+import io
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +89,57 @@ def paddle_targets(targets) -> dict[str, np.ndarray]:
 def iteration_terms(losses: dict, it: int) -> dict[str, np.float64]:
     """`level_terms` of one iteration's losses, named ``iter{it}.<term>``."""
     return {f"iter{it}.{name}": value for name, value in level_terms(losses).items()}
+
+
+def density_histograms(recorders: dict[str, tuple]) -> list[tuple[str, bytes]]:
+    """One figure per FPN level: the bin counts of the level's GHM calls in the first iteration.
+
+    ``recorders`` maps a loss name ("GHM-C", "GHM-R") to its ``(mmdet, paddle)``
+    recorders, one panel each, top to bottom. The counts are the gradient
+    density each element's weight is divided by: mmdet's filled, ours as a
+    line, a bin whose counts differ shaded red. Every iteration sees the same
+    head outputs, so its counts are those of the first.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figures = []
+    # Both heads call each GHM loss once per level, P3 to P7: call k of the first iteration is level k.
+    for call, level in enumerate(LEVELS):
+        figure = Figure(figsize=(2.5, 3.5), dpi=90)
+        FigureCanvasAgg(figure)
+        panels = figure.subplots(len(recorders), 1)
+        for axes, (loss, (reference, ours)) in zip(panels, recorders.items()):
+            # g lies in [0, 1]; GHM-C's last edge is 1 + 1e-6 and GHM-R's 1e3.
+            edges = np.minimum(reference.edges().astype(np.float64), 1.0)
+            ref, got = reference.counts[call], ours.counts[call]
+            top = max(int(ref.max()), int(got.max()), 1) * 3
+            differ = np.flatnonzero(ref != got)
+            axes.set_yscale("log")
+            axes.set_ylim(0.5, top)
+            axes.set_xlim(0, 1)
+            axes.bar(edges[:-1], ref, width=np.diff(edges), align="edge", color="#b8c7d9", label="mmdet")
+            axes.stairs(got, edges, color="#1f6fb2", linewidth=1.0, label="Paddle")
+            if differ.size:
+                axes.bar(edges[differ], top, width=np.diff(edges)[differ], align="edge", color="#c0392b",
+                         alpha=0.25, label="differs")
+            if not (ref.any() or got.any()):
+                axes.text(0.5, 0.5, "no element binned", transform=axes.transAxes, ha="center", va="center",
+                          fontsize=7, color="#57606a")
+                axes.tick_params(axis="y", which="both", left=False, labelleft=False)
+            verdict = f"{differ.size} bins differ" if differ.size > 1 else "1 bin differs" if differ.size else "equal"
+            axes.set_title(f"{loss} {level}: {verdict}", fontsize=8, color="#c0392b" if differ.size else "black")
+            axes.tick_params(labelsize=7)
+            axes.set_ylabel("elements", fontsize=7)
+        panels[0].legend(fontsize=6, loc="upper center", framealpha=0.8, edgecolor="none")
+        panels[-1].set_xlabel("g", fontsize=7)
+        figure.tight_layout(pad=0.4)
+        buffer = io.BytesIO()
+        # No "Software" chunk: it would carry matplotlib's URL into the page.
+        figure.savefig(buffer, format="png", metadata={"Software": None})
+        figures.append((f"{level}, iteration 1: GHM gradient density, {' (top), '.join(recorders)} (bottom)",
+                        buffer.getvalue()))
+    return figures
 
 
 def run_loss(opts: LossOptions) -> StageResult:
@@ -184,6 +236,7 @@ def run_loss(opts: LossOptions) -> StageResult:
                     "loss terms (rel)": opts.loss_rel_tol,
                     "labels, bin counts, positives": "exact"},
         meta=meta,
+        figures=density_histograms({"GHM-C": (t_rec_c, p_rec_c), "GHM-R": (t_rec_b, p_rec_b)}),
         reprod_log=reprod,
         reprod_log_check=opts.mean_tol,
         reprod_log_why=(f"a loss term is checked relative to its size (rel {opts.loss_rel_tol:.0e}), because mmdet "

@@ -50,7 +50,8 @@ def loss_curves_png(mmdet: Sequence[float], paddle: Sequence[float], tolerance: 
     right.axhline(tolerance, color="#c0392b", linestyle="--", linewidth=0.8, label="tolerance")
     right.set_xlabel("iteration")
     right.set_ylabel("|paddle - mmdet| / |mmdet|")
-    right.legend(fontsize="small")
+    # Above the panel: inside, it would sit on the tolerance line or on the curves.
+    right.legend(fontsize="small", loc="lower left", bbox_to_anchor=(0, 1), ncol=3, frameon=False)
     for axis in (left, right):
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     figure.tight_layout()
