@@ -63,8 +63,10 @@ def test_data_stage_catches_a_different_flip(build_dir, tmp_path):
 
 
 def test_data_stage_rejects_a_bad_scale(build_dir, tmp_path, capsys):
-    assert data_main(["--scale", "320,abc", "--reports", str(tmp_path), "--build-dir", str(build_dir)]) == 2
-    assert "SCALE" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stopped:
+        data_main(["--scale", "320,abc", "--reports", str(tmp_path), "--build-dir", str(build_dir)])
+    assert stopped.value.code == 2
+    assert "argument --scale: a size is WxH, width first, such as 1333x800; got '320,abc'" in capsys.readouterr().err
 
 
 def test_predict_stage_passes_with_detections(build_dir, tmp_path):
