@@ -3,44 +3,17 @@ from __future__ import annotations
 
 import sys
 
-from align.backward.stage import (DEFAULT_ITERS_PER_EPOCH, DEFAULT_SHAPE, BackwardOptions, first_divergence,
-                                  run_backward)
-from common.arguments import non_negative, positive, positive_float, tensor_shape
-from align.engine.cli import stage_parser
-from align.ghm.pair import BUILD_DIR, add_dtype_arguments, extra_dtype
+from align.backward.stage import BackwardOptions, first_divergence, run_backward
+from align.engine.cli import options_parser
+from align.engine.options import options_from
+from align.ghm.pair import extra_dtype
 from align.ghm.suite import run_stage
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = stage_parser("backward", __doc__, ckpt_help="mmdet checkpoint (default: the seeded synthetic one)",
-                     build_dir=BUILD_DIR, cache=True)
-    p.add_argument("--shape", type=tensor_shape(4, channels=3), default=DEFAULT_SHAPE, help="batch NxCxHxW (default %(default)s)")
-    p.add_argument("--steps", type=positive, default=10)
-    p.add_argument("--lr", type=positive_float,
-                   help="base learning rate (default: the config's 0.01 for 16 images, scaled linearly "
-                        "to the batch size)")
-    p.add_argument("--warmup-iters", type=non_negative, help="linear warm-up length (default: steps // 2)")
-    add_dtype_arguments(p)
-    p.add_argument("--clip-max-norm", type=positive_float,
-                   help="gradient clipping threshold on both sides (default: the config's)")
-    p.add_argument("--iters-per-epoch", type=non_negative, default=DEFAULT_ITERS_PER_EPOCH,
-                   help="iterations per epoch of the whole-schedule learning-rate comparison (default "
-                        "%(default)s: COCO train2017 at 16 images per step; 0 skips it)")
-    p.add_argument("--no-reprod-log", action="store_true",
-                   help="skip the reprod_log .npy files (several copies of the model's arrays)")
-    p.add_argument("--isolate", action="store_true",
-                   help="also every layer at step 1 on mmdet's recorded input and output gradient (float32)")
-    p.add_argument("--paddle-threads", type=positive,
-                   help="Paddle's CPU math threads (default: as many as torch uses, so both sides compute "
-                        "on the same cores)")
-    args = p.parse_args(argv)
-    opts = BackwardOptions(ckpt=args.ckpt, shape=args.shape, seed=args.seed, steps=args.steps,
-                           lr=args.lr, warmup_iters=args.warmup_iters, dtype=args.dtype,
-                           extra_dtype=extra_dtype(args),
-                           clip_max_norm=args.clip_max_norm, reprod_log=not args.no_reprod_log,
-                           schedule_iters_per_epoch=args.iters_per_epoch, isolate=args.isolate,
-                           reports=args.reports, build_dir=args.build_dir, cache=args.cache, fresh=args.fresh,
-                           paddle_threads=args.paddle_threads or _torch_threads())
+    args = options_parser("backward", __doc__, BackwardOptions).parse_args(argv)
+    opts = options_from(BackwardOptions, args, extra_dtype=extra_dtype(args),
+                        paddle_threads=args.paddle_threads or _torch_threads())
     return run_stage(lambda: run_backward(opts), label=lambda r: f"backward ({r.meta['dtype']})",
                      summary=lambda r: (f"({len(r.tensors)} compared); mmdet {r.meta['mmdet_s']:.1f} s"
                                         f"{' (replayed from the cache)' if _replayed(r) else ''}, "

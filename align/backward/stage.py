@@ -43,7 +43,6 @@ import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -63,9 +62,11 @@ from align.engine.report import StageResult
 from align.engine.weights import NameMap
 from align.ghm.divergence import BinFlips, relu_flips, row_kind
 from align.ghm.fake_batch import random_batch
-from align.ghm.pair import (BUILD_DIR, MODEL_DTYPES, Checkpoints, build_paddle_model, build_torch_model,
-                            parse_shape, prepare_checkpoints, seeded_images)
+from align.engine.options import cache_option, fresh_option, option
+from align.ghm.pair import (MODEL_DTYPES, Checkpoints, GhmStageOptions, build_paddle_model, build_torch_model,
+                            dtype_option, extra_dtype_option, parse_shape, prepare_checkpoints, seeded_images)
 from align.ghm.recorders import PaddleGHMRecorder
+from common.arguments import non_negative, positive, positive_float, tensor_shape
 from align.ghm.schedule import LR_TOL, schedule_comparison
 from align.ghm.sides import FakeInputs, PaddleSide, data_samples
 from align.ghm.suite import write_report
@@ -76,46 +77,50 @@ DEFAULT_ITERS_PER_EPOCH = 7330
 
 
 @dataclass
-class BackwardOptions:
+class BackwardOptions(GhmStageOptions):
     """Settings of the backward stage.
 
     ``dtype`` is the precision of the run whose figures decide the verdict;
     ``extra_dtype`` (None: none) a second run measured and reported beside it.
     """
 
-    ckpt: str | None = None
-    shape: str = DEFAULT_SHAPE
-    seed: int = 0
-    steps: int = 10
-    lr: float | None = None  # default: scaled_lr(batch size)
-    warmup_iters: int | None = None  # default: steps // 2
-    dtype: str = "float64"
-    extra_dtype: str | None = "float32"
+    shape: str = option(DEFAULT_SHAPE, "batch NxCxHxW (default %(default)s)", type=tensor_shape(4, channels=3))
+    steps: int = option(10, "training steps (default %(default)s)", type=positive)
+    lr: float | None = option(None, "base learning rate (default: the config's 0.01 for 16 images, scaled "
+                                    "linearly to the batch size)", type=positive_float)
+    warmup_iters: int | None = option(None, "linear warm-up length (default: steps // 2)", type=non_negative)
+    dtype: str = dtype_option()
+    extra_dtype: str | None = extra_dtype_option()
     # None: the configuration's max_norm (35) on both sides. A smaller value
     # makes the clipping act when the gradient norms stay below 35.
-    clip_max_norm: float | None = None
+    clip_max_norm: float | None = option(None, "gradient clipping threshold on both sides (default: the "
+                                               "config's)", type=positive_float)
     # reprod_log .npy files of both sides (step-1 gradients, final parameters
     # and momentum buffers: four copies of the model, twice that in float64).
-    reprod_log: bool = True
+    reprod_log: bool = option(True, "skip the reprod_log .npy files (several copies of the model's arrays)",
+                              flag="--no-reprod-log")
     # Every leaf layer at step 1 in float32 on mmdet's recorded input and output gradient
     # (its own forward and backward error), beside the training runs.
-    isolate: bool = False
+    isolate: bool = option(False, "also every layer at step 1 on mmdet's recorded input and output gradient "
+                                  "(float32)")
     isolate_tol: float = 1e-5
     # The whole-schedule learning-rate comparison (0: skipped).
-    schedule_iters_per_epoch: int = DEFAULT_ITERS_PER_EPOCH
+    schedule_iters_per_epoch: int = option(DEFAULT_ITERS_PER_EPOCH, "iterations per epoch of the whole-schedule "
+                                           "learning-rate comparison (default %(default)s: COCO train2017 at 16 "
+                                           "images per step; 0 skips it)", type=non_negative, metavar="ITERS_PER_EPOCH",
+                                           flag="--iters-per-epoch")
     grad_tol: float = 1e-5
     loss_tol_first: float = 1e-5
     loss_tol: float = 1e-4
     param_tol: float = 1e-4
-    reports: Path = Path("reports")
-    build_dir: Path = BUILD_DIR
     # Keep mmdet's side of each run in ``build_dir/cache`` and replay it from there when it
     # matches (see `align.backward.reference`); ``fresh``: recompute it regardless.
-    cache: bool = False
-    fresh: bool = False
+    cache: bool = cache_option()
+    fresh: bool = fresh_option()
     # Paddle's CPU math threads for the run (None: left as they are; Paddle's default is 1,
     # torch's the number of cores). The command line gives Paddle as many as torch has.
-    paddle_threads: int | None = None
+    paddle_threads: int | None = option(None, "Paddle's CPU math threads (default: as many as torch uses, so "
+                                              "both sides compute on the same cores)", type=positive)
 
 
 def make_batches(opts: BackwardOptions) -> list[FakeInputs]:

@@ -1,8 +1,9 @@
 """The command line every alignment stage shares: common arguments, exit codes, the verdict line.
 
-A stage's ``__main__`` adds its own options to :func:`stage_parser`, builds
-its options, and hands :func:`run_stage` the function that runs it and the
-lines that summarise its result. Exit status: 0 PASS, 1 FAIL, 2 bad input
+A stage's ``__main__`` makes its command line from its options dataclass
+(:func:`options_parser`, `align.engine.options`), builds its options, and
+hands :func:`run_stage` the function that runs it and the lines that
+summarise its result. Exit status: 0 PASS, 1 FAIL, 2 bad input
 (one line on stderr naming the file or option; ``-v`` or the client's
 traceback variable, e.g. ``<NAME>_TRACEBACK=1``, adds the traceback).
 """
@@ -30,26 +31,6 @@ T = TypeVar("T")
 BAD_INPUT = (InputError, KeyError, ValueError, OSError)
 # Set to show the Python traceback of such an error too (a client may name its own variable).
 TRACEBACK_ENV = "ALIGN_TRACEBACK"
-
-
-def stage_parser(stage: str, description: str, *, ckpt_help: str, seed_help: Optional[str] = None,
-                 build_dir: Path, build_dir_help: Optional[str] = None,
-                 cache: bool = False) -> argparse.ArgumentParser:
-    """``--ckpt``, ``--seed``, ``--reports`` and ``--build-dir``, as every stage takes them;
-    with ``cache`` also ``--cache`` and ``--fresh``, for a stage that can keep its reference side."""
-    p = argparse.ArgumentParser(prog=f"python -m align.{stage}", description=description)
-    p.add_argument("--ckpt", help=ckpt_help)
-    p.add_argument("--seed", type=non_negative, default=0, help=seed_help)
-    p.add_argument("--reports", type=Path, default=Path("reports"))
-    p.add_argument("--build-dir", type=Path, default=build_dir, help=build_dir_help)
-    p.add_argument("-v", "--verbose", action="store_true",
-                   help="also print reprod_log's per-tensor report lines (always in <stage>_diff.log)")
-    if cache:
-        p.add_argument("--cache", action="store_true",
-                       help="keep the reference side's results in <build-dir>/cache and reuse them when "
-                            "nothing they depend on changed")
-        p.add_argument("--fresh", action="store_true", help="with --cache: recompute the reference side regardless")
-    return p
 
 
 def options_parser(stage: str, description: str, options_class: type) -> argparse.ArgumentParser:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -26,9 +25,11 @@ from align.engine.isolate import (TorchCallRecorder, isolated_forward, isolation
                                   spill_store)
 from align.engine.report import Headline, StageResult
 from align.engine.weights import NameMap
-from align.ghm.pair import (BUILD_DIR, build_paddle_model, build_torch_model, check_perturb, parse_shape,
+from align.engine.options import cache_option, fresh_option, option
+from align.ghm.pair import (GhmStageOptions, build_paddle_model, build_torch_model, check_perturb, parse_shape,
                             prepare_checkpoints, seeded_images)
 from align.ghm.suite import reference_sources, reference_threads, reference_versions, write_report
+from common.arguments import non_negative_float, positive_float, tensor_shape
 
 DEFAULT_SHAPE = "2x3x800x1344"
 # The code that builds and records mmdet's side (part of the cache key): a change to it is a new reference.
@@ -38,25 +39,22 @@ FPN_NAMES = ["P3", "P4", "P5", "P6", "P7"]
 
 
 @dataclass
-class ForwardOptions:
-    ckpt: str | None = None
-    shape: str = DEFAULT_SHAPE
-    seed: int = 0
-    perturb: str | None = None
-    perturb_scale: float = 1e-3
-    rel_tol: float = 1e-5
-    mean_tol: float = 1e-5
-    reports: Path = Path("reports")
-    layers: bool = True
+class ForwardOptions(GhmStageOptions):
+    shape: str = option(DEFAULT_SHAPE, "input NxCxHxW (default %(default)s)", type=tensor_shape(4, channels=3))
+    perturb: str | None = option(None, "Paddle parameter to perturb, e.g. backbone.layer3.2.conv2.weight")
+    perturb_scale: float = option(1e-3, "the perturbation's std over the parameter's (default %(default)s)",
+                                  type=positive_float)
+    rel_tol: float = option(1e-5, "bound on max|diff| / max|ref| (default %(default)s)", type=non_negative_float)
+    mean_tol: float = option(1e-5, "bound on mean|diff| (default %(default)s)", type=non_negative_float)
+    layers: bool = option(True, "skip the layer-by-layer capture", flag="--no-layers")
     # Also every leaf layer on mmdet's recorded input (its own error, float32); the recorded
     # activations are spilled under ``build_dir`` while the layers are compared.
-    isolate: bool = False
+    isolate: bool = option(False, "also every layer on mmdet's recorded input: each layer's own error")
     # Keep mmdet's side in ``build_dir/cache`` and take it from there when it matches (at
     # 2x3x800x1344 its layer records are 6.5 GB on disk, memory-mapped when they are used).
-    cache: bool = False
+    cache: bool = cache_option()
     # With ``cache``: recompute mmdet's side even when the cache holds it.
-    fresh: bool = False
-    build_dir: Path = BUILD_DIR
+    fresh: bool = fresh_option()
 
 
 def named_outputs(backbone_outs, fpn_outs, cls_scores, bbox_preds, to_numpy) -> dict[str, np.ndarray]:

@@ -91,13 +91,16 @@ def check_perturb(name: str | None) -> None:
 MODEL_DTYPES = ("float32", "float64")
 
 
-def add_dtype_arguments(parser) -> None:
-    """``--dtype`` (the checked run) and ``--extra-dtype`` (a run reported beside it) of a training stage."""
-    parser.add_argument("--dtype", choices=MODEL_DTYPES, default="float64",
-                        help="precision of the run checked against the tolerances (default %(default)s)")
-    parser.add_argument("--extra-dtype", choices=MODEL_DTYPES + ("none",), default="float32",
-                        help="precision of a second run, measured and reported but not checked; "
-                             "'none' or the same as --dtype skips it (default %(default)s)")
+def dtype_option():
+    """``--dtype`` of a training stage: the precision of the run checked against the tolerances."""
+    return option("float64", "precision of the run checked against the tolerances (default %(default)s)",
+                  choices=MODEL_DTYPES)
+
+
+def extra_dtype_option():
+    """``--extra-dtype`` of a training stage: a second run reported beside the checked one."""
+    return option("float32", "precision of a second run, measured and reported but not checked; 'none' or the "
+                             "same as --dtype skips it (default %(default)s)", choices=MODEL_DTYPES + ("none",))
 
 
 def extra_dtype(args) -> str | None:

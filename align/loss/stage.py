@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -22,8 +21,10 @@ from align.engine.compare import TensorDiff, diff_arrays, first_failed_name
 from align.engine.reprod import reprod_log_diff
 from align.engine.report import Headline, StageResult
 from align.ghm.fake_batch import FakeBatch, default_batch
-from align.ghm.pair import (BUILD_DIR, LEVELS, build_paddle_model, build_torch_model, parse_shape,
+from align.engine.options import option
+from align.ghm.pair import (LEVELS, GhmStageOptions, build_paddle_model, build_torch_model, parse_shape,
                             prepare_checkpoints, seeded_images)
+from common.arguments import non_negative_float, positive, tensor_shape
 from align.ghm.recorders import PaddleGHMRecorder, TorchGHMRecorder, ghm_records
 from align.ghm.sides import level_terms
 from align.ghm.suite import write_report
@@ -32,19 +33,16 @@ DEFAULT_SHAPE = "2x3x800x1344"
 
 
 @dataclass
-class LossOptions:
-    ckpt: str | None = None
-    shape: str = DEFAULT_SHAPE
-    seed: int = 0
-    iters: int = 4
-    rel_tol: float = 1e-6
-    mean_tol: float = 1e-6
+class LossOptions(GhmStageOptions):
+    shape: str = option(DEFAULT_SHAPE, "batch 2x3xHxW (default %(default)s)", type=tensor_shape(4, channels=3))
+    iters: int = option(4, "loss calls in a row, 5 GHM calls each (default %(default)s)", type=positive)
+    rel_tol: float = option(1e-6, "bound on max|diff| / max|ref| (default %(default)s)", type=non_negative_float)
+    mean_tol: float = option(1e-6, "bound on mean|diff| (default %(default)s)", type=non_negative_float)
     # mmdet sums the weighted GHM-C loss of a level in float32: over the
     # 24M elements of P3 at 800x1344 that sum is off the exact (float64)
     # value by ~1.1e-6 relative, while ours (a float64 sum) is within ~2e-8.
-    loss_rel_tol: float = 5e-6
-    reports: Path = Path("reports")
-    build_dir: Path = BUILD_DIR
+    loss_rel_tol: float = option(5e-6, "relative bound on loss terms, mmdet's float32 sums are off ~1e-6 "
+                                       "(default %(default)s)", type=non_negative_float)
 
 
 def mmdet_inputs(batch: FakeBatch):

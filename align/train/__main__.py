@@ -3,33 +3,18 @@ from __future__ import annotations
 
 import sys
 
-from align.engine.cli import stage_parser
-from align.ghm.pair import BUILD_DIR, add_dtype_arguments, extra_dtype
-from common.arguments import format_size, non_negative, non_negative_float, parse_size, positive, positive_float
+from align.engine.cli import options_parser
+from align.engine.options import options_from
+from align.ghm.pair import extra_dtype
 from align.ghm.suite import run_stage
-from align.train.stage import DEFAULT_SCALE, FLIP_MODES, STAGE, TrainOptions, first_divergence, run_train
+from align.train.stage import STAGE, TrainOptions, first_divergence, run_train
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = stage_parser("train", __doc__, ckpt_help="mmdet checkpoint (default: the seeded synthetic one)",
-                     seed_help="seed of the tiny COCO, the flips and the default weights", build_dir=BUILD_DIR)
-    p.add_argument("--iters", type=positive, default=20)
-    p.add_argument("--lr", type=positive_float, default=0.00125,
-                   help="base learning rate of both sides (default %(default)s: 0.01 x 2/16 images)")
-    p.add_argument("--warmup-iters", type=non_negative, help="linear warm-up length (default: iters // 2)")
-    p.add_argument("--scale", type=parse_size, default=format_size(DEFAULT_SCALE),
-                   help="train Resize bound WxH (mmdet's scale=(w, h)) for both pipelines (default %(default)s)")
-    p.add_argument("--flip", choices=FLIP_MODES, default="seeded",
-                   help="seeded: the same seeded decision per sample on both sides; on/off: forced")
-    add_dtype_arguments(p)
-    p.add_argument("--loss-rel-tol", type=non_negative_float, default=1e-4)
-    args = p.parse_args(argv)
+    args = options_parser("train", __doc__, TrainOptions).parse_args(argv)
+    opts = options_from(TrainOptions, args, extra_dtype=extra_dtype(args))
 
     def run():
-        opts = TrainOptions(ckpt=args.ckpt, seed=args.seed, iters=args.iters, lr=args.lr,
-                            warmup_iters=args.warmup_iters, scale=args.scale, flip=args.flip,
-                            dtype=args.dtype, extra_dtype=extra_dtype(args),
-                            loss_rel_tol=args.loss_rel_tol, reports=args.reports, build_dir=args.build_dir)
         return run_train(opts)
 
     def summary(result) -> str:
@@ -37,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
         return f"({len(result.tensors)} compared; worst {worst.name}: rel {worst.rel_max:.2e})"
 
     return run_stage(run, label=lambda r: f"train ({r.meta['dtype']})", summary=summary, details=_details,
-                     first_divergence=first_divergence, verbose=args.verbose, report=args.reports / (STAGE + ".html"))
+                     first_divergence=first_divergence, verbose=args.verbose, report=opts.reports / (STAGE + ".html"))
 
 
 def _details(result) -> list[str]:

@@ -82,8 +82,10 @@ from align.engine.divergence import Divergence, StepEvidence, classify, describe
 from align.engine.paired import train_in_lockstep, value_series
 from align.engine.report import Headline, StageResult
 from align.ghm.divergence import BinFlips, relu_flips, row_kind
-from align.ghm.pair import (BUILD_DIR, LEVELS, MODEL_DTYPES, Checkpoints, build_paddle_model, build_torch_model,
-                            prepare_checkpoints)
+from align.engine.options import option, seed_option
+from align.ghm.pair import (LEVELS, MODEL_DTYPES, Checkpoints, GhmStageOptions, build_paddle_model,
+                            build_torch_model, dtype_option, extra_dtype_option, prepare_checkpoints)
+from common.arguments import format_size, non_negative, non_negative_float, parse_size, positive, positive_float
 from align.ghm.pipelines import mmdet_batch, mmdet_dataset, mmdet_setup, our_dataset, tiny_coco_root
 from align.ghm.recorders import PaddleGHMRecorder, TorchGHMRecorder
 from align.ghm.sides import MmdetSide, PaddleSide, summed_terms
@@ -131,26 +133,27 @@ BIN_COLUMNS = ["iter", "loss", "level", "bins that differ", "mmdet counts", "pad
 
 
 @dataclass
-class TrainOptions:
+class TrainOptions(GhmStageOptions):
     """Settings of the train stage.
 
     ``dtype`` is the precision of the run whose figures decide the verdict;
     ``extra_dtype`` (None: none) a second run measured and reported beside it.
     """
 
-    ckpt: str | None = None
-    seed: int = 0
-    iters: int = 20
+    seed: int = seed_option("seed of the tiny COCO, the flips and the default weights (default %(default)s)")
+    iters: int = option(20, "training iterations (default %(default)s)", type=positive)
     # The reference lr 0.01 for 16 images, scaled to this stage's 2 by the linear rule.
-    lr: float = 0.00125
-    warmup_iters: int | None = None  # default: iters // 2
-    scale: tuple[int, int] = DEFAULT_SCALE
-    flip: str = "seeded"
-    dtype: str = "float64"
-    extra_dtype: str | None = "float32"
-    loss_rel_tol: float = 1e-4
-    reports: Path = Path("reports")
-    build_dir: Path = BUILD_DIR
+    lr: float = option(0.00125, "base learning rate of both sides (default %(default)s: 0.01 x 2/16 images)",
+                       type=positive_float)
+    warmup_iters: int | None = option(None, "linear warm-up length (default: iters // 2)", type=non_negative)
+    scale: tuple[int, int] = option(DEFAULT_SCALE, f"train Resize bound WxH (mmdet's scale=(w, h)) for both "
+                                                   f"pipelines (default {format_size(DEFAULT_SCALE)})", type=parse_size)
+    flip: str = option("seeded", "seeded: the same seeded decision per sample on both sides; on/off: forced",
+                       choices=FLIP_MODES)
+    dtype: str = dtype_option()
+    extra_dtype: str | None = extra_dtype_option()
+    loss_rel_tol: float = option(1e-4, "relative bound on the losses and gradient norm per iteration "
+                                       "(default %(default)s)", type=non_negative_float)
 
 
 class BatchPlan:
