@@ -41,7 +41,8 @@ from align.ghm.pair import Checkpoints, build_torch_model
 from align.ghm.recorders import RecordedGHM, TorchGHMRecorder, recorded_calls
 from align.ghm.schedule import mmengine_lrs
 from align.ghm.sides import FakeInputs, MmdetSide
-from align.ghm.suite import reference_sources, reference_threads, reference_versions
+from align.engine.environment import source_digest
+from align.ghm.suite import reference_threads, reference_versions
 
 # The code that builds mmdet's side and records what the stage reads of it.
 REFERENCE_CODE = ("torch_ref", "align.ghm", "align.engine.replay", "align.engine.capture",
@@ -115,7 +116,7 @@ def mmengine_schedule(*, cache_dir, use_cache: bool, fresh: bool) -> Callable[[i
 
     def lrs(iters_per_epoch: int) -> np.ndarray:
         key = cache_key({"stage": "backward.lr_schedule", "format": 1, "iters_per_epoch": iters_per_epoch,
-                         "versions": reference_versions(), "code": reference_sources(*REFERENCE_CODE)})
+                         "versions": reference_versions(), "code": source_digest(*REFERENCE_CODE)})
         cache = ReferenceCache(cache_dir)
         arrays = None if fresh else cache.load("lr-schedule", key)
         if arrays is None:
@@ -137,7 +138,7 @@ def mmdet_reference(ckpts: Checkpoints, dtype: str, batches: Sequence[FakeInputs
     key = cache_key({"stage": "backward", "format": 1, "checkpoint": ckpts.sha256, "dtype": dtype,
                      "batches": batches_digest(batches), "steps": len(batches), "settings": settings,
                      "ghm_g": keep_g, "versions": reference_versions(), "torch_threads": reference_threads(),
-                     "code": reference_sources(*REFERENCE_CODE)})
+                     "code": source_digest(*REFERENCE_CODE)})
     cache = ReferenceCache(cache_dir)
     name = f"backward-{dtype}"
     start = time.perf_counter()

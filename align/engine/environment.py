@@ -73,3 +73,24 @@ def environment_info(packages: Mapping[str, Sequence[str]]) -> dict[str, Any]:
         info["git_dirty"] = bool(status) if status is not None else "unknown"
     info["timestamp_utc"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     return info
+
+
+def source_digest(*modules: str) -> str:
+    """SHA-256 of the source files of ``modules`` (a package: every ``.py`` file under it), for
+    cache keys: a change to the code that builds or records a reference invalidates what it
+    recorded. A module that cannot be found is a ``ValueError`` naming it."""
+    import importlib.util
+
+    digest = hashlib.sha256()
+    for module in modules:
+        spec = importlib.util.find_spec(module)
+        if spec is None:
+            raise ValueError(f"no module named {module!r}")
+        folders = spec.submodule_search_locations
+        files = (sorted((f.relative_to(folder).as_posix(), f) for folder in folders for f in Path(folder).rglob("*.py"))
+                 if folders else [("", Path(spec.origin))])
+        for name, file in files:
+            data = file.read_bytes()
+            digest.update(f"{module}/{name}:{len(data)}:".encode())
+            digest.update(data)
+    return digest.hexdigest()

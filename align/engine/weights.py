@@ -104,7 +104,8 @@ class Conversion:
     transpose: bool
 
 
-def _is_linear(torch_module, key: str) -> bool:
+def is_linear_weight(torch_module, key: str) -> bool:
+    """Whether the state-dict ``key`` is a ``torch.nn.Linear`` weight (stored transposed in Paddle)."""
     import torch
 
     owner, _, leaf = key.rpartition(".")
@@ -127,7 +128,7 @@ def plan_conversion(torch_module, paddle_layer, name_map: NameMap) -> tuple[list
         if target not in paddle_state:
             problems.append(f"torch {key} -> paddle {target}: no such Paddle key")
             continue
-        transpose = _is_linear(torch_module, key)
+        transpose = is_linear_weight(torch_module, key)
         shape = tuple(tensor.shape)[::-1] if transpose else tuple(tensor.shape)
         if shape != tuple(paddle_state[target].shape):
             problems.append(f"torch {key} {tuple(tensor.shape)}{' transposed' if transpose else ''} vs "

@@ -1,4 +1,6 @@
-"""``python -m align.forward``: forward alignment; exit status 1 when it fails."""
+"""``python -m align.forward``: forward alignment of mmdet's GHM RetinaNet and ours, or of any two
+models that functions build (``--torch module:function --paddle module:function [--map names.json]``);
+exit status 0 PASS, 1 FAIL, 2 bad input (one line naming it)."""
 from __future__ import annotations
 
 import sys
@@ -9,17 +11,19 @@ from align.forward.stage import ForwardOptions, first_divergence, run_forward
 from align.ghm.suite import run_stage
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = options_parser("forward", __doc__, ForwardOptions).parse_args(argv)
+def main(argv: list[str] | None = None, program: str = "forward") -> int:
+    """``program``: the name the command line is shown under (``align.pair`` is this command too)."""
+    args = options_parser(program, __doc__.split("\n\n")[0], ForwardOptions).parse_args(argv)
     opts = options_from(ForwardOptions, args)
 
     def summary(result) -> str:
-        worst = max(result.tensors, key=lambda t: t.rel_max)
+        h = result.headline
         return (f"({len(result.tensors)} outputs, {len(result.layers)} layer calls; "
-                f"worst output {worst.name}: rel {worst.rel_max:.2e}, mean {worst.mean_abs:.2e})")
+                f"{h.label} {h.value:.2e} at {h.where})" if h else f"({len(result.tensors)} compared)")
 
-    return run_stage(lambda: run_forward(opts), label=lambda r: "forward", summary=summary,
-                     first_divergence=first_divergence, verbose=args.verbose, report=opts.reports / "forward.html")
+    name = opts.name or ("pair" if opts.torch else "forward")
+    return run_stage(lambda: run_forward(opts), label=lambda r: r.stage, summary=summary,
+                     first_divergence=first_divergence, verbose=args.verbose, report=opts.reports / f"{name}.html")
 
 
 if __name__ == "__main__":

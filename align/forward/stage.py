@@ -1,208 +1,183 @@
-"""Forward alignment of the GHM RetinaNet.
+"""The forward stage of any model pair: the same input through a torch model and a Paddle model
+with the same weights, every output and every leaf layer compared.
 
-The same seeded, normalized images go through mmdet's model and ours in eval
-mode. Compared outputs: backbone C2..C5, FPN P3..P7, and per level the head's
-``cls_score`` ``(N, A*C, H, W)`` and ``bbox_pred`` ``(N, A*4, H, W)``. Every
-leaf layer's output is also diffed, matched by name, to locate the first
-divergence. With ``isolate`` every leaf layer of ours is also evaluated on
-mmdet's recorded input to that layer, so each layer's own error is measured
-apart from what accumulated upstream (`align.engine.isolate`).
+A client hands the stage a `ForwardPair`: the GHM RetinaNet (`align.ghm.forward`, the
+default of ``python -m align.forward``), or any two models that functions build
+(`align.pair`, ``--torch module:function --paddle module:function``). The stage does the
+rest the same way for all of them:
+
+1. with ``perturb``, noise on one Paddle parameter (the report must then name its layer);
+2. the reference side: the torch model's outputs and every leaf layer's output
+   (`TorchRecorder`), or, with ``cache``, the same read back from ``build_dir/cache``
+   when nothing it depends on changed (`align.engine.cache`);
+3. the Paddle side, every leaf layer compared as it runs (`PaddleComparer`), layer
+   names through the pair's name map; the outputs diffed and logged with reprod_log;
+4. with ``backward``, every parameter's gradient of the loss ``sum(output * R)`` (``R``
+   seeded, the first output);
+5. with ``isolate``, every leaf layer of ours on the reference's recorded input (and, with
+   ``backward``, its recorded output gradient): each layer's own error, apart from what
+   accumulated upstream (`align.engine.isolate`). The isolated rows then decide the
+   verdict with the outputs; the accumulated ones are shown beside them.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Protocol
 
 import numpy as np
 
 from align.engine.cache import ReferenceCache, cache_key
 from align.engine.capture import PaddleComparer, TorchRecorder, perturb_parameter
-from align.engine.cli import progress_bar
-from align.engine.compare import TensorDiff, diff_arrays, first_failed_name
-from align.engine.reprod import reprod_log_diff
-from align.engine.isolate import (TorchCallRecorder, isolated_forward, isolation_tables, peak_memory_gb,
-                                  spill_store)
-from align.engine.report import Headline, StageResult
-from align.engine.weights import NameMap
+from align.engine.cli import parse_shape, progress_bar
+from align.engine.compare import TensorDiff, diff_arrays, first_failed_name, missing_row
+from align.engine.isolate import (TorchCallRecorder, isolated_backward, isolated_forward, isolation_tables,
+                                  peak_memory_gb, spill_store)
 from align.engine.options import cache_option, fresh_option, option
-from align.ghm.pair import (GhmStageOptions, build_paddle_model, build_torch_model, check_perturb, parse_shape,
-                            prepare_checkpoints, seeded_images)
-from align.ghm.suite import reference_sources, reference_threads, reference_versions, write_report
+from align.engine.report import Headline, StageResult
+from align.engine.reprod import reprod_log_diff
+from align.engine.weights import NameMap, is_linear_weight
+from align.ghm.pair import GhmStageOptions
 from common.arguments import non_negative_float, positive_float, tensor_shape
-
-DEFAULT_SHAPE = "2x3x800x1344"
-# The code that builds and records mmdet's side (part of the cache key): a change to it is a new reference.
-REFERENCE_CODE = ("torch_ref", "align.ghm", "align.engine.capture", "align.forward.stage")
-BACKBONE_NAMES = ["C2", "C3", "C4", "C5"]
-FPN_NAMES = ["P3", "P4", "P5", "P6", "P7"]
 
 
 @dataclass
 class ForwardOptions(GhmStageOptions):
-    shape: str = option(DEFAULT_SHAPE, "input NxCxHxW (default %(default)s)", type=tensor_shape(4, channels=3))
-    perturb: str | None = option(None, "Paddle parameter to perturb, e.g. backbone.layer3.2.conv2.weight")
+    # The pair: the GHM RetinaNet unless ``torch`` and ``paddle`` name two builders.
+    torch: Optional[str] = option(None, "module:function building a torch model to compare instead of mmdet's "
+                                        "GHM RetinaNet (with --paddle)")
+    paddle: Optional[str] = option(None, "module:function building the Paddle model to compare with it")
+    map: Optional[Path] = option(None, "with --torch: JSON name map {\"prefixes\": [[torch, paddle], ...]}",
+                                 type=Path)
+    carry: bool = option(True, "with --torch: the builders load equal weights themselves", flag="--no-carry")
+    name: Optional[str] = option(None, "report file stem (default: forward; with --torch: pair)")
+    shape: Optional[str] = option(None, "input NxCxHxW (default: 2x3x800x1344; with --torch: 2x3x224x224)",
+                                  type=tensor_shape())
+    perturb: Optional[str] = option(None, "Paddle parameter to perturb, e.g. backbone.layer3.2.conv2.weight")
     perturb_scale: float = option(1e-3, "the perturbation's std over the parameter's (default %(default)s)",
                                   type=positive_float)
     rel_tol: float = option(1e-5, "bound on max|diff| / max|ref| (default %(default)s)", type=non_negative_float)
     mean_tol: float = option(1e-5, "bound on mean|diff| (default %(default)s)", type=non_negative_float)
     layers: bool = option(True, "skip the layer-by-layer capture", flag="--no-layers")
-    # Also every leaf layer on mmdet's recorded input (its own error, float32); the recorded
-    # activations are spilled under ``build_dir`` while the layers are compared.
-    isolate: bool = option(False, "also every layer on mmdet's recorded input: each layer's own error")
-    # Keep mmdet's side in ``build_dir/cache`` and take it from there when it matches (at
-    # 2x3x800x1344 its layer records are 6.5 GB on disk, memory-mapped when they are used).
+    backward: bool = option(False, "also every parameter's gradient of sum(output * R), R seeded")
+    # Also every leaf layer on the reference's recorded input (its own error, float32).
+    isolate: bool = option(False, "also every layer on the reference's recorded input: each layer's own error")
+    spill: bool = option(False, "keep the isolated layers' recorded activations on disk, not in memory "
+                                "(always for the GHM RetinaNet)")
+    # Keep the reference side in ``build_dir/cache`` and take it from there when it matches (at
+    # 2x3x800x1344 mmdet's layer records are 6.5 GB on disk, memory-mapped when they are used).
     cache: bool = cache_option()
-    # With ``cache``: recompute mmdet's side even when the cache holds it.
+    # With ``cache``: recompute the reference side even when the cache holds it.
     fresh: bool = fresh_option()
 
 
-def named_outputs(backbone_outs, fpn_outs, cls_scores, bbox_preds, to_numpy) -> dict[str, np.ndarray]:
-    """The compared outputs under stable names, in execution order."""
-    out = {}
-    for name, t in zip(BACKBONE_NAMES, backbone_outs):
-        out[f"backbone.{name}"] = to_numpy(t)
-    for name, t in zip(FPN_NAMES, fpn_outs):
-        out[f"neck.{name}"] = to_numpy(t)
-    for name, c, b in zip(FPN_NAMES, cls_scores, bbox_preds):
-        out[f"head.cls_score.{name}"] = to_numpy(c)
-        out[f"head.bbox_pred.{name}"] = to_numpy(b)
-    return out
+class ForwardPair(Protocol):
+    """What a client hands the forward stage: two models with equal weights and their input."""
+
+    stage: str  # the report's name
+    title: str
+    paddle_model: Any  # in the mode to compare (eval for inference)
+    name_map: NameMap  # torch layer names -> Paddle's
+    inputs: np.ndarray
+    meta: dict  # what the report records of the pair (checkpoint, input, weights carried...)
+    spill: bool  # the isolated records go to disk (a detector at full size records gigabytes)
+    reference: str  # the reference side's name in the report ("mmdet", "torch")
+
+    def torch_model(self) -> Any:
+        """The reference model, built when first asked for (a cache hit never asks)."""
+
+    def torch_outputs(self, model, inputs: np.ndarray) -> dict[str, Any]:
+        """The torch model's compared outputs by name, in execution order (tensors)."""
+
+    def paddle_outputs(self, model, inputs: np.ndarray) -> dict[str, Any]:
+        """The Paddle model's, under the same names."""
+
+    def reference_key(self) -> Optional[dict]:
+        """Everything the reference side's results depend on, for the cache (None: not cached)."""
+
+    def write_report(self, result: StageResult, reports: Path) -> StageResult:
+        """Write the stage's JSON and HTML report (and the index)."""
 
 
-def run_torch(model, images: np.ndarray, record_layers: bool):
-    """mmdet forward, piece by piece so intermediate outputs are kept."""
-    import torch
-
-    x = torch.from_numpy(images)
-    recorder = TorchRecorder(model)
-    with torch.no_grad(), (recorder if record_layers else nullcontext()):
-        c = model.backbone(x)
-        p = model.neck(c)
-        cls_scores, bbox_preds = model.bbox_head(p)
-    outputs = named_outputs(c, p, cls_scores, bbox_preds, lambda t: t.detach().numpy().copy())
-    return outputs, recorder.records
+PAIR_SHAPE = "2x3x224x224"
 
 
-def run_paddle(model, images: np.ndarray, reference_layers: dict, opts: ForwardOptions):
-    import paddle
+def pair_of(opts: ForwardOptions) -> ForwardPair:
+    """The pair ``opts`` names: two builders (``torch``, ``paddle``), or the GHM RetinaNet."""
+    if opts.torch or opts.paddle:
+        from align.pair.run import builder_pair
 
-    x = paddle.to_tensor(images)
-    comparer = PaddleComparer(model, reference_layers, rel_tol=opts.rel_tol, mean_tol=opts.mean_tol)
-    with paddle.no_grad(), (comparer if opts.layers else nullcontext()):
-        c = model.backbone(x)
-        p = model.neck(c)
-        cls_scores, bbox_preds = model.bbox_head(p)
-    outputs = named_outputs(c, p, cls_scores, bbox_preds, lambda t: np.array(t.numpy(), copy=True))
-    return outputs, comparer.rows if opts.layers else []
+        if not (opts.torch and opts.paddle):
+            raise ValueError("--torch and --paddle come together: each names the builder of one side")
+        if opts.ckpt:
+            raise ValueError(f"--ckpt {opts.ckpt}: the mmdet checkpoint of the GHM RetinaNet; with --torch and "
+                             "--paddle the builders load the weights")
+        return builder_pair(opts.torch, opts.paddle, name_map_file=opts.map, carry=opts.carry,
+                            shape=parse_shape(opts.shape or PAIR_SHAPE), seed=opts.seed, stage=opts.name or "pair",
+                            spill=opts.spill)
+    from align.ghm.forward import GhmForward
 
-
-def reference_outputs(ckpts, images: np.ndarray, opts: ForwardOptions):
-    """mmdet's outputs and layer records; with ``opts.cache`` from ``build_dir/cache`` when an
-    entry matches the checkpoint, the input, the options and the installed reference versions
-    (and saved there otherwise). Returns them, mmdet's forward time (0 on a hit) and the cache
-    status: "off", "hit", "miss", "mismatch" or "fresh"."""
-    from paddle_impl.config import get_config
-
-    key = cache_key({"stage": "forward", "format": 2, "checkpoint": ckpts.sha256, "input_shape": list(images.shape),
-                     "seed": opts.seed, "preprocessor": get_config()["data_preprocessor"], "layers": opts.layers,
-                     "versions": reference_versions(), "torch_threads": reference_threads(),
-                     "code": reference_sources(*REFERENCE_CODE)})
-    cache = ReferenceCache(opts.build_dir / "cache")
-    arrays = None if opts.fresh or not opts.cache else cache.load("forward", key)
-    if arrays is not None:
-        outputs = {k[len("out:"):]: v for k, v in arrays.items() if k.startswith("out:")}
-        layers = {k[len("layer:"):]: v for k, v in arrays.items() if k.startswith("layer:")}
-        return outputs, layers, 0.0, "hit"
-    status = "off" if not opts.cache else "fresh" if opts.fresh else cache.last_status
-    t0 = time.perf_counter()
-    outputs, layers = run_torch(build_torch_model(ckpts), images, opts.layers)
-    seconds = time.perf_counter() - t0
-    if opts.cache:
-        cache.save("forward", key, {**{f"out:{k}": v for k, v in outputs.items()},
-                                    **{f"layer:{k}": v for k, v in layers.items()}})
-    return outputs, layers, seconds, status
+    for flag, given in (("--map", opts.map), ("--no-carry", not opts.carry)):
+        if given:
+            raise ValueError(f"{flag} is for a pair of --torch and --paddle builders")
+    pair = GhmForward(opts.ckpt, opts.shape, opts.seed, opts.build_dir, perturb=opts.perturb)
+    if opts.name:
+        pair.stage = opts.name
+    return pair
 
 
-def run_isolated(torch_model, paddle_model, images: np.ndarray, opts: ForwardOptions):
-    """Every Paddle leaf layer on mmdet's recorded input; returns the rows, the layer kinds by
-    call key and the bytes recorded (spilled to disk under ``opts.build_dir``)."""
-    import torch
-
-    with spill_store(True, opts.build_dir / "isolate") as store:
-        recorder = TorchCallRecorder(torch_model, store)
-        with torch.no_grad(), recorder:
-            run_torch(torch_model, images, record_layers=False)
-        rows = isolated_forward(recorder.calls, store, paddle_model, NameMap(), rel_tol=opts.rel_tol,
-                                mean_tol=opts.mean_tol)
-        return rows, {c.key: c.kind for c in recorder.calls}, store.nbytes
-
-
-def run_forward(opts: ForwardOptions) -> StageResult:
-    """Run both models, diff, write ``forward*`` files into ``opts.reports``."""
-    shape = parse_shape(opts.shape)
-    check_perturb(opts.perturb)
-    t0 = time.perf_counter()
-    ckpts = prepare_checkpoints(opts.ckpt, opts.seed, opts.build_dir)
-    paddle_model = build_paddle_model(ckpts)
+def run_forward(opts: ForwardOptions, pair: Optional[ForwardPair] = None) -> StageResult:
+    """Compare ``pair`` (default: the one ``opts`` names, `pair_of`) as the module docstring says;
+    write ``<stage>*`` files into ``opts.reports``."""
+    pair = pair or pair_of(opts)
     perturb_sigma = None
     if opts.perturb:
-        perturb_sigma = perturb_parameter(paddle_model, opts.perturb, scale=opts.perturb_scale,
-                                          seed=opts.seed)
-    images = seeded_images(shape, opts.seed)
-    timings = {"setup_s": time.perf_counter() - t0}
-
-    with progress_bar("forward", total=2) as bar:
+        perturb_sigma = perturb_parameter(pair.paddle_model, opts.perturb, scale=opts.perturb_scale, seed=opts.seed)
+    timings: dict[str, float] = {}
+    with progress_bar(pair.stage, total=2) as bar:
         t0 = time.perf_counter()
-        torch_out, torch_layers, timings["torch_forward_s"], cache_status = reference_outputs(ckpts, images, opts)
+        torch_out, torch_layers, timings["torch_forward_s"], cache_status = reference_outputs(pair, opts)
         timings["reference_s"] = time.perf_counter() - t0
         bar.update(1)
         t0 = time.perf_counter()
-        paddle_out, layer_rows = run_paddle(paddle_model, images, torch_layers, opts)
+        paddle_out, layer_rows = paddle_outputs(pair, torch_layers, opts)
         timings["paddle_forward_s"] = time.perf_counter() - t0
         bar.update(1)
     del torch_layers
 
-    tensors: list[TensorDiff] = [
-        diff_arrays(name, torch_out[name], paddle_out[name], rel_tol=opts.rel_tol, mean_tol=opts.mean_tol)
-        for name in torch_out
-    ]
-    reprod = reprod_log_diff(paddle_out, torch_out, opts.reports, "forward", opts.mean_tol)
-    passed = all(t.passed for t in tensors) and all(r.passed for r in layer_rows)
+    tensors = [diff_arrays(name, torch_out[name], paddle_out[name], rel_tol=opts.rel_tol, mean_tol=opts.mean_tol)
+               for name in torch_out]
+    reprod = reprod_log_diff(paddle_out, torch_out, opts.reports, pair.stage, opts.mean_tol)
+    grad_rows = gradient_rows(pair, opts) if opts.backward else []
     isolated: list[TensorDiff] = []
     tables = []
+    meta = {**pair.meta, "seed": opts.seed, "input_shape": list(pair.inputs.shape),
+            "perturbed_parameter": opts.perturb, "perturbation_std": perturb_sigma,
+            "layers_compared": len(layer_rows), "backward": opts.backward, "isolate": opts.isolate,
+            # "hit": the reference side came from build/cache (its forward time is then 0); "off": no cache.
+            "reference_cache": cache_status}
     if opts.isolate:
         t0 = time.perf_counter()
-        isolated, kinds, recorded = run_isolated(build_torch_model(ckpts), paddle_model, images, opts)
+        forward_rows, backward_rows, kinds, recorded = run_isolated(pair, opts)
         timings["isolated_s"] = time.perf_counter() - t0
-        passed = passed and all(r.passed for r in isolated)
-        tables = isolation_tables(isolated, [], layer_rows, kinds)
-
-    meta = {
-        "seed": opts.seed,
-        "input_shape": list(shape),
-        "input": "seeded 8-bit RGB pixels normalized with the reference mean/std",
-        "checkpoint": str(ckpts.torch_path),
-        "checkpoint_sha256": ckpts.sha256,
-        "checkpoint_synthetic": ckpts.synthetic,
-        "paddle_weights": str(ckpts.paddle_path),
-        "perturbed_parameter": opts.perturb,
-        "perturbation_std": perturb_sigma,
-        "layers_compared": len(layer_rows),
-        # "hit": mmdet's side came from build/cache (its forward time is then 0); "off": no cache.
-        "reference_cache": cache_status,
-        **{k: round(v, 3) for k, v in timings.items()},
-    }
-    if opts.isolate:
+        isolated = forward_rows + backward_rows
+        accumulated = layer_rows + [dataclasses.replace(r, name=f"{r.name[len('grad.'):]}.grad") for r in grad_rows]
+        tables = isolation_tables(forward_rows, backward_rows, accumulated, kinds)
         meta.update(isolated_layer_calls=len(isolated), recorded_gb=round(recorded / 2 ** 30, 2),
                     peak_memory_gb=round(peak_memory_gb(), 2))
-    return write_report(StageResult(
-        stage="forward",
-        title="Forward: mmdet GHM RetinaNet vs Paddle",
-        passed=passed,
-        tensors=tensors,
-        # With isolation the layer rows are each layer's own error; the accumulated ones are in a table
-        # and drawn behind them on the layer figure.
+    meta.update({k: round(v, 3) for k, v in timings.items()})
+
+    # With isolation the layer rows are each layer's own error; the accumulated ones are in a
+    # table and drawn behind them on the layer figure.
+    decisive = tensors + (isolated if opts.isolate else layer_rows + grad_rows)
+    return pair.write_report(StageResult(
+        stage=pair.stage,
+        title=pair.title,
+        passed=all(r.passed for r in decisive),
+        tensors=tensors + ([] if opts.isolate else grad_rows),
         layers=isolated if opts.isolate else layer_rows,
         accumulated_layers=layer_rows if opts.isolate else [],
         thresholds={"rel_max": opts.rel_tol, "mean_abs": opts.mean_tol},
@@ -212,8 +187,128 @@ def run_forward(opts: ForwardOptions) -> StageResult:
         reprod_log_check=opts.mean_tol,
         headline=(Headline.worst(isolated, opts.rel_tol, "worst own layer error (isolated)") if opts.isolate
                   else Headline.worst(tensors, opts.rel_tol, "worst output, max|diff| / max|ref|")),
-        seconds={"mmdet": timings["torch_forward_s"], "paddle": timings["paddle_forward_s"]},
+        seconds={pair.reference: timings["torch_forward_s"], "paddle": timings["paddle_forward_s"]},
     ), opts.reports)
+
+
+def reference_outputs(pair: ForwardPair, opts: ForwardOptions):
+    """The torch side's outputs and layer records (layer names already mapped to Paddle's); with
+    ``opts.cache`` from ``build_dir/cache`` when an entry matches the pair's reference key, the
+    input, the options and torch's thread count (and saved there otherwise). Returns them, the
+    torch forward time (0 on a hit) and the cache status: "off", "hit", "miss", "mismatch",
+    "fresh" (or "not cacheable" for a pair without a reference key)."""
+    import torch
+
+    reference = pair.reference_key() if opts.cache else None
+    cache = ReferenceCache(opts.build_dir / "cache")
+    key = None
+    if reference is not None:
+        key = cache_key({"stage": "forward", "format": 3, **reference, "input_shape": list(pair.inputs.shape),
+                         "seed": opts.seed, "layers": opts.layers, "torch_threads": torch.get_num_threads()})
+        arrays = None if opts.fresh else cache.load(pair.stage, key)
+        if arrays is not None:
+            outputs = {k[len("out:"):]: v for k, v in arrays.items() if k.startswith("out:")}
+            layers = {k[len("layer:"):]: v for k, v in arrays.items() if k.startswith("layer:")}
+            return outputs, layers, 0.0, "hit"
+    status = ("off" if not opts.cache else "not cacheable" if reference is None else "fresh" if opts.fresh
+              else cache.last_status)
+    t0 = time.perf_counter()
+    model = pair.torch_model()
+    recorder = TorchRecorder(model)
+    with torch.no_grad(), (recorder if opts.layers else nullcontext()):
+        outputs = {name: t.detach().numpy().copy() for name, t in pair.torch_outputs(model, pair.inputs).items()}
+    layers = {_rename(pair.name_map, k): v for k, v in recorder.records.items()}
+    seconds = time.perf_counter() - t0
+    if key is not None:
+        cache.save(pair.stage, key, {**{f"out:{k}": v for k, v in outputs.items()},
+                                     **{f"layer:{k}": v for k, v in layers.items()}})
+    return outputs, layers, seconds, status
+
+
+def paddle_outputs(pair: ForwardPair, reference_layers: dict, opts: ForwardOptions):
+    """Our outputs (numpy) and, with ``opts.layers``, one row per leaf layer call."""
+    import paddle
+
+    comparer = PaddleComparer(pair.paddle_model, reference_layers, rel_tol=opts.rel_tol, mean_tol=opts.mean_tol)
+    with paddle.no_grad(), (comparer if opts.layers else nullcontext()):
+        outputs = {name: np.array(t.numpy(), copy=True)
+                   for name, t in pair.paddle_outputs(pair.paddle_model, pair.inputs).items()}
+    return outputs, comparer.rows if opts.layers else []
+
+
+def projection(outputs: dict, seed: int) -> np.ndarray:
+    """``R`` of the loss ``sum(output * R)``: seeded standard normal, the first output's shape."""
+    first = next(iter(outputs.values()))
+    return np.random.default_rng(seed + 1).standard_normal(tuple(first.shape)).astype(np.float32)
+
+
+def torch_projected_loss(outputs: dict, seed: int):
+    import torch
+
+    first = next(iter(outputs.values()))
+    return (first * torch.from_numpy(projection(outputs, seed)).to(first.dtype)).sum()
+
+
+def paddle_projected_loss(outputs: dict, seed: int):
+    import paddle
+
+    first = next(iter(outputs.values()))
+    return (first * paddle.to_tensor(projection(outputs, seed)).astype(first.dtype)).sum()
+
+
+def gradient_rows(pair: ForwardPair, opts: ForwardOptions) -> list[TensorDiff]:
+    """Every trainable parameter's gradient of `projected_loss`, normal backward on both sides,
+    named ``grad.<paddle name>``; Linear weights compared in torch's layout transposed."""
+    model = pair.torch_model()
+    model.zero_grad()
+    torch_projected_loss(pair.torch_outputs(model, pair.inputs), opts.seed).backward()
+    pair.paddle_model.clear_gradients()
+    paddle_projected_loss(pair.paddle_outputs(pair.paddle_model, pair.inputs), opts.seed).backward()
+    paddle_params = dict(pair.paddle_model.named_parameters())
+    rows = []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        target = pair.name_map.tensor(name)
+        ours = paddle_params.get(target)
+        ref = None if param.grad is None else param.grad.numpy()
+        if ref is not None and is_linear_weight(model, name):
+            ref = ref.T
+        got = None if ours is None or ours.grad is None else ours.grad.numpy()
+        if ref is None or got is None:
+            rows.append(missing_row(f"grad.{target}", reason="no gradient in " + ("torch" if ref is None else "paddle")))
+            continue
+        rows.append(diff_arrays(f"grad.{target}", ref, got, rel_tol=opts.rel_tol, mean_tol=opts.mean_tol))
+    return rows
+
+
+def run_isolated(pair: ForwardPair, opts: ForwardOptions):
+    """Every Paddle leaf layer on the reference's recorded input (and output gradient with
+    ``backward``); returns the forward rows, the backward rows, the layer kinds by Paddle call
+    key and the bytes recorded."""
+    import torch
+
+    model = pair.torch_model()
+    with spill_store(opts.spill or pair.spill, opts.build_dir / "isolate") as store:
+        recorder = TorchCallRecorder(model, store, grads=opts.backward)
+        with recorder:
+            if opts.backward:
+                torch_projected_loss(pair.torch_outputs(model, pair.inputs), opts.seed).backward()
+            else:
+                with torch.no_grad():
+                    pair.torch_outputs(model, pair.inputs)
+        kinds = {_rename(pair.name_map, c.key): c.kind for c in recorder.calls}
+        tol = dict(rel_tol=opts.rel_tol, mean_tol=opts.mean_tol)
+        forward_rows = isolated_forward(recorder.calls, store, pair.paddle_model, pair.name_map, **tol)
+        backward_rows = (isolated_backward(recorder.calls, store, model, pair.paddle_model, pair.name_map, **tol)
+                         if opts.backward else [])
+        return forward_rows, backward_rows, kinds, store.nbytes
+
+
+def _rename(name_map: NameMap, key: str) -> str:
+    """A torch call key (``layer``, ``layer#1``, ``layer[0]``) with its layer name mapped."""
+    cut = min((i for i in (key.find("#"), key.find("[")) if i >= 0), default=len(key))
+    return name_map.layer(key[:cut]) + key[cut:]
 
 
 def first_divergence(result: StageResult) -> str | None:

@@ -157,7 +157,7 @@ def parse_shape(text: str) -> tuple[int, int, int, int]:
 
     shape = tensor_shape(text)
     if len(shape) != 4 or shape[1] != 3:
-        raise ValueError(f"SHAPE must be NxCxHxW with C = 3, got {text!r}")
+        raise ValueError(f"--shape {text}: the GHM RetinaNet takes NxCxHxW with C = 3")
     return shape  # type: ignore[return-value]
 
 

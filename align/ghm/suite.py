@@ -54,29 +54,6 @@ def reference_threads() -> int:
     return torch.get_num_threads()
 
 
-def reference_sources(*modules: str) -> str:
-    """SHA-256 of the source files of ``modules`` (a package: every ``.py`` file under it), for
-    cache keys: a change to the code that builds or records the reference invalidates what it
-    recorded."""
-    import hashlib
-    import importlib.util
-    from pathlib import Path
-
-    digest = hashlib.sha256()
-    for module in modules:
-        spec = importlib.util.find_spec(module)
-        if spec is None:
-            raise ValueError(f"no module named {module!r}")
-        folders = spec.submodule_search_locations
-        files = (sorted((f.relative_to(folder).as_posix(), f) for folder in folders for f in Path(folder).rglob("*.py"))
-                 if folders else [("", Path(spec.origin))])
-        for name, file in files:
-            data = file.read_bytes()
-            digest.update(f"{module}/{name}:{len(data)}:".encode())
-            digest.update(data)
-    return digest.hexdigest()
-
-
 def environment():
     """`environment_info` of the packages above."""
     from align.engine.environment import environment_info

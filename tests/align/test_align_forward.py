@@ -71,7 +71,7 @@ def test_cli_exit_codes(build_dir, tmp_path):
     assert failed.returncode == 1, failed.stderr
     assert "FAIL" in failed.stdout
     bad_shape = run_cli("--shape", "2x800x1344", "--reports", str(tmp_path))
-    assert bad_shape.returncode == 2 and "SHAPE" in bad_shape.stderr
+    assert bad_shape.returncode == 2 and "--shape 2x800x1344" in bad_shape.stderr
     bad_name = run_cli(*common, "--perturb", "backbone.layer9.conv.weight")
     assert bad_name.returncode == 2 and "backbone.layer9.conv.weight" in bad_name.stderr
     missing = run_cli(*common, "--ckpt", str(tmp_path / "nope.pth"))
