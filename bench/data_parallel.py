@@ -90,7 +90,8 @@ from paddle_impl.engine import checkpoint as ckpt  # noqa: E402
 from paddle_impl.engine.lr_schedule import WarmupMultiStepLR  # noqa: E402
 from paddle_impl.engine.optimizer import SGD  # noqa: E402
 from paddle_impl.engine.train_step import LossForward  # noqa: E402
-from paddle_impl.engine.trainer import coco_paths, seed_everything  # noqa: E402
+from paddle_impl.data.coco_layout import coco_paths  # noqa: E402
+from paddle_impl.engine.trainer import seed_everything  # noqa: E402
 from paddle_impl.engine.weights import set_ghm_buffers  # noqa: E402
 from paddle_impl.model.detector import RetinaNet  # noqa: E402
 

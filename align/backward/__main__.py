@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import sys
 
-from align.backward.stage import BackwardOptions, first_divergence, run_backward
+from align.backward.records import BackwardOptions
+from align.backward.stage import first_divergence, run_backward
 from align.engine.cli import options_parser
 from align.engine.options import options_from
 from align.ghm.pair import extra_dtype

@@ -42,19 +42,18 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from align.backward.records import BackwardOptions, PairRun, StepRow
 from align.backward.reference import Reference, mmdet_reference, mmengine_schedule
-from align.backward.tables import (ParameterRow, StepRow, headline, loss_curve_png, relu_table, side_run,
-                                   summarize)
+from align.backward.tables import ParameterRow, headline, loss_curve_png, relu_table, side_run, summarize
 from align.engine.capture import ReluMaskCensus
 from align.engine.cli import progress
 from align.engine.compare import TensorDiff, compare_named, first_failed_name, to_numpy, worst_named, worst_of
 from align.engine.reprod import reprod_log_diff
-from align.engine.divergence import Divergence, Explanation, StepEvidence, classify, explained
+from align.engine.divergence import Explanation, StepEvidence, classify, explained
 from align.engine.isolate import (TorchCallRecorder, isolated_backward, isolated_forward, isolation_tables,
                                   peak_memory_gb, spill_store, worst_per_kind)
 from align.engine.paired import PairedStep, train_in_lockstep
@@ -62,66 +61,12 @@ from align.engine.report import StageResult
 from align.engine.weights import NameMap
 from align.ghm.divergence import BinFlips, relu_flips, row_kind
 from align.ghm.fake_batch import random_batch
-from align.engine.options import cache_option, fresh_option, option
-from align.ghm.pair import (MODEL_DTYPES, Checkpoints, GhmStageOptions, build_paddle_model, build_torch_model,
-                            dtype_option, extra_dtype_option, parse_shape, prepare_checkpoints, seeded_images)
+from align.ghm.pair import (MODEL_DTYPES, Checkpoints, build_paddle_model, build_torch_model, parse_shape,
+                            prepare_checkpoints, seeded_images)
 from align.ghm.recorders import PaddleGHMRecorder
-from common.arguments import non_negative, positive, positive_float, tensor_shape
 from align.ghm.schedule import LR_TOL, schedule_comparison
 from align.ghm.sides import FakeInputs, PaddleSide, data_samples
 from align.ghm.suite import write_report
-
-DEFAULT_SHAPE = "2x3x320x480"
-# COCO train2017 after filtering images without boxes (117266), 16 images per step.
-DEFAULT_ITERS_PER_EPOCH = 7330
-
-
-@dataclass
-class BackwardOptions(GhmStageOptions):
-    """Settings of the backward stage.
-
-    ``dtype`` is the precision of the run whose figures decide the verdict;
-    ``extra_dtype`` (None: none) a second run measured and reported beside it.
-    """
-
-    shape: str = option(DEFAULT_SHAPE, "batch NxCxHxW (default %(default)s)", type=tensor_shape(4, channels=3))
-    steps: int = option(10, "training steps (default %(default)s)", type=positive)
-    lr: float | None = option(None, "base learning rate (default: the config's 0.01 for 16 images, scaled "
-                                    "linearly to the batch size)", type=positive_float)
-    warmup_iters: int | None = option(None, "linear warm-up length (default: steps // 2)", type=non_negative)
-    dtype: str = dtype_option()
-    extra_dtype: str | None = extra_dtype_option()
-    # None: the configuration's max_norm (35) on both sides. A smaller value
-    # makes the clipping act when the gradient norms stay below 35.
-    clip_max_norm: float | None = option(None, "gradient clipping threshold on both sides (default: the "
-                                               "config's)", type=positive_float)
-    # reprod_log .npy files of both sides (step-1 gradients, final parameters
-    # and momentum buffers: four copies of the model, twice that in float64).
-    reprod_log: bool = option(True, "skip the reprod_log .npy files (several copies of the model's arrays)",
-                              flag="--no-reprod-log")
-    # Every leaf layer at step 1 in float32 on mmdet's recorded input and output gradient
-    # (its own forward and backward error), beside the training runs.
-    isolate: bool = option(False, "also every layer at step 1 on mmdet's recorded input and output gradient "
-                                  "(float32)")
-    isolate_tol: float = 1e-5
-    # The whole-schedule learning-rate comparison (0: skipped).
-    schedule_iters_per_epoch: int = option(DEFAULT_ITERS_PER_EPOCH, "iterations per epoch of the whole-schedule "
-                                           "learning-rate comparison (default %(default)s: COCO train2017 at 16 "
-                                           "images per step; 0 skips it)", type=non_negative, metavar="ITERS_PER_EPOCH",
-                                           flag="--iters-per-epoch")
-    grad_tol: float = 1e-5
-    loss_tol_first: float = 1e-5
-    loss_tol: float = 1e-4
-    param_tol: float = 1e-4
-    # Keep mmdet's side of each run in ``build_dir/cache`` and replay it from there when it
-    # matches (see `align.backward.reference`); ``fresh``: recompute it regardless.
-    cache: bool = cache_option()
-    fresh: bool = fresh_option()
-    # Paddle's CPU math threads for the run (None: left as they are; Paddle's default is 1,
-    # torch's the number of cores). The command line gives Paddle as many as torch has.
-    paddle_threads: int | None = option(None, "Paddle's CPU math threads (default: as many as torch uses, so "
-                                              "both sides compute on the same cores)", type=positive)
-
 
 def make_batches(opts: BackwardOptions) -> list[FakeInputs]:
     """One batch of ``(N, 3, H, W)`` float32 images and ground truth per step, seeded."""
@@ -129,41 +74,6 @@ def make_batches(opts: BackwardOptions) -> list[FakeInputs]:
     return [FakeInputs(seeded_images(shape, opts.seed + 1000 * (k + 1)),
                        random_batch(shape[2:], opts.seed + k, num_images=shape[0], empty_image=(k % 4 == 3)))
             for k in range(opts.steps)]
-
-
-@dataclass
-class PairRun:
-    """One training run of both models in one precision.
-
-    Attributes:
-        dtype: "float32" or "float64".
-        rows: the checked rows: every step's losses, gradient norm and lr,
-            step 1's gradients, the final parameters, momentum buffers and
-            GHM ``acc_sum``.
-        steps: per-step figures (`StepRow`), including the informational
-            worst gradient, parameter and momentum differences of every step.
-        relu_layers: step 1's ReLU census (see `ReluMaskCensus.layers`).
-        largest_change: largest |change| of an mmdet parameter over the run.
-        relative_change: (median, max) over mmdet's parameters of their
-            largest |change| divided by their largest initial |value|.
-        seconds: time in each framework's steps ("mmdet_s", "paddle_s").
-        logs: (mmdet, paddle) arrays of ``rows`` when kept, for reprod_log.
-        divergences: each step's first disagreement and its cause (`align.engine.divergence`).
-        reference_cache: how mmdet's side was obtained (`align.backward.reference.Reference.status`);
-        reference_check_s: the time spent reading and checking it in the cache.
-    """
-
-    dtype: str
-    rows: list[TensorDiff]
-    steps: list[StepRow]
-    relu_layers: dict[str, list]
-    largest_change: float
-    relative_change: tuple[float, float]
-    seconds: dict[str, float]
-    logs: tuple[dict, dict] | None = field(default=None, repr=False)
-    divergences: list[Divergence] = field(default_factory=list)
-    reference_cache: str = "off"
-    reference_check_s: float = 0.0
 
 
 def train_pair(opts: BackwardOptions, dtype: str, ckpts: Checkpoints, batches: list[FakeInputs],

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import io
 import math
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -12,8 +12,7 @@ from align.engine.divergence import describe
 from align.engine.report import Headline
 from align.ghm.schedule import LR_TOL
 
-if TYPE_CHECKING:
-    from align.backward.stage import BackwardOptions, PairRun
+from align.backward.records import BackwardOptions, PairRun
 
 
 def row_category(name: str, steps: int) -> str:
@@ -57,28 +56,6 @@ class CategoryRow(NamedTuple):
     worst_tensor: str
     tolerance: float
     within: bool
-
-
-class StepRow(NamedTuple):
-    """One step of a run: what the per-step table shows (differences are Paddle vs mmdet; the
-    worst gradient, parameter, momentum and GHM differences are informational after step 1)."""
-
-    step: int
-    lr: float
-    loss_mmdet: float
-    loss_paddle: float
-    loss_rel: float
-    grad_norm_mmdet: float
-    grad_norm_paddle: float
-    grad_norm_rel: float
-    clipped: bool
-    worst_grad_rel: float
-    worst_grad: str
-    worst_param_rel: float
-    worst_param: str
-    worst_momentum_rel: float
-    ghm_acc_sum_rel: float
-    relu_flips: int
 
 
 class ParameterRow(NamedTuple):

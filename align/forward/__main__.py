@@ -5,10 +5,32 @@ from __future__ import annotations
 
 import sys
 
-from align.engine.cli import options_parser
+from align.engine.cli import options_parser, parse_shape
 from align.engine.options import options_from
 from align.forward.stage import ForwardOptions, first_divergence, run_forward
 from align.ghm.suite import run_stage
+
+
+PAIR_SHAPE = "2x3x224x224"
+
+
+def pair_of(opts: ForwardOptions):
+    """The pair two builders make (``--torch``, ``--paddle``); None for the GHM RetinaNet, the default."""
+    if opts.torch or opts.paddle:
+        from align.pair.run import builder_pair
+
+        if not (opts.torch and opts.paddle):
+            raise ValueError("--torch and --paddle come together: each names the builder of one side")
+        if opts.ckpt:
+            raise ValueError(f"--ckpt {opts.ckpt}: the mmdet checkpoint of the GHM RetinaNet; with --torch and "
+                             "--paddle the builders load the weights")
+        return builder_pair(opts.torch, opts.paddle, name_map_file=opts.map, carry=opts.carry,
+                            shape=parse_shape(opts.shape or PAIR_SHAPE), seed=opts.seed, stage=opts.name or "pair",
+                            spill=opts.spill)
+    for flag, given in (("--map", opts.map), ("--no-carry", not opts.carry)):
+        if given:
+            raise ValueError(f"{flag} is for a pair of --torch and --paddle builders")
+    return None
 
 
 def main(argv: list[str] | None = None, program: str = "forward") -> int:
@@ -22,7 +44,7 @@ def main(argv: list[str] | None = None, program: str = "forward") -> int:
                 f"{h.label} {h.value:.2e} at {h.where})" if h else f"({len(result.tensors)} compared)")
 
     name = opts.name or ("pair" if opts.torch else "forward")
-    return run_stage(lambda: run_forward(opts), label=lambda r: r.stage, summary=summary,
+    return run_stage(lambda: run_forward(opts, pair_of(opts)), label=lambda r: r.stage, summary=summary,
                      first_divergence=first_divergence, verbose=args.verbose, report=opts.reports / f"{name}.html")
 
 

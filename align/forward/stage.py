@@ -32,7 +32,7 @@ import numpy as np
 
 from align.engine.cache import ReferenceCache, cache_key
 from align.engine.capture import PaddleComparer, TorchRecorder, perturb_parameter
-from align.engine.cli import parse_shape, progress_bar
+from align.engine.cli import progress_bar
 from align.engine.compare import TensorDiff, diff_arrays, first_failed_name, missing_row
 from align.engine.isolate import (TorchCallRecorder, isolated_backward, isolated_forward, isolation_tables,
                                   peak_memory_gb, spill_store)
@@ -102,27 +102,10 @@ class ForwardPair(Protocol):
         """Write the stage's JSON and HTML report (and the index)."""
 
 
-PAIR_SHAPE = "2x3x224x224"
-
-
-def pair_of(opts: ForwardOptions) -> ForwardPair:
-    """The pair ``opts`` names: two builders (``torch``, ``paddle``), or the GHM RetinaNet."""
-    if opts.torch or opts.paddle:
-        from align.pair.run import builder_pair
-
-        if not (opts.torch and opts.paddle):
-            raise ValueError("--torch and --paddle come together: each names the builder of one side")
-        if opts.ckpt:
-            raise ValueError(f"--ckpt {opts.ckpt}: the mmdet checkpoint of the GHM RetinaNet; with --torch and "
-                             "--paddle the builders load the weights")
-        return builder_pair(opts.torch, opts.paddle, name_map_file=opts.map, carry=opts.carry,
-                            shape=parse_shape(opts.shape or PAIR_SHAPE), seed=opts.seed, stage=opts.name or "pair",
-                            spill=opts.spill)
+def ghm_pair(opts: ForwardOptions) -> ForwardPair:
+    """The default pair: mmdet's GHM RetinaNet and ours (`align.ghm.forward`)."""
     from align.ghm.forward import GhmForward
 
-    for flag, given in (("--map", opts.map), ("--no-carry", not opts.carry)):
-        if given:
-            raise ValueError(f"{flag} is for a pair of --torch and --paddle builders")
     pair = GhmForward(opts.ckpt, opts.shape, opts.seed, opts.build_dir, perturb=opts.perturb)
     if opts.name:
         pair.stage = opts.name
@@ -130,9 +113,9 @@ def pair_of(opts: ForwardOptions) -> ForwardPair:
 
 
 def run_forward(opts: ForwardOptions, pair: Optional[ForwardPair] = None) -> StageResult:
-    """Compare ``pair`` (default: the one ``opts`` names, `pair_of`) as the module docstring says;
+    """Compare ``pair`` (default: the GHM RetinaNet, `ghm_pair`) as the module docstring says;
     write ``<stage>*`` files into ``opts.reports``."""
-    pair = pair or pair_of(opts)
+    pair = pair or ghm_pair(opts)
     perturb_sigma = None
     if opts.perturb:
         perturb_sigma = perturb_parameter(pair.paddle_model, opts.perturb, scale=opts.perturb_scale, seed=opts.seed)

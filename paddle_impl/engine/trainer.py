@@ -7,7 +7,6 @@ that module for the options, outputs and faults). Each iteration is one
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import sys
 import time
@@ -20,6 +19,7 @@ import paddle.distributed as dist
 from paddle import nn
 
 from paddle_impl.config import get_config
+from paddle_impl.data.coco_layout import coco_paths
 from paddle_impl.data.dataset import CocoDetection, build_dataloader, check_image_files
 from paddle_impl.data.samplers import resume_position
 from paddle_impl.engine import checkpoint as ckpt
@@ -40,25 +40,6 @@ from paddle_impl.model.detector import RetinaNet
 
 SMOKE_EPOCHS = 2
 SMOKE_SCALE = (320, 192)  # (w, h) the image is resized to fit, keeping its ratio
-
-
-def coco_paths(root: str | os.PathLike) -> dict[str, str]:
-    """The four COCO inputs under ``root``; raises :class:`InputError` naming the first one missing."""
-    root = Path(root)
-    if not root.is_dir():
-        raise InputError(f"--coco {root}: folder not found")
-    paths = {
-        "train_ann": root / "annotations" / "instances_train2017.json",
-        "val_ann": root / "annotations" / "instances_val2017.json",
-        "train_img": root / "train2017",
-        "val_img": root / "val2017",
-    }
-    for key, path in paths.items():
-        exists = path.is_file() if key.endswith("ann") else path.is_dir()
-        if not exists:
-            kind = "annotation file" if key.endswith("ann") else "image folder"
-            raise InputError(f"--coco {root}: {kind} not found: {path}")
-    return {k: str(v) for k, v in paths.items()}
 
 
 def seed_everything(seed: int) -> None:

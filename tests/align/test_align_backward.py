@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import json
 
-from align.backward.stage import BackwardOptions, run_backward, schedule_comparison
+from align.backward.records import BackwardOptions
+from align.backward.stage import run_backward, schedule_comparison
 from paddle_impl.engine import optimizer
 import pytest
 

@@ -1,0 +1,120 @@
+"""What the backward stage is given and what one of its runs records: its options (which make its
+command line), one run of both models in one precision (`PairRun`) and one step of it (`StepRow`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from align.engine.compare import TensorDiff
+from align.engine.divergence import Divergence
+from align.engine.options import cache_option, fresh_option, option
+from align.ghm.pair import GhmStageOptions, dtype_option, extra_dtype_option
+from common.arguments import non_negative, positive, positive_float, tensor_shape
+
+DEFAULT_SHAPE = "2x3x320x480"
+# COCO train2017 after filtering images without boxes (117266), 16 images per step.
+DEFAULT_ITERS_PER_EPOCH = 7330
+
+
+@dataclass
+class BackwardOptions(GhmStageOptions):
+    """Settings of the backward stage.
+
+    ``dtype`` is the precision of the run whose figures decide the verdict;
+    ``extra_dtype`` (None: none) a second run measured and reported beside it.
+    """
+
+    shape: str = option(DEFAULT_SHAPE, "batch NxCxHxW (default %(default)s)", type=tensor_shape(4, channels=3))
+    steps: int = option(10, "training steps (default %(default)s)", type=positive)
+    lr: float | None = option(None, "base learning rate (default: the config's 0.01 for 16 images, scaled "
+                                    "linearly to the batch size)", type=positive_float)
+    warmup_iters: int | None = option(None, "linear warm-up length (default: steps // 2)", type=non_negative)
+    dtype: str = dtype_option()
+    extra_dtype: str | None = extra_dtype_option()
+    # None: the configuration's max_norm (35) on both sides. A smaller value
+    # makes the clipping act when the gradient norms stay below 35.
+    clip_max_norm: float | None = option(None, "gradient clipping threshold on both sides (default: the "
+                                               "config's)", type=positive_float)
+    # reprod_log .npy files of both sides (step-1 gradients, final parameters
+    # and momentum buffers: four copies of the model, twice that in float64).
+    reprod_log: bool = option(True, "skip the reprod_log .npy files (several copies of the model's arrays)",
+                              flag="--no-reprod-log")
+    # Every leaf layer at step 1 in float32 on mmdet's recorded input and output gradient
+    # (its own forward and backward error), beside the training runs.
+    isolate: bool = option(False, "also every layer at step 1 on mmdet's recorded input and output gradient "
+                                  "(float32)")
+    isolate_tol: float = 1e-5
+    # The whole-schedule learning-rate comparison (0: skipped).
+    schedule_iters_per_epoch: int = option(DEFAULT_ITERS_PER_EPOCH, "iterations per epoch of the whole-schedule "
+                                           "learning-rate comparison (default %(default)s: COCO train2017 at 16 "
+                                           "images per step; 0 skips it)", type=non_negative, metavar="ITERS_PER_EPOCH",
+                                           flag="--iters-per-epoch")
+    grad_tol: float = 1e-5
+    loss_tol_first: float = 1e-5
+    loss_tol: float = 1e-4
+    param_tol: float = 1e-4
+    # Keep mmdet's side of each run in ``build_dir/cache`` and replay it from there when it
+    # matches (see `align.backward.reference`); ``fresh``: recompute it regardless.
+    cache: bool = cache_option()
+    fresh: bool = fresh_option()
+    # Paddle's CPU math threads for the run (None: left as they are; Paddle's default is 1,
+    # torch's the number of cores). The command line gives Paddle as many as torch has.
+    paddle_threads: int | None = option(None, "Paddle's CPU math threads (default: as many as torch uses, so "
+                                              "both sides compute on the same cores)", type=positive)
+
+
+class StepRow(NamedTuple):
+    """One step of a run: what the per-step table shows (differences are Paddle vs mmdet; the
+    worst gradient, parameter, momentum and GHM differences are informational after step 1)."""
+
+    step: int
+    lr: float
+    loss_mmdet: float
+    loss_paddle: float
+    loss_rel: float
+    grad_norm_mmdet: float
+    grad_norm_paddle: float
+    grad_norm_rel: float
+    clipped: bool
+    worst_grad_rel: float
+    worst_grad: str
+    worst_param_rel: float
+    worst_param: str
+    worst_momentum_rel: float
+    ghm_acc_sum_rel: float
+    relu_flips: int
+
+
+@dataclass
+class PairRun:
+    """One training run of both models in one precision.
+
+    Attributes:
+        dtype: "float32" or "float64".
+        rows: the checked rows: every step's losses, gradient norm and lr,
+            step 1's gradients, the final parameters, momentum buffers and
+            GHM ``acc_sum``.
+        steps: per-step figures (`StepRow`), including the informational
+            worst gradient, parameter and momentum differences of every step.
+        relu_layers: step 1's ReLU census (see `ReluMaskCensus.layers`).
+        largest_change: largest |change| of an mmdet parameter over the run.
+        relative_change: (median, max) over mmdet's parameters of their
+            largest |change| divided by their largest initial |value|.
+        seconds: time in each framework's steps ("mmdet_s", "paddle_s").
+        logs: (mmdet, paddle) arrays of ``rows`` when kept, for reprod_log.
+        divergences: each step's first disagreement and its cause (`align.engine.divergence`).
+        reference_cache: how mmdet's side was obtained (`align.backward.reference.Reference.status`);
+        reference_check_s: the time spent reading and checking it in the cache.
+    """
+
+    dtype: str
+    rows: list[TensorDiff]
+    steps: list[StepRow]
+    relu_layers: dict[str, list]
+    largest_change: float
+    relative_change: tuple[float, float]
+    seconds: dict[str, float]
+    logs: tuple[dict, dict] | None = field(default=None, repr=False)
+    divergences: list[Divergence] = field(default_factory=list)
+    reference_cache: str = "off"
+    reference_check_s: float = 0.0
