@@ -1,4 +1,6 @@
-"""``python -m align.backward``: training-step alignment; exit status 1 when it fails."""
+"""``python -m align.backward``: training-step alignment of mmdet's GHM RetinaNet and ours, or of any
+two models that functions build (``--torch module:function --paddle module:function``, trained in
+lockstep: `align.pair.training`); exit status 1 when it fails, 2 on bad input."""
 from __future__ import annotations
 
 import sys
@@ -11,16 +13,55 @@ from align.ghm.pair import extra_dtype
 from align.ghm.suite import run_stage
 
 
+PAIR_SHAPE = "2x3x32x32"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = options_parser("backward", __doc__, BackwardOptions).parse_args(argv)
+    args = options_parser("backward", __doc__.split("\n\n")[0], BackwardOptions).parse_args(argv)
     opts = options_from(BackwardOptions, args, extra_dtype=extra_dtype(args),
                         paddle_threads=args.paddle_threads or _torch_threads())
+    if opts.torch or opts.paddle:
+        return _pair_main(opts, args.verbose)
+    for flag, given in (("--map", opts.map), ("--no-carry", not opts.carry), ("--name", opts.name)):
+        if given:
+            print(f"error: {flag} is for a pair of --torch and --paddle builders", file=sys.stderr)
+            return 2
     return run_stage(lambda: run_backward(opts), label=lambda r: f"backward ({r.meta['dtype']})",
                      summary=lambda r: (f"({len(r.tensors)} compared); mmdet {r.meta['mmdet_s']:.1f} s"
                                         f"{' (replayed from the cache)' if _replayed(r) else ''}, "
                                         f"paddle {r.meta['paddle_s']:.1f} s"),
                      details=_details, first_divergence=first_divergence, verbose=args.verbose,
                      report=opts.reports / "backward.html")
+
+
+def _pair_main(opts: BackwardOptions, verbose: bool) -> int:
+    """Any two models trained in lockstep (`align.pair.training`)."""
+    from align.pair.training import first_divergence as pair_divergence
+
+    name = opts.name or "pair_backward"
+
+    def run():
+        from align.engine.cli import parse_shape
+        from align.pair.run import builder_pair
+        from align.pair.training import train_pair
+        from paddle_impl.config import get_config
+
+        if not (opts.torch and opts.paddle):
+            raise ValueError("--torch and --paddle come together: each names the builder of one side")
+        if opts.ckpt:
+            raise ValueError(f"--ckpt {opts.ckpt}: the mmdet checkpoint of the GHM RetinaNet; with --torch and "
+                             "--paddle the builders load the weights")
+        sgd = get_config()["optimizer"]
+        pair = builder_pair(opts.torch, opts.paddle, name_map_file=opts.map, carry=opts.carry,
+                            shape=parse_shape(opts.shape or PAIR_SHAPE), seed=opts.seed, stage=name, spill=False)
+        return train_pair(pair, steps=opts.steps, lr=opts.lr or sgd["lr"], momentum=sgd["momentum"],
+                          weight_decay=sgd["weight_decay"], clip=opts.clip_max_norm, dtype=opts.dtype,
+                          seed=opts.seed, reports=opts.reports)
+
+    return run_stage(run, label=lambda r: f"{r.stage} ({r.meta['dtype']})",
+                     summary=lambda r: f"({len(r.tensors)} compared over {r.meta['steps']} steps; "
+                                       f"{r.headline.label} {r.headline.value:.2e} at {r.headline.where})",
+                     first_divergence=pair_divergence, verbose=verbose, report=opts.reports / f"{name}.html")
 
 
 def _torch_threads() -> int:

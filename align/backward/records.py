@@ -3,6 +3,7 @@ command line), one run of both models in one precision (`PairRun`) and one step 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import NamedTuple
 
 from align.engine.compare import TensorDiff
@@ -24,10 +25,18 @@ class BackwardOptions(GhmStageOptions):
     ``extra_dtype`` (None: none) a second run measured and reported beside it.
     """
 
-    shape: str = option(DEFAULT_SHAPE, "batch NxCxHxW (default %(default)s)", type=tensor_shape(4, channels=3))
+    # The pair: the GHM RetinaNet unless ``torch`` and ``paddle`` name two builders.
+    torch: str | None = option(None, "module:function building a torch model to train instead of mmdet's GHM "
+                                     "RetinaNet (with --paddle; see align.pair.training)")
+    paddle: str | None = option(None, "module:function building the Paddle model to train beside it")
+    map: Path | None = option(None, "with --torch: JSON name map {\"prefixes\": [[torch, paddle], ...]}", type=Path)
+    carry: bool = option(True, "with --torch: the builders load equal weights themselves", flag="--no-carry")
+    name: str | None = option(None, "with --torch: report file stem (default pair_backward)")
+    shape: str | None = option(None, f"batch NxCxHxW (default {DEFAULT_SHAPE}; with --torch 2x3x32x32)",
+                               type=tensor_shape())
     steps: int = option(10, "training steps (default %(default)s)", type=positive)
     lr: float | None = option(None, "base learning rate (default: the config's 0.01 for 16 images, scaled "
-                                    "linearly to the batch size)", type=positive_float)
+                                    "linearly to the batch size; with --torch 0.01)", type=positive_float)
     warmup_iters: int | None = option(None, "linear warm-up length (default: steps // 2)", type=non_negative)
     dtype: str = dtype_option()
     extra_dtype: str | None = extra_dtype_option()

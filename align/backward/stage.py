@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from align.backward.records import BackwardOptions, PairRun, StepRow
+from align.backward.records import DEFAULT_SHAPE, BackwardOptions, PairRun, StepRow
 from align.backward.reference import Reference, mmdet_reference, mmengine_schedule
 from align.backward.tables import ParameterRow, headline, loss_curve_png, relu_table, side_run, summarize
 from align.engine.capture import ReluMaskCensus
@@ -234,6 +234,7 @@ def run_backward(opts: BackwardOptions) -> StageResult:
     """Train both in ``opts.dtype`` (and ``opts.extra_dtype``), diff, write ``backward*`` files."""
     from paddle_impl.engine.optimizer import scaled_lr
 
+    opts = dataclasses.replace(opts, shape=opts.shape or DEFAULT_SHAPE)
     for dtype in (opts.dtype, opts.extra_dtype):
         if dtype is not None and dtype not in MODEL_DTYPES:
             raise ValueError(f"dtype must be one of {MODEL_DTYPES}, got {dtype!r}")

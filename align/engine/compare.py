@@ -263,11 +263,12 @@ def worst_row(rows: Iterable[TensorDiff]) -> TensorDiff | None:
 
 
 def compare_named(prefix: str, reference: Mapping[str, Any], test: Mapping[str, Any], tol: float,
-                  logs: tuple[dict, dict] | None = None) -> list[TensorDiff]:
+                  logs: tuple[dict, dict] | None = None, mean_tol: float | None = None) -> list[TensorDiff]:
     """One row per tensor of ``reference`` against ``test``, by name.
 
     Rows are named ``{prefix}.{name}``; a name on one side only is a failed
-    row. ``logs``, when given, is a ``(reference, test)`` pair of dicts that
+    row. ``tol`` bounds the relative difference and, unless ``mean_tol`` is
+    given, the mean absolute one. ``logs``, when given, is a ``(reference, test)`` pair of dicts that
     receives the compared arrays under the row names (for reprod_log).
     Without it the tensors are converted one at a time and dropped, so no
     copy of a whole model is held.
@@ -281,7 +282,7 @@ def compare_named(prefix: str, reference: Mapping[str, Any], test: Mapping[str, 
             rows.append(missing_row(key, ref_shape=ref.shape, reason="missing in paddle"))
             continue
         tst = to_numpy(test[name], keep)
-        rows.append(diff_arrays(key, ref, tst, rel_tol=tol, mean_tol=tol))
+        rows.append(diff_arrays(key, ref, tst, rel_tol=tol, mean_tol=tol if mean_tol is None else mean_tol))
         if logs is not None:
             logs[0][key], logs[1][key] = ref, tst
     for name in sorted(test.keys() - reference.keys()):

@@ -23,3 +23,11 @@ def raising():
 
 def nested_failure():
     return {}["backbone"]
+
+
+def block_paddle_wrong_backward():
+    """The Paddle block with a ReLU whose backward is 1e-3 too large: the forward agrees."""
+    from tests.align.faults import WrongBackwardReLU
+    from tests.align.test_isolate import PaddleBlock
+
+    return PaddleBlock(relu=WrongBackwardReLU()).eval()

@@ -1,0 +1,213 @@
+"""Any pair trained in lockstep: the backward stage of two models that functions build.
+
+Both models take the same seeded input at every step and minimise the same loss,
+``sum(output * R)`` over the first output (``R`` seeded, `align.forward.stage.projection`),
+with SGD of the same learning rate, momentum, coupled weight decay and, optionally,
+gradient clipping at the same global L2 norm: ``torch.optim.SGD`` with
+``torch.nn.utils.clip_grad_norm_`` on one side, the project's torch-exact SGD and clipping
+(`paddle_impl.engine.optimizer`) on the other. `align.engine.paired.train_in_lockstep`
+compares every step's loss, gradient norm and learning rate, every gradient at step 1,
+and every parameter and momentum buffer after the last step, under Paddle's names (the
+pair's name map; Linear weights in Paddle's layout).
+
+In float64 (the default, as the GHM backward stage checks) two correct implementations
+agree to rounding; in float32 a deep network's gradients part by more than the bounds
+(the frameworks' kernels round differently and a ReLU near zero flips), which the
+forward stage's ``--isolate`` examines layer by layer instead.
+"""
+from __future__ import annotations
+
+import io
+import math
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from align.engine.compare import compare_named, first_failed_name
+from align.engine.paired import StepValues, train_in_lockstep, value_series
+from align.engine.report import Headline, StageResult
+from align.engine.weights import NameMap, is_linear_weight
+from align.forward.stage import paddle_projected_loss, torch_projected_loss
+from align.pair.run import ModelPair, named
+
+# Relative bounds per compared value, by precision: (step 1, later steps, final state). In
+# float32 step 1 is one forward and backward and the updates compound rounding after it; in
+# float64 two correct implementations agree to about 1e-11 (ResNet-18, 3 steps), so the bound
+# catches what float32 would hide (a missing weight decay changes a parameter by ~1e-6).
+TOLERANCES = {"float32": (1e-5, 1e-4, 1e-4), "float64": (1e-9, 1e-9, 1e-9)}
+
+
+class TorchTraining:
+    """The torch model as a `Side`: ``torch.optim.SGD`` and ``clip_grad_norm_``, values under Paddle's names."""
+
+    name = "torch"
+
+    def __init__(self, model, name_map: NameMap, *, lr: float, momentum: float, weight_decay: float,
+                 clip: Optional[float], seed: int):
+        import torch
+
+        self.model, self.name_map, self.lr, self.clip, self.seed = model, name_map, lr, clip, seed
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+    def train_step(self, batch: np.ndarray, after_backward: Optional[Callable[[], None]] = None) -> StepValues:
+        import torch
+
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = torch_projected_loss(named(self.model(torch.from_numpy(batch))), self.seed)
+        loss.backward()
+        if after_backward is not None:
+            after_backward()
+        trained = [p for p in self.model.parameters() if p.requires_grad and p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(trained, self.clip if self.clip else math.inf)
+        self.optimizer.step()
+        return StepValues({"loss": float(loss.detach())}, float(norm), self.lr)
+
+    def _by_paddle_name(self, value: Callable[[str, Any], Any]) -> dict[str, np.ndarray]:
+        out = {}
+        for name, param in self.model.named_parameters():
+            array = value(name, param)
+            if array is None:
+                continue
+            array = array.detach().cpu().numpy()
+            out[self.name_map.tensor(name)] = array.T if is_linear_weight(self.model, name) else array
+        return out
+
+    def gradients(self) -> dict[str, np.ndarray]:
+        return self._by_paddle_name(lambda name, p: p.grad if p.requires_grad else None)
+
+    def parameters(self) -> dict[str, np.ndarray]:
+        return self._by_paddle_name(lambda name, p: p if p.requires_grad else None)
+
+    def state(self) -> dict[str, dict[str, np.ndarray]]:
+        buffers = self._by_paddle_name(lambda name, p: self.optimizer.state.get(p, {}).get("momentum_buffer"))
+        return {"momentum": buffers}
+
+
+class PaddleTraining:
+    """The Paddle model as a `Side`: the project's torch-exact SGD (`paddle_impl.engine.optimizer`)."""
+
+    name = "paddle"
+
+    def __init__(self, model, *, lr: float, momentum: float, weight_decay: float, clip: Optional[float], seed: int):
+        from paddle_impl.engine.optimizer import SGD
+
+        self.model, self.lr, self.clip, self.seed = model, lr, clip, seed
+        self.optimizer = SGD(model, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+    def train_step(self, batch: np.ndarray, after_backward: Optional[Callable[[], None]] = None) -> StepValues:
+        import paddle
+
+        from paddle_impl.engine.optimizer import clip_grad_norm_
+
+        self.optimizer.clear_grad()
+        loss = paddle_projected_loss(named(self.model(paddle.to_tensor(batch))), self.seed)
+        loss.backward()
+        if after_backward is not None:
+            after_backward()
+        norm = clip_grad_norm_(self.optimizer.parameters().values(), self.clip if self.clip else math.inf)
+        self.optimizer.step()
+        return StepValues({"loss": float(loss)}, float(norm), self.lr)
+
+    def gradients(self) -> dict[str, np.ndarray]:
+        return {name: p.grad.numpy() for name, p in self.model.named_parameters()
+                if not p.stop_gradient and p.grad is not None}
+
+    def parameters(self) -> dict[str, np.ndarray]:
+        """The trainable parameters (Paddle also lists BatchNorm statistics as parameters; torch
+        keeps them as buffers, which the forward stage compares)."""
+        return {name: p.numpy() for name, p in self.model.named_parameters() if not p.stop_gradient}
+
+    def state(self) -> dict[str, dict[str, np.ndarray]]:
+        return {"momentum": {name: b.numpy() for name, b in self.optimizer.momentum_buffers().items()}}
+
+
+def train_pair(pair: ModelPair, *, steps: int, lr: float, momentum: float, weight_decay: float,
+               clip: Optional[float], dtype: str, seed: int, reports, title: str = "") -> StageResult:
+    """Train ``pair`` for ``steps`` steps on both sides in lockstep (see the module docstring) and
+    write ``<stage>.json`` / ``.html`` (and reprod_log's files) into ``reports``."""
+    from align.engine.reprod import reprod_log_diff
+
+    torch_model, paddle_model = pair.torch_model(), pair.paddle_model
+    if dtype == "float64":
+        torch_model.double()
+        paddle_model.to(dtype="float64")
+    shape = pair.inputs.shape
+    batches = [np.random.default_rng(seed + 1000 * (k + 1)).standard_normal(shape).astype(dtype)
+               for k in range(steps)]
+    reference = TorchTraining(torch_model, pair.name_map, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                              clip=clip, seed=seed)
+    test = PaddleTraining(paddle_model, lr=lr, momentum=momentum, weight_decay=weight_decay, clip=clip, seed=seed)
+
+    first_tol, later_tol, state_tol = TOLERANCES[dtype]
+
+    def tolerance(step: int, name: str) -> tuple[float, float]:
+        tol = 1e-12 if name == "lr" else first_tol if step == 1 else later_tol
+        return tol, math.inf
+
+    def at_gradients(step: int):
+        return (compare_named("step1.grad", reference.gradients(), test.gradients(), first_tol, mean_tol=math.inf)
+                if step == 1 else [])
+
+    def after_step(record):
+        if record.step != steps:
+            return []
+        # Relative bounds only: the parameters' scale is the model's, not the comparison's.
+        return (compare_named("final.param", reference.parameters(), test.parameters(), state_tol, mean_tol=math.inf)
+                + compare_named("final.momentum", reference.state()["momentum"], test.state()["momentum"], state_tol,
+                                mean_tol=math.inf))
+
+    run = train_in_lockstep(reference, test, [(b, b) for b in batches], label=lambda step: f"step{step}",
+                            tolerance=tolerance, at_gradients=at_gradients, after_step=after_step)
+    names = ["loss", "grad_norm"]
+    ours, theirs = value_series(run, "test", names), value_series(run, "reference", names)
+    reprod = reprod_log_diff({k: np.asarray(v) for k, v in ours.items()},
+                             {k: np.asarray(v) for k, v in theirs.items()}, reports, pair.stage, later_tol)
+    result = StageResult(
+        stage=pair.stage,
+        title=title or f"Training in lockstep: {pair.title}",
+        passed=all(r.passed for r in run.rows),
+        tensors=run.rows,
+        thresholds={"step 1": first_tol, "later steps": later_tol, "final state": state_tol},
+        meta={**pair.meta, "steps": steps, "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
+              "clip_max_norm": clip, "dtype": dtype, "seed": seed, "input_shape": list(shape),
+              "loss": "sum(output * R), R seeded, over the first output"},
+        figures=[("Loss per step, torch and Paddle, and their relative difference",
+                  _loss_figure(theirs, ours, first_tol, later_tol))],
+        reprod_log=reprod,
+        reprod_log_check=later_tol,
+        headline=Headline.worst(run.rows, None, "worst compared value, max|diff| / max|ref|"),
+        seconds=dict(run.seconds),
+    )
+    return pair.write_report(result, reports)
+
+
+def first_divergence(result: StageResult) -> Optional[str]:
+    return first_failed_name(result.tensors)
+
+
+def _loss_figure(reference: dict[str, list[float]], test: dict[str, list[float]], first_tol: float,
+                 later_tol: float) -> bytes:
+    """PNG: the loss of both sides per step, and their relative difference (log scale)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(10, 3.2), dpi=100)
+    FigureCanvasAgg(figure)
+    left, right = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
+    steps = list(range(1, len(reference["loss"]) + 1))
+    left.plot(steps, reference["loss"], "o-", label="torch", color="#1f6fb2")
+    left.plot(steps, test["loss"], "x--", label="paddle", color="#c0392b")
+    left.set_xlabel("step")
+    left.set_ylabel("loss")
+    left.legend(frameon=False)
+    rel = [abs(t - r) / max(abs(r), 1e-30) for r, t in zip(reference["loss"], test["loss"])]
+    right.plot(steps, [max(v, 1e-17) for v in rel], "o-", color="#57606a")
+    right.axhline(first_tol, color="#c0392b", linestyle="--", linewidth=0.8)
+    right.axhline(later_tol, color="#c0392b", linestyle=":", linewidth=0.8)
+    right.set_yscale("log")
+    right.set_xlabel("step")
+    right.set_ylabel("|paddle - torch| / |torch|")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", metadata={"Software": None})
+    return buffer.getvalue()
