@@ -31,3 +31,12 @@ def block_paddle_wrong_backward():
     from tests.align.test_isolate import PaddleBlock
 
     return PaddleBlock(relu=WrongBackwardReLU()).eval()
+
+
+def block_paddle_carried():
+    """The Paddle block holding the torch block's weights already (for ``--no-carry``)."""
+    from align.engine.weights import NameMap, carry_weights
+
+    paddle_block = block_paddle()
+    carry_weights(block_torch(), paddle_block, NameMap())
+    return paddle_block

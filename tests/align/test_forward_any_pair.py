@@ -49,3 +49,11 @@ def test_the_pair_options_are_checked(tmp_path, capsys):
     assert forward_main(["--map", "names.json", "--reports", str(tmp_path / "r")]) == 2
     assert capsys.readouterr().err.splitlines() == ["error: --map is for a pair of --torch and --paddle builders"]
     assert not (tmp_path / "r").exists()
+
+
+def test_without_carrying_linear_weight_gradients_are_compared_in_paddles_layout(tmp_path):
+    argv = list(PAIR)
+    argv[3] = "tests.align.pair_builders:block_paddle_carried"
+    status = forward_main(argv + ["--no-carry", "--backward", "--reports", str(tmp_path / "nc")])
+    rows = {t["name"]: t for t in json.loads((tmp_path / "nc" / "pair.json").read_text())["tensors"]}
+    assert status == 0 and rows["grad.fc.weight"]["passed"] and rows["grad.fc.weight"]["test_shape"] == [8, 5]
