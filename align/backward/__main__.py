@@ -14,6 +14,9 @@ from align.ghm.suite import run_stage
 
 
 PAIR_SHAPE = "2x3x32x32"
+# A pair's default learning rate: sum(output * R) has no minimum, and a larger step sends a deep
+# network's loss far from where it started within a few steps.
+PAIR_LR = 1e-3
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,7 +57,7 @@ def _pair_main(opts: BackwardOptions, verbose: bool) -> int:
         sgd = get_config()["optimizer"]
         pair = builder_pair(opts.torch, opts.paddle, name_map_file=opts.map, carry=opts.carry,
                             shape=parse_shape(opts.shape or PAIR_SHAPE), seed=opts.seed, stage=name, spill=False)
-        return train_pair(pair, steps=opts.steps, lr=opts.lr or sgd["lr"], momentum=sgd["momentum"],
+        return train_pair(pair, steps=opts.steps, lr=opts.lr or PAIR_LR, momentum=sgd["momentum"],
                           weight_decay=sgd["weight_decay"], clip=opts.clip_max_norm, dtype=opts.dtype,
                           seed=opts.seed, reports=opts.reports)
 

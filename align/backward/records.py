@@ -36,7 +36,7 @@ class BackwardOptions(GhmStageOptions):
                                type=tensor_shape())
     steps: int = option(10, "training steps (default %(default)s)", type=positive)
     lr: float | None = option(None, "base learning rate (default: the config's 0.01 for 16 images, scaled "
-                                    "linearly to the batch size; with --torch 0.01)", type=positive_float)
+                                    "linearly to the batch size; with --torch 0.001)", type=positive_float)
     warmup_iters: int | None = option(None, "linear warm-up length (default: steps // 2)", type=non_negative)
     dtype: str = dtype_option()
     extra_dtype: str | None = extra_dtype_option()

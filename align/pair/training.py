@@ -190,6 +190,7 @@ def _loss_figure(reference: dict[str, list[float]], test: dict[str, list[float]]
     """PNG: the loss of both sides per step, and their relative difference (log scale)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     figure = Figure(figsize=(10, 3.2), dpi=100)
     FigureCanvasAgg(figure)
@@ -205,6 +206,8 @@ def _loss_figure(reference: dict[str, list[float]], test: dict[str, list[float]]
     right.axhline(first_tol, color="#c0392b", linestyle="--", linewidth=0.8)
     right.axhline(later_tol, color="#c0392b", linestyle=":", linewidth=0.8)
     right.set_yscale("log")
+    for axes in (left, right):
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     right.set_xlabel("step")
     right.set_ylabel("|paddle - torch| / |torch|")
     figure.tight_layout()
