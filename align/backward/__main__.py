@@ -1,6 +1,6 @@
 """``python -m align.backward``: training-step alignment of mmdet's GHM RetinaNet and ours, or of any
 two models that functions build (``--torch module:function --paddle module:function``, trained in
-lockstep: `align.pair.training`); exit status 1 when it fails, 2 on bad input."""
+lockstep: `align.backward.any_pair`); exit status 1 when it fails, 2 on bad input."""
 from __future__ import annotations
 
 import sys
@@ -38,15 +38,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _pair_main(opts: BackwardOptions, verbose: bool) -> int:
-    """Any two models trained in lockstep (`align.pair.training`)."""
-    from align.pair.training import first_divergence as pair_divergence
+    """Any two models trained in lockstep (`align.backward.any_pair`)."""
+    from align.backward.any_pair import first_divergence as pair_divergence
 
     name = opts.name or "pair_backward"
 
     def run():
         from align.engine.cli import parse_shape
         from align.pair.run import builder_pair
-        from align.pair.training import train_pair
+        from align.backward.any_pair import train_pair
         from paddle_impl.config import get_config
 
         if not (opts.torch and opts.paddle):

@@ -27,7 +27,7 @@ class BackwardOptions(GhmStageOptions):
 
     # The pair: the GHM RetinaNet unless ``torch`` and ``paddle`` name two builders.
     torch: str | None = option(None, "module:function building a torch model to train instead of mmdet's GHM "
-                                     "RetinaNet (with --paddle; see align.pair.training)")
+                                     "RetinaNet (with --paddle; see align.backward.any_pair)")
     paddle: str | None = option(None, "module:function building the Paddle model to train beside it")
     map: Path | None = option(None, "with --torch: JSON name map {\"prefixes\": [[torch, paddle], ...]}", type=Path)
     carry: bool = option(True, "with --torch: the builders load equal weights themselves", flag="--no-carry")

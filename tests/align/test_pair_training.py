@@ -54,7 +54,7 @@ def test_the_pair_options_are_checked(tmp_path, capsys):
 
 
 def test_a_missing_weight_decay_on_the_paddle_side_is_caught_in_float64(tmp_path, monkeypatch):
-    from align.pair import training
+    from align.backward import any_pair as training
 
     real = training.PaddleTraining.__init__
 
