@@ -59,7 +59,8 @@ def _pair_main(opts: BackwardOptions, verbose: bool) -> int:
                             shape=parse_shape(opts.shape or PAIR_SHAPE), seed=opts.seed, stage=name, spill=False)
         return train_pair(pair, steps=opts.steps, lr=opts.lr or PAIR_LR, momentum=sgd["momentum"],
                           weight_decay=sgd["weight_decay"], clip=opts.clip_max_norm, dtype=opts.dtype,
-                          seed=opts.seed, reports=opts.reports)
+                          seed=opts.seed, reports=opts.reports,
+                          cache_dir=opts.build_dir / "cache" if opts.cache else None, fresh=opts.fresh)
 
     return run_stage(run, label=lambda r: f"{r.stage} ({r.meta['dtype']})",
                      summary=lambda r: f"({len(r.tensors)} compared over {r.meta['steps']} steps; "

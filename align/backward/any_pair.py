@@ -17,14 +17,18 @@ forward stage's ``--isolate`` examines layer by layer instead.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import math
-from typing import Any, Callable, Optional
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
+from align.engine.cache import ReferenceCache, cache_key
 from align.engine.compare import compare_named, first_failed_name
 from align.engine.paired import StepValues, train_in_lockstep, value_series
+from align.engine.replay import RecordingSide, ReplaySide
 from align.engine.report import Headline, StageResult
 from align.engine.weights import NameMap, is_linear_weight
 from align.forward.stage import paddle_projected_loss, torch_projected_loss
@@ -121,23 +125,56 @@ class PaddleTraining:
         return {"momentum": {name: b.numpy() for name, b in self.optimizer.momentum_buffers().items()}}
 
 
-def train_pair(pair: ModelPair, *, steps: int, lr: float, momentum: float, weight_decay: float,
-               clip: Optional[float], dtype: str, seed: int, reports, title: str = "") -> StageResult:
-    """Train ``pair`` for ``steps`` steps on both sides in lockstep (see the module docstring) and
-    write ``<stage>.json`` / ``.html`` (and reprod_log's files) into ``reports``."""
-    from align.engine.reprod import reprod_log_diff
+@contextlib.contextmanager
+def torch_side(pair: ModelPair, settings: dict, cache_dir: Optional[Path], fresh: bool) -> Iterator[tuple[Any, str]]:
+    """The torch side of the run and how it was obtained, inside a ``with`` block: with
+    ``cache_dir``, replayed from the cache when an entry matches the pair's reference key and
+    ``settings`` (the run's steps, lr, optimizer, precision and seed), else recorded there as it
+    trains (an entry only when the block ends without an exception); without, trained live."""
+    import torch
 
-    torch_model, paddle_model = pair.torch_model(), pair.paddle_model
+    live = TorchTraining(pair.torch_model(), pair.name_map, **{k: settings[k] for k in
+                         ("lr", "momentum", "weight_decay", "clip", "seed")})
+    reference = pair.reference_key() if cache_dir is not None else None
+    if reference is None:
+        yield live, "off" if cache_dir is None else "not cacheable"
+        return
+    cache = ReferenceCache(cache_dir)
+    key = cache_key({"stage": "backward", "format": 1, **reference, **settings,
+                     "torch_threads": torch.get_num_threads()})
+    arrays = None if fresh else cache.load(pair.stage, key)
+    if arrays is not None:
+        yield ReplaySide(live.name, arrays), "hit"
+        return
+    status = "fresh" if fresh else cache.last_status
+    with cache.writer(pair.stage, key) as entry:
+        yield RecordingSide(live, entry), status
+
+
+def train_pair(pair: ModelPair, *, steps: int, lr: float, momentum: float, weight_decay: float,
+               clip: Optional[float], dtype: str, seed: int, reports, title: str = "",
+               cache_dir: Optional[Path] = None, fresh: bool = False) -> StageResult:
+    """Train ``pair`` for ``steps`` steps on both sides in lockstep (see the module docstring) and
+    write ``<stage>.json`` / ``.html`` (and reprod_log's files) into ``reports``; with
+    ``cache_dir`` the torch side is kept there and replayed when nothing it depends on changed."""
     if dtype == "float64":
-        torch_model.double()
-        paddle_model.to(dtype="float64")
+        pair.torch_model().double()
+        pair.paddle_model.to(dtype="float64")
     shape = pair.inputs.shape
     batches = [np.random.default_rng(seed + 1000 * (k + 1)).standard_normal(shape).astype(dtype)
                for k in range(steps)]
-    reference = TorchTraining(torch_model, pair.name_map, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                              clip=clip, seed=seed)
-    test = PaddleTraining(paddle_model, lr=lr, momentum=momentum, weight_decay=weight_decay, clip=clip, seed=seed)
+    settings = {"steps": steps, "lr": lr, "momentum": momentum, "weight_decay": weight_decay, "clip": clip,
+                "dtype": dtype, "seed": seed, "shape": list(shape)}
+    test = PaddleTraining(pair.paddle_model, lr=lr, momentum=momentum, weight_decay=weight_decay, clip=clip,
+                          seed=seed)
+    with torch_side(pair, settings, cache_dir, fresh) as (reference, cache_status):
+        run = _lockstep(reference, test, batches, dtype)
+    return _report(pair, run, settings, cache_status, reports, title)
 
+
+def _lockstep(reference, test: PaddleTraining, batches: list, dtype: str):
+    """Both sides through ``batches``: every step's values, step 1's gradients, the final state."""
+    steps = len(batches)
     first_tol, later_tol, state_tol = TOLERANCES[dtype]
 
     def tolerance(step: int, name: str) -> tuple[float, float]:
@@ -156,8 +193,14 @@ def train_pair(pair: ModelPair, *, steps: int, lr: float, momentum: float, weigh
                 + compare_named("final.momentum", reference.state()["momentum"], test.state()["momentum"], state_tol,
                                 mean_tol=math.inf))
 
-    run = train_in_lockstep(reference, test, [(b, b) for b in batches], label=lambda step: f"step{step}",
-                            tolerance=tolerance, at_gradients=at_gradients, after_step=after_step)
+    return train_in_lockstep(reference, test, [(b, b) for b in batches], label=lambda step: f"step{step}",
+                             tolerance=tolerance, at_gradients=at_gradients, after_step=after_step)
+
+
+def _report(pair: ModelPair, run, settings: dict, cache_status: str, reports, title: str) -> StageResult:
+    from align.engine.reprod import reprod_log_diff
+
+    first_tol, later_tol, state_tol = TOLERANCES[settings["dtype"]]
     names = ["loss", "grad_norm"]
     ours, theirs = value_series(run, "test", names), value_series(run, "reference", names)
     reprod = reprod_log_diff({k: np.asarray(v) for k, v in ours.items()},
@@ -168,9 +211,10 @@ def train_pair(pair: ModelPair, *, steps: int, lr: float, momentum: float, weigh
         passed=all(r.passed for r in run.rows),
         tensors=run.rows,
         thresholds={"step 1": first_tol, "later steps": later_tol, "final state": state_tol},
-        meta={**pair.meta, "steps": steps, "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
-              "clip_max_norm": clip, "dtype": dtype, "seed": seed, "input_shape": list(shape),
-              "loss": "sum(output * R), R seeded, over the first output"},
+        meta={**pair.meta, **settings, "input_shape": settings["shape"],
+              "loss": "sum(output * R), R seeded, over the first output",
+              # "hit": the torch side was replayed from build/cache (its time is then 0); "off": no cache.
+              "reference_cache": cache_status},
         figures=[("Loss per step, torch and Paddle, and their relative difference",
                   _loss_figure(theirs, ours, first_tol, later_tol))],
         reprod_log=reprod,

@@ -65,3 +65,20 @@ def test_a_missing_weight_decay_on_the_paddle_side_is_caught_in_float64(tmp_path
     status, report = run(tmp_path, BLOCK)
     assert status == 1
     assert any(t["name"].startswith("final.") and not t["passed"] for t in report["tensors"])
+
+
+def test_the_torch_side_is_replayed_from_the_cache_and_a_fault_is_still_caught(tmp_path, monkeypatch):
+    cached = BLOCK + ["--cache", "--build-dir", str(tmp_path / "build")]
+    status, first = run(tmp_path / "r1", cached)
+    assert status == 0 and first["meta"]["reference_cache"] == "miss"
+    status, second = run(tmp_path / "r2", cached)
+    assert status == 0 and second["meta"]["reference_cache"] == "hit"
+    assert [(t["name"], t["max_abs"]) for t in second["tensors"]] == [(t["name"], t["max_abs"]) for t in first["tensors"]]
+
+    from align.backward import any_pair
+
+    real = any_pair.PaddleTraining.__init__
+    monkeypatch.setattr(any_pair.PaddleTraining, "__init__",
+                        lambda self, model, *, weight_decay, **kw: real(self, model, weight_decay=0.0, **kw))
+    status, faulty = run(tmp_path / "r3", cached)
+    assert status == 1 and faulty["meta"]["reference_cache"] == "hit"
