@@ -59,92 +59,51 @@ is not copied: its GHM-C casts the targets to float32, and torch's
 BCE-with-logits then computes the element-wise loss, and the gradient flowing
 into it, in that dtype; here they stay in the prediction's.
 
-mmdet loops over the regions with a host synchronisation in each. Here
-(`paddle_impl.model.gradient_density`) one bucketing pass turns ``g`` into
-integer region ids, one ``bincount`` counts them and one look-up in a
-(bins + 2,) table gives every element its weight; the per-region arithmetic
-runs on tensors of ``bins`` elements. No value is
-read back to the host (on a GPU ``paddle.bincount`` synchronises once to size
-its output). At the reference scale (24M elements per call) fresh
-full-size tensors cost as much as the arithmetic, so the work is done in
-place wherever the gradient does not need the old values, and the gradient
-itself is written by hand (`_HarmonizedLoss`): ``weight * dloss/dpred`` from
-tensors the forward pass computes anyway.
+mmdet loops over the regions with a host synchronisation in each. Here the
+element-wise work runs over chunks of the first axis (`ghm_chunks`: about a
+megabyte of float32 each, on Paddle's CPU threads, ``OMP_NUM_THREADS``) in two
+passes, so that the few operations on a chunk find it in the cache and no
+tensor of the full size is made but the ones the call returns or keeps:
+
+1. each chunk's loss derivative (``sigmoid(x) - t``, or ``d / sqrt(d^2 +
+   mu^2)``) and the region id of its magnitude ``g`` (`gradient_density`);
+   the call's region counts are read back once, and numpy turns them into one
+   weight per region id (the arithmetic of a few dozen scalars, in mmdet's
+   dtypes and order);
+2. each chunk's element-wise loss, weighted by a look-up of its ids and
+   reduced; the derivative, kept when a gradient is wanted, is weighted in
+   place and becomes the gradient, which the backward pass only scales
+   (`ghm_gradient`).
+
+The element-wise values (loss, derivative, ``g``, ids) are those the same
+operations give on the whole tensor. The mean sums runs of 16 elements in
+float32 and the runs in float64.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import numpy as np
 import paddle
-import paddle.nn.functional as F
-from paddle.autograd import PyLayer
 
 from paddle_impl.config import get_config
-from paddle_impl.model.ghm_inputs import as_float32, check_prediction_dtype, difference_dtype, ghmc_index_targets
-from paddle_impl.model.gradient_density import (bin_edges, density_weights, region_ids,
-                                                  truncation_is_exact)
+from paddle_impl.model import ghm_chunks
+from paddle_impl.model.ghm_gradient import HarmonizedLoss, reduce_weighted
+from paddle_impl.model.ghm_elementwise import DeltasASL1, Elementwise, LogitsBCE
+from paddle_impl.model.gradient_density import (BYTE_TABLE_SIZE, bin_edges, byte_regions, byte_regions_apply,
+                                                  exclusion, region_ids, region_table, truncation_is_exact)
 
 __all__ = ["GHMC", "GHMR", "build_ghmc", "build_ghmr"]
 
 # mmdet divides by ``tot + torch.finfo(torch.float32).eps``.
 _FLOAT32_EPS = float(np.finfo(np.float32).eps)
-
-
-class _HarmonizedLoss(PyLayer):
-    """Reduction of the weighted element-wise loss, with its gradient.
-
-    The forward pass receives everything precomputed without autograd:
-    ``weighted`` = loss * weights and ``derivative`` = d loss / d pred, both
-    shaped like ``pred``, and the per-element ``weights``, all in the loss's
-    computation dtype (``pred``'s, or wider for GHM-R). The gradient with
-    respect to ``pred`` is ``derivative * weights`` times the reduction's
-    factor, in ``pred``'s dtype, which is what autograd would give (the
-    weights depend on ``pred`` only through detached quantities) without
-    keeping a graph of full-size intermediates alive.
-    """
-
-    @staticmethod
-    def forward(ctx, pred, weighted, derivative, weights, denominator, loss_weight, mean):
-        """Args:
-            pred: the prediction, only to attach the gradient to.
-            weighted, derivative, weights: tensors shaped like ``pred``, in
-                the computation dtype.
-            denominator: () ``tot + eps`` in the computation dtype.
-            loss_weight: python float.
-            mean: reduce to ``sum / denominator`` (else element-wise).
-        Returns:
-            () for ``mean``, else shaped like ``pred``; in the computation dtype.
-        """
-        ctx.save_for_backward(derivative, weights, denominator)
-        ctx.pred_dtype = pred.dtype
-        ctx.loss_weight = loss_weight
-        ctx.mean = mean
-        if mean:
-            # The operation order of mmdet: (sum / (tot + eps)) * loss_weight.
-            # A float64 sum: float32 accumulation over millions of elements
-            # drifts ~1e-6 from torch's cascaded float32 sum.
-            total = weighted.sum(dtype="float64").astype(weighted.dtype)
-            return total / denominator * loss_weight
-        return weighted * loss_weight
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        derivative, weights, denominator = ctx.saved_tensor()
-        grad = derivative * weights
-        if ctx.mean:
-            grad.multiply_(grad_output * ctx.loss_weight / denominator)
-        else:
-            grad.multiply_(grad_output * ctx.loss_weight)
-        # A wider computation dtype (float32 deltas, float64 targets) is
-        # rounded back at the end, as torch's autograd casts at the promotion.
-        if grad.dtype != ctx.pred_dtype:
-            grad = grad.astype(ctx.pred_dtype)
-        return grad, None, None, None, None
+# Elements the mean sums in float32 before float64 takes over.
+_RUN = 16
 
 
 class _GHMBase(paddle.nn.Layer):
-    """Region bookkeeping shared by GHM-C and GHM-R.
+    """The two passes and the region bookkeeping shared by GHM-C and GHM-R.
 
     Buffers (persistable, so ``state_dict()`` holds them under the names and
     in the order mmdet uses): ``edges`` (bins + 1,) float32 and, only when
@@ -154,6 +113,8 @@ class _GHMBase(paddle.nn.Layer):
     call's region counts. One ``acc_sum`` serves every call of the module: a
     detection head calls it once per FPN level and iteration, and each call
     updates it.
+
+    A subclass's ``_problem`` prepares a call's inputs (a `ghm_elementwise.Elementwise`).
     """
 
     def __init__(self, bins: int, momentum: float, loss_weight: float,
@@ -173,9 +134,24 @@ class _GHMBase(paddle.nn.Layer):
             self.register_buffer(
                 "acc_sum", paddle.zeros([self.bins], dtype="float32"), persistable=True)
         self._fast_bucketing = truncation_is_exact(edges, self.bins)
+        self._last_counts = None
+        # Small tensors a call fills and reads before it returns, kept from
+        # call to call: weight tables, columns of ones.
+        self._scratch = {}
+
+    @property
+    def last_bin_counts(self) -> paddle.Tensor:
+        """(bins,) int64 region counts of the last call."""
+        if self._last_counts is None:
+            raise AttributeError("last_bin_counts: the layer has not been called")
+        return paddle.to_tensor(self._last_counts)
 
     def _region_ids(self, g: paddle.Tensor, valid: paddle.Tensor) -> paddle.Tensor:
         """Region id of every element; overwrites ``g``.
+
+        The bucketing step of a call when it is observed (see
+        `_bucketing_observed`), and of float64 norms or bin counts that
+        `byte_regions` does not take.
 
         Args:
             g: (...) float32 or float64 gradient norms, a scratch tensor.
@@ -185,6 +161,12 @@ class _GHMBase(paddle.nn.Layer):
         """
         return region_ids(g, valid, self.edges, self._fast_bucketing)
 
+    def _bucketing_observed(self) -> bool:
+        """Whether `_region_ids` is replaced, on the layer or by a subclass: an
+        inspection hook (the alignment recorders wrap it to see the ``g`` they
+        bin). The call then hands it the whole ``g`` at once."""
+        return "_region_ids" in vars(self) or type(self)._region_ids is not _GHMBase._region_ids
+
     def _resolve_reduction(self, reduction_override: Optional[str]) -> str:
         if reduction_override not in (None, "none", "mean", "sum"):
             raise ValueError(f"unknown reduction_override {reduction_override!r}")
@@ -193,39 +175,80 @@ class _GHMBase(paddle.nn.Layer):
             raise ValueError('avg_factor can not be used with reduction="sum"')
         return reduction
 
-    def _weights(self, derivative: paddle.Tensor, valid: paddle.Tensor,
-                 tot: paddle.Tensor) -> paddle.Tensor:
-        """Per-element weights from the loss derivative (updates ``acc_sum``).
+    def _regions(self, problem: Elementwise, keep_derivative: bool):
+        """The first pass: every chunk's derivative and region ids, then the weight table.
 
-        Args:
-            derivative: d loss / d pred, without autograd; g is its magnitude.
-            valid: bool, broadcastable to ``derivative``.
-            tot: () normaliser in ``derivative``'s dtype.
+        Updates ``acc_sum`` (with momentum) and ``last_bin_counts``.
+
         Returns:
-            weights shaped like ``derivative``, in its dtype.
+            spans: the chunks (`ghm_chunks.spans`); an observed bucketing
+                (`_bucketing_observed`) gets the whole tensor at once.
+            ids: per span, uint8 ids of `byte_regions` or int32 of `region_ids`.
+            table: (BYTE_TABLE_SIZE or bins + 2,) weights by id, in the
+                computation dtype.
+            derivative: shaped like the prediction in the computation dtype,
+                or None without ``keep_derivative``.
         """
-        with paddle.no_grad():
-            ids = self._region_ids(paddle.abs(derivative), valid)
-            acc_sum = self.acc_sum if self.momentum > 0 else None
-            weights, counts = density_weights(ids, tot, self.bins, self.momentum, acc_sum)
-        # Kept for inspection (alignment reports compare them with mmdet's).
-        self.last_bin_counts = counts
-        return weights
+        bins = self.bins
+        observed = self._bucketing_observed()
+        spans = ghm_chunks.spans(problem.shape, whole=observed)
+        use_bytes = self._fast_bucketing and byte_regions_apply(bins, problem.dtype) and not observed
+        excluded_by = ()
+        if use_bytes:
+            excluded_by = exclusion(problem.valid, problem.valid.size < math.prod(problem.shape), bins)
+        derivative = None
+        if keep_derivative and len(spans) > 1:
+            derivative = paddle.empty(problem.shape, dtype=problem.dtype)
 
-    def _elementwise(self, pred: paddle.Tensor, target: paddle.Tensor,
-                     label_weight: paddle.Tensor):
-        """The element-wise loss, its derivative, the validity and ``tot``.
+        def first_pass(span):
+            d = problem.derivative(span, problem.rows(derivative, span))
+            g = paddle.abs(d)
+            if use_bytes:
+                ids, counts = byte_regions(g, tuple(problem.rows(t, span) for t in excluded_by), bins,
+                                           problem.bounded)
+            else:
+                ids = self._region_ids(g, problem.rows(problem.valid, span))
+                counts = paddle.bincount(ids.reshape([-1]), minlength=bins + 2)
+            return d, ids, counts
 
-        Args:
-            pred, target, label_weight: the inputs of ``forward``.
-        Returns:
-            loss, derivative: shaped like ``pred``, without autograd, in the
-                computation dtype: ``pred``'s, or for GHM-R the promoted dtype
-                of ``pred - target``.
-            valid: bool, broadcastable to ``pred``: the label weight is > 0.
-            tot: () normaliser in the computation dtype.
-        """
-        raise NotImplementedError
+        results = ghm_chunks.run(first_pass, spans, problem.on_cpu)
+        if keep_derivative and derivative is None:
+            derivative = results[0][0]
+        counts = paddle.add_n([r[2] for r in results]) if len(results) > 1 else results[0][2]
+        acc_sum = self.acc_sum.numpy() if self.momentum > 0 else None
+        table, self._last_counts, acc_sum = region_table(
+            counts.numpy(), problem.tot, bins, BYTE_TABLE_SIZE if use_bytes else bins + 2,
+            self.momentum, acc_sum)
+        if acc_sum is not None:
+            self.acc_sum.set_value(acc_sum)
+        return spans, [r[1] for r in results], self._table_tensor(table, problem.dtype), derivative
+
+    def _table_tensor(self, table: np.ndarray, dtype) -> paddle.Tensor:
+        """``table`` in a tensor the layer reuses from call to call (a call reads
+        its table only before it returns)."""
+        key = ("table", table.shape[0], dtype)
+        tensor = self._scratch.get(key)
+        if tensor is None:
+            tensor = self._scratch[key] = paddle.to_tensor(table)
+        else:
+            tensor.set_value(table)
+        return tensor
+
+    @staticmethod
+    def _lookup(table: paddle.Tensor, ids: paddle.Tensor) -> paddle.Tensor:
+        """The weight of every id: shaped like ``ids``, in the table's dtype."""
+        flat = ids.reshape([-1]) if ids.ndim != 1 else ids
+        if flat.dtype != paddle.int32:
+            flat = paddle.cast(flat, "int32")
+        weights = paddle.gather(table, flat)
+        return weights.reshape(ids.shape) if ids.ndim != 1 else weights
+
+    def _ones(self, rows: int, dtype) -> paddle.Tensor:
+        """A (rows, 1) column of ones, kept from call to call."""
+        key = ("ones", rows, dtype)
+        if key not in self._scratch:
+            self._scratch[key] = paddle.ones([rows, 1], dtype=dtype)
+        return self._scratch[key]
 
     def _loss(self, pred: paddle.Tensor, target: paddle.Tensor, label_weight: paddle.Tensor,
               reduction_override: Optional[str]) -> paddle.Tensor:
@@ -238,14 +261,39 @@ class _GHMBase(paddle.nn.Layer):
         Returns:
             () for 'mean', else shaped like ``pred``.
         """
-        reduction = self._resolve_reduction(reduction_override)
-        loss, derivative, valid, tot = self._elementwise(pred, target, label_weight)
-        weights = self._weights(derivative, valid, tot)
+        mean = self._resolve_reduction(reduction_override) == "mean"
+        need_grad = not pred.stop_gradient and paddle.is_grad_enabled()
         with paddle.no_grad():
-            weighted = loss.multiply_(weights)
-            denominator = tot + _FLOAT32_EPS
-        return _HarmonizedLoss.apply(pred, weighted, derivative, weights, denominator,
-                                     float(self.loss_weight), reduction == "mean")
+            problem = self._problem(pred, target, label_weight)
+            spans, ids, table, derivative = self._regions(problem, keep_derivative=need_grad)
+
+
+            def second_pass(span_and_ids):
+                span, chunk_ids = span_and_ids
+                weighted = problem.loss(span)
+                weights = self._lookup(table, chunk_ids)
+                weighted.multiply_(weights)
+                if need_grad:
+                    problem.rows(derivative, span).multiply_(weights)
+                if not mean:
+                    return weighted
+                # Paddle's float32 sum of a chunk drifts by up to ~1e-6, more
+                # where rare regions' large weights meet the common ones'
+                # small ones. A product with ones sums runs of 16 elements
+                # instead, and the runs add up in float64.
+                width = math.gcd(weighted.size, _RUN)
+                return paddle.matmul(weighted.reshape([-1, width]), self._ones(width, problem.dtype))
+
+            parts = ghm_chunks.run(second_pass, list(zip(spans, ids)), problem.on_cpu)
+            value = paddle.concat(parts) if len(parts) > 1 else parts[0]
+            if mean:
+                value = value.astype("float64").sum().astype(problem.dtype)
+            denominator = paddle.full([], float(problem.tot + problem.np_dtype(_FLOAT32_EPS)),
+                                      dtype=problem.dtype)
+            if not need_grad:
+                return reduce_weighted(value, denominator, float(self.loss_weight), mean)
+        return HarmonizedLoss.apply(pred, value, derivative, denominator,
+                                     float(self.loss_weight), mean)
 
     def harmonizing_weights(self, pred: paddle.Tensor, target: paddle.Tensor,
                             label_weight: paddle.Tensor) -> paddle.Tensor:
@@ -259,8 +307,11 @@ class _GHMBase(paddle.nn.Layer):
             weights shaped like ``pred`` in the computation dtype (that of
             the loss), zero for excluded elements, without ``loss_weight``.
         """
-        _, derivative, valid, tot = self._elementwise(pred, target, label_weight)
-        return self._weights(derivative, valid, tot)
+        with paddle.no_grad():
+            problem = self._problem(pred, target, label_weight)
+            _, ids, table, _ = self._regions(problem, keep_derivative=False)
+            parts = [self._lookup(table, chunk_ids) for chunk_ids in ids]
+            return paddle.concat(parts) if len(parts) > 1 else parts[0]
 
     def extra_repr(self) -> str:
         return (f"bins={self.bins}, momentum={self.momentum}, "
@@ -313,56 +364,8 @@ class GHMC(_GHMBase):
         """
         return self._loss(pred, target, label_weight, reduction_override)
 
-    def _elementwise(self, pred, target, label_weight):
-        """Binary cross-entropy on logits; ``valid`` is (N, 1) for index
-        targets, ``tot`` is ``max(#valid elements, 1)``."""
-        check_prediction_dtype("GHMC", pred)
-        index_targets = ghmc_index_targets(pred, target, label_weight)
-        with paddle.no_grad():
-            # mmdet casts the targets and the label weights to float32 first:
-            # a soft float64 target is rounded, a float64 weight too small for
-            # float32 does not count.
-            label_weight = as_float32(label_weight)
-            logits = pred.detach()
-            # The derivative of BCE with logits is sigmoid(x) - t; g is its magnitude.
-            derivative = F.sigmoid(logits)
-            # BCE with logits as max(x, 0) - t * x + log1p(exp(-|x|)), which
-            # keeps the small losses of confident logits that softplus(x) - t * x
-            # cancels to zero (x = 17, t = 1: 4.1e-8, not 0).
-            loss = F.relu(logits)
-            if index_targets:
-                # Index targets: subtract t = 1 at each foreground (row,
-                # class) pair in place, instead of building an (N, C) one-hot.
-                # Background rows address column 0 and subtract zero.
-                num_samples, num_classes = pred.shape
-                labels = target.reshape([-1])
-                foreground = (labels >= 0) & (labels < num_classes)
-                cols = paddle.where(foreground, labels, paddle.zeros_like(labels))
-                rows = paddle.arange(num_samples, dtype=cols.dtype)
-                t = foreground.astype(pred.dtype)
-                derivative.index_put_((rows, cols), -t, accumulate=True)
-                loss.index_put_((rows, cols), -(logits[rows, cols] * t), accumulate=True)
-                # mmdet expands per-sample weights to (N, C) and counts that;
-                # an (N, 1) column broadcasts the same way without the copy.
-                valid = label_weight.reshape([-1, 1]) > 0
-                num_valid = valid.astype("int64").sum() * num_classes
-            else:
-                target = as_float32(target)
-                if target.dtype != pred.dtype:
-                    target = target.astype(pred.dtype)
-                derivative.subtract_(target)
-                loss.subtract_(logits * target)
-                # mmdet counts the weights as given, before they broadcast.
-                valid = label_weight > 0
-                num_valid = valid.astype("int64").sum()
-            tail = paddle.abs(logits)
-            tail.scale_(-1.0)
-            tail.exp_()
-            tail.log1p_()
-            loss.add_(tail)
-            del tail
-            tot = paddle.maximum(num_valid.astype(pred.dtype), paddle.ones([], dtype=pred.dtype))
-        return loss, derivative, valid, tot
+    def _problem(self, pred, target, label_weight) -> LogitsBCE:
+        return LogitsBCE(pred, target, label_weight)
 
 
 class GHMR(_GHMBase):
@@ -401,37 +404,8 @@ class GHMR(_GHMBase):
         """
         return self._loss(pred, target, label_weight, reduction_override)
 
-    def _elementwise(self, pred, target, label_weight):
-        """The ASL1 loss; ``valid`` is shaped like ``label_weight``, ``tot`` is
-        ``max(sum(label_weight), 1)``."""
-        check_prediction_dtype("GHMR", pred)
-        dtype = difference_dtype(pred, target)
-        mu = self.mu
-        with paddle.no_grad():
-            # mmdet's ``pred - target`` promotes both to ``dtype``, where the
-            # loss, the gradient norms and the weights then live; widening
-            # first is the same exact step.
-            values = pred.detach()
-            if values.dtype != dtype:
-                values = values.astype(dtype)
-            if target.dtype != dtype:
-                target = target.astype(dtype)
-            diff = values - target
-            # One root serves the loss and the derivative d / root,
-            # rounded as mmdet rounds both of its expressions.
-            square = diff * diff + mu * mu
-            root = paddle.sqrt(square)
-            # Paddle's vectorized float32 sqrt(+inf) is NaN (torch's is +inf);
-            # an infinite prediction must give an infinite loss, as in mmdet.
-            root = paddle.where(paddle.isinf(square), square, root)
-            loss = root - mu
-            derivative = diff / root
-            # mmdet compares the weights with zero in their own dtype, but sums
-            # them in float32 whatever the other dtypes.
-            valid = label_weight > 0
-            weight_sum = as_float32(label_weight).sum()
-            tot = paddle.maximum(weight_sum, paddle.ones([], dtype="float32")).astype(dtype)
-        return loss, derivative, valid, tot
+    def _problem(self, pred, target, label_weight) -> DeltasASL1:
+        return DeltasASL1(pred, target, label_weight, self.mu)
 
 
 def build_ghmc(**overrides) -> GHMC:

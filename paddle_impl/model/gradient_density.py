@@ -7,10 +7,24 @@ weight is positive. The weight of an element is ``tot`` over the (running)
 count of its region, divided by the number of non-empty regions.
 
 Region ids: 0 .. bins-1 are the regions; ``bins`` is an alias of the last
-region (the fast bucketing puts g == 1 there), ``bins + 1`` collects the
-elements that are in no region (label weight <= 0, NaN, g >= the last edge).
-One ``bincount`` of the ids and one look-up in a (bins + 2,) table replace
+region (the truncation puts g == 1 there), ``bins + 1`` marks the elements
+that are in no region (label weight <= 0, NaN, g >= the last edge). Counting
+the ids once and looking each element's weight up in a small table replace
 mmdet's loop over the regions and its host synchronisation in each.
+
+Two bucketings give the same ids:
+
+* `region_ids`, int32 ids for any dtype and bin count: the truncation
+  ``int(fl32(g * bins))`` where it is exact (`truncation_is_exact`), else
+  ``searchsorted`` on the edges; ``bincount`` counts them.
+* `byte_regions`, for float32 chunks when the truncation is exact and the ids
+  fit in a byte: three in-place operations, a ``histogram`` of the scaled
+  norms (which leaves NaN out of every region, as mmdet's comparisons do) and
+  a cast to uint8. The loss works on cache-sized chunks, and there the
+  fewer, in-place passes and the byte-sized ids are what make it fast.
+
+`region_table` turns the counts into the per-id weight table (updating the
+running counts with momentum).
 """
 from __future__ import annotations
 
@@ -19,11 +33,14 @@ from typing import Optional
 import numpy as np
 import paddle
 
-__all__ = ["EDGE_CHECK_ULPS", "bin_edges", "truncation_is_exact", "region_ids", "density_weights"]
+__all__ = ["EDGE_CHECK_ULPS", "BYTE_TABLE_SIZE", "bin_edges", "truncation_is_exact", "region_ids",
+           "byte_regions_apply", "exclusion", "byte_regions", "region_table"]
 
 # How far around each edge (in float32 units in the last place) the fast
 # bucketing is checked against the exact comparisons; see `truncation_is_exact`.
 EDGE_CHECK_ULPS = 16
+# Entries of the weight table of `byte_regions`' ids: one per byte.
+BYTE_TABLE_SIZE = 256
 
 
 def bin_edges(bins: int, last_edge: Optional[float]) -> np.ndarray:
@@ -105,50 +122,119 @@ def region_ids(g: paddle.Tensor, valid: paddle.Tensor, edges: paddle.Tensor,
     return ids + (ids == bins).astype("int32")
 
 
-def density_weights(ids: paddle.Tensor, tot: paddle.Tensor, bins: int, momentum: float = 0.0,
-                    acc_sum: Optional[paddle.Tensor] = None) -> tuple[paddle.Tensor, paddle.Tensor]:
-    """Per-element GHM weights from this call's region counts or, with momentum,
-    from the running counts ``acc_sum``, which are updated in place.
+def byte_regions_apply(bins: int, dtype) -> bool:
+    """Whether `byte_regions` may bucket gradient norms of ``dtype`` into ``bins`` regions."""
+    return dtype == paddle.float32 and bins + 1 < BYTE_TABLE_SIZE
+
+
+def exclusion(valid: paddle.Tensor, broadcasts: bool, bins: int) -> tuple:
+    """How `byte_regions` gives the elements in no region (label weight <= 0) the excluded id.
 
     Args:
-        ids: (...) int32 region ids from `region_ids`.
-        tot: () the normaliser ``tot`` of the call, in the dtype of the
-            weights to return (the loss's computation dtype).
-        bins: the number of regions.
-        momentum: moving-average factor of the counts (0: none).
-        acc_sum: (bins,) running region counts, float32 or float64; required
-            when momentum > 0 and unused otherwise. Only the non-empty
-            regions of this call are updated.
+        valid: bool, broadcastable to the gradient norms: label weight > 0.
+        broadcasts: ``valid`` is smaller than the norms (an (N, 1) column of
+            per-sample weights).
     Returns:
-        weights: (...) in ``tot``'s dtype, zero for excluded elements.
-        counts: (bins,) int64 region counts of this call.
+        for a ``valid`` that broadcasts, float32 ``(scale, offset)`` shaped
+        like it: ``g * scale + offset`` is ``g * bins`` where valid and
+        ``bins + 1`` elsewhere, two passes over the norms and nothing of
+        their size made; else ``(invalid, bins + 1)``, a mask and the ()
+        value of one masked fill.
+    """
+    if not broadcasts:
+        return paddle.logical_not(valid), paddle.full([], float(bins + 1), dtype="float32")
+    ones = valid.astype("float32")
+    return paddle.scale(ones, float(bins)), paddle.scale(ones, -float(bins + 1), float(bins + 1))
+
+
+def byte_regions(g: paddle.Tensor, excluded_by: tuple, bins: int,
+                 bounded: bool = False) -> tuple[paddle.Tensor, paddle.Tensor]:
+    """Region ids and counts of float32 gradient norms by truncation; overwrites ``g``.
+
+    For bin counts where `truncation_is_exact` holds and ``bins + 1 < 256``
+    (`byte_regions_apply`). ``fl32(g * bins)`` is rounded as in `region_ids`
+    (adding a zero offset keeps it); an invalid element becomes ``bins + 1``.
+    The histogram's bins are unit intervals over [0, 2^k) (a power of two,
+    so that its ``(v - min) * nbins / (max - min)`` is exactly ``v``), i.e.
+    it counts ``int(v)`` as the cast does, and it leaves NaN out, as mmdet's
+    comparisons leave a NaN norm out of every region. The cast gives a NaN
+    some byte: every byte has an entry in a `BYTE_TABLE_SIZE` weight table,
+    and the element's loss is NaN whatever its weight, as in mmdet.
+
+    Args:
+        g: (...) float32 gradient norms in [0, 1] (or NaN), a scratch tensor.
+        excluded_by: `exclusion` of the label weights, broadcastable to ``g``.
+        bins: the number of regions.
+        bounded: ``g`` is at most 1 (up to rounding) or NaN, so that no
+            scaled norm reaches ``bins + 1``; else larger ones are clipped
+            to the excluded id (they are in no region, as in mmdet).
+    Returns:
+        ids: (...) uint8 ids (see the module docstring); NaN: any byte.
+        counts: (>= bins + 2,) int64 counts of the ids 0, 1, ...
+    """
+    first, second = excluded_by
+    if first.dtype == paddle.bool:
+        g.scale_(float(bins))
+        g.masked_fill_(first, second)
+    else:
+        g.multiply_(first)
+        g.add_(second)
+    if not bounded:
+        g.clip_(max=float(bins + 1))
+    span = 1 << (bins + 1).bit_length()
+    counts = paddle.histogram(g, bins=span, min=0, max=span)
+    return g.astype("uint8"), counts
+
+
+def region_table(counts: np.ndarray, tot, bins: int, size: int, momentum: float = 0.0,
+                 acc_sum: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+    """The weight of each region id from this call's counts or, with momentum,
+    from the running counts ``acc_sum``.
+
+    A few dozen scalars: numpy computes them on the host, where an operation
+    costs a microsecond, in the dtypes and the order of mmdet's operations.
+
+    Args:
+        counts: (>= bins + 1,) int64 counts of the ids 0 .. bins (what comes
+            after is not counted: the excluded id).
+        tot: numpy float32 or float64 scalar: the normaliser ``tot`` of the
+            call, in the dtype of the weights (the loss's computation dtype).
+        bins: the number of regions.
+        size: entries of the table: ``bins + 2`` for `region_ids`,
+            `BYTE_TABLE_SIZE` for `byte_regions`.
+        momentum: moving-average factor of the counts (0: none).
+        acc_sum: (bins,) float32 or float64 running region counts; required
+            when momentum > 0 and unused otherwise.
+    Returns:
+        table: (size,) weights by id in ``tot``'s dtype: id ``bins`` has the
+            last region's, every other id past the regions zero.
+        region_counts: (bins,) int64 region counts of this call.
+        acc_sum: the updated running counts (only the non-empty regions of
+            this call change), or None without momentum.
     """
     if momentum > 0 and acc_sum is None:
         raise ValueError(f"momentum {momentum} needs the running counts acc_sum")
-    counts = paddle.bincount(ids.reshape([-1]), minlength=bins + 2)
+    dtype = tot.dtype.type
     # Fold the alias of the last region into it; drop the excluded id.
-    counts = paddle.concat([counts[:bins - 1], counts[bins - 1:bins + 1].sum(keepdim=True)])
-    nonempty = counts > 0
-    counts64 = counts.astype("float64")
-    dtype = tot.dtype
+    region_counts = counts[:bins].astype(np.int64)
+    region_counts[bins - 1] += counts[bins]
+    nonempty = region_counts > 0
     if momentum > 0:
         # mmdet: acc = mmt * acc + (1 - mmt) * num with the first product
         # in the buffer's dtype and the second in double, then tot / acc
         # evaluated as reciprocal(acc) * tot in the buffer's dtype; the
         # result is stored into the weights (the computation dtype).
-        acc_dtype = acc_sum.dtype
-        decayed = acc_sum * paddle.full([1], momentum, dtype=acc_dtype)
-        fresh = (counts64 * (1.0 - momentum)).astype(acc_dtype)
-        acc = paddle.where(nonempty, decayed + fresh, acc_sum)
-        paddle.assign(acc, output=acc_sum)
-        per_region = (paddle.reciprocal(acc) * tot.astype(acc_dtype)).astype(dtype)
+        acc_type = acc_sum.dtype.type
+        acc_sum = acc_sum.copy()
+        fresh = (region_counts[nonempty] * (1.0 - momentum)).astype(acc_type)
+        acc_sum[nonempty] = acc_sum[nonempty] * acc_type(momentum) + fresh
+        per_region = (acc_type(1) / acc_sum[nonempty] * acc_type(tot)).astype(dtype)
     else:
         # mmdet: tot / num in double, stored into the weights.
-        per_region = (tot.astype("float64") / counts64).astype(dtype)
-    per_region = paddle.where(nonempty, per_region, paddle.zeros_like(per_region))
-    # Divide by the number of non-empty regions; with none, every weight
-    # is already zero and the division by one changes nothing.
-    num_nonempty = nonempty.astype(dtype).sum()
-    per_region = per_region / paddle.maximum(num_nonempty, paddle.ones_like(num_nonempty))
-    table = paddle.concat([per_region, per_region[bins - 1:], paddle.zeros([1], dtype=dtype)])
-    return paddle.gather(table, ids.reshape([-1])).reshape(ids.shape), counts
+        per_region = (np.float64(tot) / region_counts[nonempty]).astype(dtype)
+        acc_sum = None
+    table = np.zeros(size, dtype)
+    # Divide by the number of non-empty regions (with none, every weight is zero).
+    table[:bins][nonempty] = per_region / dtype(max(int(nonempty.sum()), 1))
+    table[bins] = table[bins - 1]
+    return table, region_counts, acc_sum

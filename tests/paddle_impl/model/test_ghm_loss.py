@@ -24,6 +24,7 @@ What is compared, and how closely:
 from __future__ import annotations
 
 import copy
+import math
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -37,7 +38,10 @@ from mmdet.models.losses import GHMC as MMDetGHMC
 from mmdet.models.losses import GHMR as MMDetGHMR
 
 from paddle_impl.config import get_config
+from paddle_impl.model import ghm_chunks
 from paddle_impl.model.ghm_loss import GHMC, GHMR, build_ghmc, build_ghmr
+from paddle_impl.model.gradient_density import (BYTE_TABLE_SIZE, bin_edges, byte_regions, byte_regions_apply,
+                                                  exclusion, truncation_is_exact)
 
 RTOL = 1e-6
 EPS32 = float(np.finfo(np.float32).eps)
@@ -378,6 +382,49 @@ def test_region_ids_match_mmdets_comparisons(loss_class, mmdet_class):
         # Id ``bins`` is the fast path's alias of the last region.
         got = np.where(ids == bins, bins - 1, ids)
         assert np.array_equal(got, want), (bins, g[got != want], got[got != want], want[got != want])
+
+
+@pytest.mark.parametrize("last_edge", [None, 1e3], ids=["ghmc", "ghmr"])
+def test_byte_regions_match_mmdets_comparisons(last_edge):
+    """The bucketing of the chunked passes (scale, exclusion, histogram, cast to
+    bytes) on every float32 within three ulps of every k / bins, for every bin
+    count up to 64 and 100 where it applies: each id and count is what mmdet's
+    ``edges[i] <= g < edges[i + 1]`` gives, for both ways of excluding the
+    invalid elements (per-sample factors and a full-size mask), with NaN and
+    invalid elements in no region and, unbounded, g > 1 too."""
+    offsets = np.arange(-3, 4, dtype=np.int32)
+    checked = 0
+    for bins in list(range(1, 65)) + [100]:
+        edges = bin_edges(bins, last_edge)
+        if not (truncation_is_exact(edges, bins) and byte_regions_apply(bins, paddle.float32)):
+            continue
+        checked += 1
+        centres = edges_f32(bins)
+        g = (centres.view(np.int32)[:, None] + offsets).view(np.float32).ravel()
+        g = np.unique(g[(g >= 0) & (g <= 1)])
+        bounded = last_edge is not None
+        # Unbounded norms from (bins + 1) / bins up are in no region; below
+        # that the documented deviation (the last region) applies.
+        extra = [np.nan] + ([] if bounded else [2.5, 40.0, 1e30])
+        g = np.concatenate([g, np.float32(extra)]).astype(np.float32)
+        valid = np.arange(g.size) % 5 != 3
+        want = np.searchsorted(edges, g, side="right") - 1
+        want = np.where(valid & (want >= 0) & (want < bins), want, -1)
+        column = paddle.to_tensor(valid.reshape(-1, 1))
+        for broadcasts, shaped in ((True, column), (False, column.reshape([-1]))):
+            norms = paddle.to_tensor(g.reshape(-1, 1) if broadcasts else g)
+            ids, counts = byte_regions(norms, exclusion(shaped, broadcasts, bins), bins, bounded)
+            ids = ids.numpy().reshape(-1).astype(np.int64)
+            counts = counts.numpy()
+            # Id ``bins`` is the alias of the last region; ``bins + 1`` excluded.
+            got = np.where(ids == bins, bins - 1, ids)
+            got = np.where((ids == bins + 1) | np.isnan(g), -1, got)
+            assert np.array_equal(got, want), (bins, broadcasts, g[got != want], got[got != want])
+            assert ids.max() < BYTE_TABLE_SIZE
+            region_counts = counts[:bins].copy()
+            region_counts[bins - 1] += counts[bins]
+            assert np.array_equal(region_counts, np.bincount(want[want >= 0], minlength=bins)), bins
+    assert checked >= 20
 
 
 # ------------------------------------------------------ special populations
@@ -783,6 +830,25 @@ def test_ghmr_infinite_prediction_agrees_with_mmdet(value):
         assert_same_state(ours, theirs)
 
 
+@pytest.mark.parametrize("value", [np.inf, -np.inf, np.nan])
+def test_ghmr_infinite_difference_is_weighted_by_zero(value):
+    """An infinite or NaN delta has g = NaN, in no region: mmdet weights its
+    loss (inf or NaN) by zero, which gives NaN, whatever the weight of the
+    region a byte id would point to. Here every region, 0 among them (g = 0
+    from deltas of 0), is populated."""
+    rng = np.random.default_rng(25)
+    pred, target, weights = regression_inputs(rng, 40, pos_rate=1.0)
+    pred[:8] = target[:8]
+    pred[9, 1] = value
+    for reduction in ("mean", "none"):
+        ours, theirs = GHMR(momentum=0.7), MMDetGHMR(momentum=0.7)
+        got, want = run_both(ours, theirs, (pred, target, weights), reduction_override=reduction)
+        assert np.isnan(want).any()
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+        np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+        assert_same_state(ours, theirs)
+
+
 # ------------------------------------------------------------ input dtypes
 
 
@@ -911,3 +977,170 @@ def test_predictions_other_than_float32_or_float64_are_named(loss_class):
     pred = paddle.zeros([6, 4], dtype="float16")
     with pytest.raises(ValueError, match="float32 or float64, got paddle.float16"):
         loss_class()(pred, paddle.zeros([6, 4], dtype="float16"), paddle.ones([6, 4]))
+
+
+# ---------------------------------------------- chunks of the first axis, threads
+
+
+def use_small_chunks(monkeypatch, align: int = 1):
+    """Chunks of a few rows on two threads, so that small inputs take the path
+    the reference scale takes (several chunks, the thread pool)."""
+    monkeypatch.setattr(ghm_chunks, "CHUNK_ELEMENTS", 24)
+    monkeypatch.setattr(ghm_chunks, "MIN_CHUNK_ELEMENTS", 4)
+    monkeypatch.setattr(ghm_chunks, "ALIGN_ELEMENTS", align)
+    ghm_chunks.set_threads(2)
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """`use_small_chunks` with chunks of any row count (their values may differ
+    from the whole tensor's by an ulp, see `ghm_chunks`)."""
+    use_small_chunks(monkeypatch)
+    yield
+    ghm_chunks.set_threads(None)
+
+
+def test_spans_cover_the_rows_once_in_aligned_chunks():
+    assert ghm_chunks.spans([]) == [None]
+    assert ghm_chunks.spans([0, 80]) == [None]
+    assert ghm_chunks.spans([10, 80], whole=True) == [None]
+    align = ghm_chunks.ALIGN_ELEMENTS
+    for shape in ([1, 3], [7], [302400, 80], [5544, 4], [3, 5, 4], [2 ** 20 + 3], [99991, 7]):
+        spans = ghm_chunks.spans(shape)
+        rows = [r for start, stop in spans for r in range(start, stop)]
+        assert rows == list(range(shape[0])), shape
+        width = math.prod(shape[1:])
+        assert all((stop - start) * width <= ghm_chunks.CHUNK_ELEMENTS + align * width for start, stop in spans)
+        assert all((stop - start) * width % align == 0 for start, stop in spans[:-1]), shape
+
+
+def test_spans_give_each_thread_a_chunk(small_chunks):
+    assert len(ghm_chunks.spans([4, 2])) == 2
+    assert ghm_chunks.spans([1, 2]) == [(0, 1)]
+    ghm_chunks.set_threads(3)
+    assert len(ghm_chunks.spans([2 ** 16, 1])) >= 3
+
+
+def test_threads_setting():
+    assert ghm_chunks.threads() == ghm_chunks.default_threads()
+    ghm_chunks.set_threads(3)
+    try:
+        assert ghm_chunks.threads() == 3
+        assert ghm_chunks.run(lambda i: i * i, [1, 2, 3], parallel=True) == [1, 4, 9]
+    finally:
+        ghm_chunks.set_threads(None)
+    with pytest.raises(ValueError, match="positive"):
+        ghm_chunks.set_threads(0)
+
+
+@pytest.mark.parametrize("index", [True, False])
+def test_chunked_ghmc_matches_mmdet(small_chunks, index):
+    rng = np.random.default_rng(40)
+    for momentum in (0.0, 0.75):
+        ours, theirs = GHMC(bins=30, momentum=momentum), MMDetGHMC(bins=30, momentum=momentum)
+        for call in range(3):
+            inputs = classification_inputs(rng, 37, 6, pos_rate=0.3, ignore_rate=0.2, index=index)
+            for reduction in ("mean", "none"):
+                compare(ours, theirs, inputs, reduction_override=reduction, what=f"call {call}")
+
+
+def test_chunked_ghmr_matches_mmdet(small_chunks):
+    rng = np.random.default_rng(41)
+    ours, theirs = GHMR(momentum=0.7), MMDetGHMR(momentum=0.7)
+    for call in range(3):
+        inputs = regression_inputs(rng, 29, pos_rate=0.5)
+        for reduction in ("mean", "none"):
+            compare(ours, theirs, inputs, reduction_override=reduction, what=f"call {call}")
+
+
+@pytest.mark.parametrize("shape", [(40,), (3, 5, 4), (2, 3, 4, 5)])
+def test_chunked_elementwise_targets_of_any_rank(small_chunks, shape):
+    test_ghmc_elementwise_targets_of_any_rank_match_mmdet(shape)
+
+
+@pytest.mark.parametrize("weight_shape", [(6, 1), (1, 4), ()])
+def test_chunked_broadcast_label_weights(small_chunks, weight_shape):
+    test_broadcast_label_weight_counts_as_mmdet_does(weight_shape)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("loss_class, mmdet_class, options, make_inputs, ulps", GRADIENT_CASES)
+def test_chunked_gradient_matches_torch_autograd(small_chunks, loss_class, mmdet_class, options, make_inputs,
+                                                 ulps, reduction):
+    test_gradient_matches_torch_autograd(loss_class, mmdet_class, options, make_inputs, ulps, reduction)
+
+
+def test_chunked_nan_and_infinite_predictions(small_chunks):
+    test_nan_predictions_are_in_no_region()
+    for value in (np.inf, 1e20):
+        test_ghmr_infinite_prediction_agrees_with_mmdet(value)
+    for value in (np.inf, np.nan):
+        test_ghmr_infinite_difference_is_weighted_by_zero(value)
+
+
+def _one_call(layer, inputs, reduction):
+    """Output, gradient and state of one call with a gradient."""
+    pred, *rest = inputs
+    pp = _paddle(pred, grad=True)
+    out = layer(pp, *[_paddle(a) for a in rest], reduction_override=reduction)
+    out.sum().backward()
+    state = layer.acc_sum.numpy() if layer.momentum > 0 else None
+    return out.numpy(), pp.grad.numpy(), state, layer.last_bin_counts.numpy()
+
+
+@pytest.mark.parametrize("make", [
+    lambda: (GHMC(bins=30, momentum=0.75), classification_inputs(np.random.default_rng(42), 301, 8)),
+    lambda: (GHMC(bins=10), classification_inputs(np.random.default_rng(43), 301, 8, index=False)),
+    lambda: (GHMR(momentum=0.7), regression_inputs(np.random.default_rng(44), 301)),
+], ids=["ghmc-index", "ghmc-one-hot", "ghmr"])
+def test_chunks_and_threads_give_the_values_of_one_chunk(monkeypatch, make):
+    """Aligned chunks on two threads: element-wise outputs, gradients, counts
+    and acc_sum bit for bit; the mean's rows are summed alike, only the sum
+    of the row sums may round differently."""
+    whole = {}
+    for reduction in ("none", "mean"):
+        layer, inputs = make()
+        whole[reduction] = _one_call(layer, inputs, reduction)
+    use_small_chunks(monkeypatch, align=ghm_chunks.ALIGN_ELEMENTS)
+    try:
+        for reduction in ("none", "mean"):
+            layer, inputs = make()
+            assert len(ghm_chunks.spans(list(inputs[0].shape))) > 2
+            out, grad, state, counts = _one_call(layer, inputs, reduction)
+            want_out, want_grad, want_state, want_counts = whole[reduction]
+            if reduction == "none":
+                assert np.array_equal(out, want_out)
+            else:
+                assert out == pytest.approx(want_out, rel=2e-7)
+            assert np.array_equal(grad, want_grad)
+            assert np.array_equal(counts, want_counts)
+            assert (state is None) == (want_state is None)
+            if state is not None:
+                assert np.array_equal(state, want_state)
+    finally:
+        ghm_chunks.set_threads(None)
+
+
+def test_an_observed_bucketing_sees_the_whole_g_once():
+    """The alignment recorders replace ``_region_ids`` on the layer to see the g
+    it bins: the call then hands it the whole tensor in one call, and its
+    result is the unobserved call's."""
+    rng = np.random.default_rng(45)
+    inputs = classification_inputs(rng, 4000, 8)
+    plain, observed = GHMC(bins=30, momentum=0.75), GHMC(bins=30, momentum=0.75)
+    seen = []
+
+    def binning(g, valid):
+        seen.append(g.shape)
+        return GHMC._region_ids(observed, g, valid)
+
+    observed._region_ids = binning
+    for layer in (plain, observed):
+        layer(*[_paddle(a) for a in inputs])
+    assert seen == [[4000, 8]]
+    assert np.array_equal(plain.acc_sum.numpy(), observed.acc_sum.numpy())
+    assert np.array_equal(plain.last_bin_counts.numpy(), observed.last_bin_counts.numpy())
+    del observed._region_ids
+    got = observed(*[_paddle(a) for a in inputs], reduction_override="none").numpy()
+    want = plain(*[_paddle(a) for a in inputs], reduction_override="none").numpy()
+    assert np.array_equal(got, want)
