@@ -18,7 +18,6 @@ forward stage's ``--isolate`` examines layer by layer instead.
 from __future__ import annotations
 
 import contextlib
-import io
 import math
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -27,6 +26,7 @@ import numpy as np
 
 from align.engine.cache import ReferenceCache, cache_key
 from align.engine.compare import compare_named, first_failed_name
+from align.engine.figures import loss_curves_png
 from align.engine.paired import StepValues, train_in_lockstep, value_series
 from align.engine.replay import RecordingSide, ReplaySide
 from align.engine.report import Headline, StageResult
@@ -216,7 +216,8 @@ def _report(pair: ModelPair, run, settings: dict, cache_status: str, reports, ti
               # "hit": the torch side was replayed from build/cache (its time is then 0); "off": no cache.
               "reference_cache": cache_status},
         figures=[("Loss per step, torch and Paddle, and their relative difference",
-                  _loss_figure(theirs, ours, first_tol, later_tol))],
+                  loss_curves_png(theirs["loss"], ours["loss"], later_tol, label=settings["dtype"],
+                                  names=("torch", "paddle"), step="step"))],
         reprod_log=reprod,
         reprod_log_check=later_tol,
         headline=Headline.worst(run.rows, None, "worst compared value, max|diff| / max|ref|"),
@@ -227,34 +228,3 @@ def _report(pair: ModelPair, run, settings: dict, cache_status: str, reports, ti
 
 def first_divergence(result: StageResult) -> Optional[str]:
     return first_failed_name(result.tensors)
-
-
-def _loss_figure(reference: dict[str, list[float]], test: dict[str, list[float]], first_tol: float,
-                 later_tol: float) -> bytes:
-    """PNG: the loss of both sides per step, and their relative difference (log scale)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    figure = Figure(figsize=(10, 3.2), dpi=100)
-    FigureCanvasAgg(figure)
-    left, right = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
-    steps = list(range(1, len(reference["loss"]) + 1))
-    left.plot(steps, reference["loss"], "o-", label="torch", color="#1f6fb2")
-    left.plot(steps, test["loss"], "x--", label="paddle", color="#c0392b")
-    left.set_xlabel("step")
-    left.set_ylabel("loss")
-    left.legend(frameon=False)
-    rel = [abs(t - r) / max(abs(r), 1e-30) for r, t in zip(reference["loss"], test["loss"])]
-    right.plot(steps, [max(v, 1e-17) for v in rel], "o-", color="#57606a")
-    right.axhline(first_tol, color="#c0392b", linestyle="--", linewidth=0.8)
-    right.axhline(later_tol, color="#c0392b", linestyle=":", linewidth=0.8)
-    right.set_yscale("log")
-    for axes in (left, right):
-        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-    right.set_xlabel("step")
-    right.set_ylabel("|paddle - torch| / |torch|")
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", metadata={"Software": None})
-    return buffer.getvalue()

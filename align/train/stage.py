@@ -313,7 +313,7 @@ def train_pair(opts: TrainOptions, dtype: str, data: TrainData, ckpts: Checkpoin
 def run_train(opts: TrainOptions) -> StageResult:
     """Train both sides ``opts.iters`` iterations in ``opts.dtype`` (and ``opts.extra_dtype``),
     diff the checked run, write ``train_align*`` files into ``opts.reports``."""
-    from align.train.plot import loss_curves_png
+    from align.engine.figures import loss_curves_png
 
     if opts.iters < 1:
         raise ValueError(f"iters must be at least 1, got {opts.iters}")
@@ -396,7 +396,8 @@ def run_train(opts: TrainOptions) -> StageResult:
         extra_tables=tables,
         figures=[(curves_title, loss_curves_png(
             main.mmdet["loss"], main.paddle["loss"], opts.loss_rel_tol, label=main.dtype,
-            extra=(extra.dtype, extra.mmdet["loss"], extra.paddle["loss"]) if extra else None))],
+            extra=(extra.dtype, extra.mmdet["loss"], extra.paddle["loss"]) if extra else None,
+            names=("mmdet", "paddle")))],
         reprod_log=reprod,
         reprod_log_check=opts.loss_rel_tol,
         reprod_log_why=(f"losses and gradient norms are bounded relative to their size (rel "

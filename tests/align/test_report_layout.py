@@ -20,7 +20,7 @@ from align.engine.compare import diff_arrays
 from align.engine.report import FOLD_ROWS, StageResult, render_stage_html, write_stage_report
 from align.ghm.pair import LEVELS
 from align.loss.stage import density_histograms
-from align.train.plot import loss_curves_png
+from align.engine.figures import loss_curves_png
 
 
 class Tags(HTMLParser):
