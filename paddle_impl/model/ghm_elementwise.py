@@ -14,6 +14,7 @@ where the inputs are not needed again.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import numpy as np
@@ -27,6 +28,21 @@ __all__ = ["Elementwise", "LogitsBCE", "DeltasASL1"]
 _NUMPY_DTYPES = {paddle.float32: np.float32, paddle.float64: np.float64}
 
 
+# Index and constant tensors, made once: Paddle's arange and full cost tens of
+# microseconds, a good share of a call at the small levels. Keyed by the
+# place as well, read-only.
+@functools.lru_cache(maxsize=16)
+def _row_ids(rows: int, dtype, place: str) -> paddle.Tensor:
+    """``arange(rows)``."""
+    return paddle.arange(rows, dtype=dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _constant(value: float, dtype, place: str) -> paddle.Tensor:
+    """A () tensor holding ``value``."""
+    return paddle.full([], value, dtype=dtype)
+
+
 class Elementwise:
     """One call's inputs; a subclass computes the loss and its derivative.
 
@@ -35,6 +51,7 @@ class Elementwise:
         dtype: the computation dtype; ``np_dtype`` its numpy type.
         valid: bool tensor broadcastable to ``shape``: label weight > 0.
         tot: numpy scalar in the computation dtype, the normaliser.
+        place: the prediction's place, as a string.
         on_cpu: whether the prediction is on the CPU (where chunks may run
             on threads, `ghm_chunks`).
         bounded: ``g`` cannot exceed 1 but by rounding (see
@@ -49,6 +66,7 @@ class Elementwise:
         self.np_dtype = _NUMPY_DTYPES[dtype]
         self.valid = valid
         self.tot = self.np_dtype(tot)
+        self.place = str(pred.place)
         self.on_cpu = pred.place.is_cpu_place()
 
     def rows(self, tensor: Optional[paddle.Tensor], span) -> Optional[paddle.Tensor]:
@@ -95,16 +113,16 @@ class LogitsBCE(Elementwise):
             # range and subtract t = 0 there.
             self.columns = labels.clip(0, num_classes - 1)
             self.foreground = (self.columns == labels).astype(pred.dtype)
-            self.row_ids = paddle.arange(pred.shape[0], dtype=self.columns.dtype)
+            self.row_ids = _row_ids(pred.shape[0], self.columns.dtype, str(pred.place))
             valid = label_weight.reshape([-1, 1]) > 0
-            num_valid = int(valid.sum()) * num_classes
+            num_valid = int(valid.sum().numpy()) * num_classes
         else:
             # A soft target outside [0, 1] could give g > 1.
             self.bounded = False
             target = as_float32(target)
             self.target = target if target.dtype == pred.dtype else target.astype(pred.dtype)
             valid = label_weight > 0
-            num_valid = int(valid.sum())
+            num_valid = int(valid.sum().numpy())
         super().__init__(pred, pred.dtype, valid, max(num_valid, 1))
 
     def _pairs(self, span):
@@ -176,7 +194,7 @@ class DeltasASL1(Elementwise):
         root = paddle.sqrt(square)
         # Paddle's vectorized float32 sqrt(+inf) is NaN (torch's is +inf);
         # an infinite prediction must give an infinite loss, as in mmdet.
-        root.masked_fill_(paddle.isinf(square), float("inf"))
+        root.masked_fill_(paddle.isinf(square), _constant(float("inf"), root.dtype, self.place))
         d = paddle.divide(diff, root, out=out)
         # An infinite difference has d = inf / inf = NaN, which mmdet leaves
         # out of every region: its infinite loss gets weight 0, hence NaN.
