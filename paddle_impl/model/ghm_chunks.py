@@ -37,7 +37,7 @@ __all__ = ["CHUNK_ELEMENTS", "MIN_CHUNK_ELEMENTS", "ALIGN_ELEMENTS", "default_th
 # the arithmetic on them.
 CHUNK_ELEMENTS = 1 << 18
 # Below this a chunk's share of the per-operation cost outweighs a second thread.
-MIN_CHUNK_ELEMENTS = 1 << 14
+MIN_CHUNK_ELEMENTS = 1 << 17
 # Chunks start at multiples of this many elements: a multiple of any CPU's
 # vector width.
 ALIGN_ELEMENTS = 64

@@ -47,7 +47,9 @@ class Elementwise:
     """One call's inputs; a subclass computes the loss and its derivative.
 
     Attributes:
-        shape: list, the prediction's shape (that of the loss and the weights).
+        shape: list, the shape the passes compute in: the prediction's, or
+            flat where every input has the prediction's shape (a 1-D look-up
+            needs no reshaping); `to_pred_shape` undoes it.
         dtype: the computation dtype; ``np_dtype`` its numpy type.
         valid: bool tensor broadcastable to ``shape``: label weight > 0.
         tot: numpy scalar in the computation dtype, the normaliser.
@@ -60,8 +62,9 @@ class Elementwise:
 
     bounded = True
 
-    def __init__(self, pred: paddle.Tensor, dtype, valid: paddle.Tensor, tot):
-        self.shape = list(pred.shape)
+    def __init__(self, pred: paddle.Tensor, dtype, valid: paddle.Tensor, tot, flat: bool = False):
+        self.pred_shape = list(pred.shape)
+        self.shape = [pred.size] if flat else self.pred_shape
         self.dtype = dtype
         self.np_dtype = _NUMPY_DTYPES[dtype]
         self.valid = valid
@@ -77,6 +80,10 @@ class Elementwise:
                 or tensor.shape[0] != self.shape[0]):
             return tensor
         return tensor[span[0]:span[1]]
+
+    def to_pred_shape(self, tensor: paddle.Tensor) -> paddle.Tensor:
+        """A tensor of ``shape`` viewed in the prediction's shape."""
+        return tensor if self.shape == self.pred_shape else tensor.reshape(self.pred_shape)
 
     def derivative(self, span, out: Optional[paddle.Tensor] = None) -> paddle.Tensor:
         """d loss / d pred on the rows ``span``, into ``out`` when given."""
@@ -177,13 +184,16 @@ class DeltasASL1(Elementwise):
         check_prediction_dtype("GHMR", pred)
         dtype = difference_dtype(pred, target)
         self.mu = mu
-        # Widening first is the same exact step as the promotion in ``pred - target``.
+        flat = pred.ndim > 1 and target.shape == pred.shape and label_weight.shape == pred.shape
         values = pred.detach()
+        if flat:
+            values, target, label_weight = (t.reshape([-1]) for t in (values, target, label_weight))
+        # Widening first is the same exact step as the promotion in ``pred - target``.
         self.values = values if values.dtype == dtype else values.astype(dtype)
         self.target = target if target.dtype == dtype else target.astype(dtype)
         weight_sum = as_float32(label_weight).sum().numpy()
         tot = np.maximum(weight_sum, np.float32(1))
-        super().__init__(pred, dtype, label_weight > 0, tot)
+        super().__init__(pred, dtype, label_weight > 0, tot, flat)
         self._losses = {}
 
     def derivative(self, span, out=None):

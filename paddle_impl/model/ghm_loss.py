@@ -267,7 +267,6 @@ class _GHMBase(paddle.nn.Layer):
             problem = self._problem(pred, target, label_weight)
             spans, ids, table, derivative = self._regions(problem, keep_derivative=need_grad)
 
-
             def second_pass(span_and_ids):
                 span, chunk_ids = span_and_ids
                 weighted = problem.loss(span)
@@ -287,13 +286,15 @@ class _GHMBase(paddle.nn.Layer):
             parts = ghm_chunks.run(second_pass, list(zip(spans, ids)), problem.on_cpu)
             value = paddle.concat(parts) if len(parts) > 1 else parts[0]
             if mean:
-                value = value.astype("float64").sum().astype(problem.dtype)
+                value = value.sum(dtype="float64").astype(problem.dtype)
+            else:
+                value = problem.to_pred_shape(value)
             denominator = paddle.full([], float(problem.tot + problem.np_dtype(_FLOAT32_EPS)),
                                       dtype=problem.dtype)
             if not need_grad:
                 return reduce_weighted(value, denominator, float(self.loss_weight), mean)
-        return HarmonizedLoss.apply(pred, value, derivative, denominator,
-                                     float(self.loss_weight), mean)
+        return HarmonizedLoss.apply(pred, value, problem.to_pred_shape(derivative), denominator,
+                                    float(self.loss_weight), mean)
 
     def harmonizing_weights(self, pred: paddle.Tensor, target: paddle.Tensor,
                             label_weight: paddle.Tensor) -> paddle.Tensor:
@@ -311,7 +312,7 @@ class _GHMBase(paddle.nn.Layer):
             problem = self._problem(pred, target, label_weight)
             _, ids, table, _ = self._regions(problem, keep_derivative=False)
             parts = [self._lookup(table, chunk_ids) for chunk_ids in ids]
-            return paddle.concat(parts) if len(parts) > 1 else parts[0]
+            return problem.to_pred_shape(paddle.concat(parts) if len(parts) > 1 else parts[0])
 
     def extra_repr(self) -> str:
         return (f"bins={self.bins}, momentum={self.momentum}, "
