@@ -18,8 +18,8 @@ Threads. Paddle's CPU kernels for these operations (sigmoid, exp, log1p,
 histogram, gather) run on one core where torch's run on every core. A pass's
 chunks are independent and Paddle releases the GIL inside its kernels, so
 `run` hands them to a pool of `threads()` threads: by default
-``OMP_NUM_THREADS``, Paddle's own CPU thread setting (1 unless the
-environment sets it, as Paddle's import does), or what `set_threads` chose.
+``OMP_NUM_THREADS``, Paddle's own CPU thread setting (its import sets it to 1
+unless the environment holds a value), or what `set_threads` chose.
 Small calls, and tensors that are not on the CPU (a GPU's kernels are
 asynchronous already), run in order.
 """
@@ -30,7 +30,8 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional
 
-__all__ = ["CHUNK_ELEMENTS", "MIN_CHUNK_ELEMENTS", "ALIGN_ELEMENTS", "default_threads", "set_threads", "threads", "spans", "run"]
+__all__ = ["CHUNK_ELEMENTS", "MIN_CHUNK_ELEMENTS", "ALIGN_ELEMENTS", "default_threads", "set_threads", "threads",
+           "spans", "run"]
 
 # A megabyte of float32: three or four such temporaries stay in this CPU's
 # caches, and Paddle's per-operation cost (microseconds) stays small beside

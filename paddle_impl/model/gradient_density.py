@@ -18,7 +18,7 @@ Two bucketings give the same ids:
   ``int(fl32(g * bins))`` where it is exact (`truncation_is_exact`), else
   ``searchsorted`` on the edges; ``bincount`` counts them.
 * `byte_regions`, for float32 chunks when the truncation is exact and the ids
-  fit in a byte: three in-place operations, a ``histogram`` of the scaled
+  fit in a byte: two or three in-place operations, a ``histogram`` of the scaled
   norms (which leaves NaN out of every region, as mmdet's comparisons do) and
   a cast to uint8. The loss works on cache-sized chunks, and there the
   fewer, in-place passes and the byte-sized ids are what make it fast.
