@@ -105,21 +105,32 @@ class PaddleGHMRecorder:
     def _binning(self, g, valid):
         # The layer's own binning step, seen with the exact g it bins.
         if self.keep_g:
-            values = g.numpy()
-            self.g[len(self.counts)] = (values.copy(), np.broadcast_to(valid.numpy(), values.shape).copy())
+            values, mask = g.numpy(), valid.numpy()
+            if values.size == int(np.prod(self._shape)) and values.shape != self._shape:
+                # GHM-R bins a flat view of its (N, 4) elements: kept in the shape of the
+                # prediction, which is the shape of mmdet's g.
+                values = values.reshape(self._shape)
+                mask = mask.reshape(self._shape) if mask.size == values.size else mask
+            self.g[len(self.counts)] = (values.copy(), np.broadcast_to(mask, values.shape).copy())
         return self._region_ids(g, valid)
 
     def clear_g(self) -> None:
         self.g.clear()
 
+    def _pre(self, layer, inputs):
+        self._shape = tuple(inputs[0].shape)
+
     def __enter__(self):
         self._handle = self.layer.register_forward_post_hook(self._post)
+        self._pre_handle = self.layer.register_forward_pre_hook(self._pre)
+        self._shape = ()
         self._region_ids = self.layer._region_ids
         self.layer._region_ids = self._binning
         return self
 
     def __exit__(self, *exc):
         self._handle.remove()
+        self._pre_handle.remove()
         del self.layer._region_ids
 
 
