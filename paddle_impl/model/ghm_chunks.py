@@ -19,9 +19,14 @@ histogram, gather) run on one core where torch's run on every core. A pass's
 chunks are independent and Paddle releases the GIL inside its kernels, so
 `run` hands them to a pool of `threads()` threads: by default
 ``OMP_NUM_THREADS``, Paddle's own CPU thread setting (its import sets it to 1
-unless the environment holds a value), or what `set_threads` chose.
-Small calls, and tensors that are not on the CPU (a GPU's kernels are
-asynchronous already), run in order.
+unless the environment holds a value), or what `set_threads` chose. Only
+calls of `THREADED_ELEMENTS` or more do (`threaded`): measured against one
+thread at load 0.2, two threads took GHM-C's 6M-element P4 level from 83 ms
+to 50-66 ms, but did not pay off below (its 1.5M-element P5: 21.6 ms, 19.6-
+22.8 with two; GHM-R's 1.2M-element P3: 14.7 ms, 13.2-15.2), where the
+per-operation cost of the chunks and a second thread's hand-offs weigh as
+much as the arithmetic. Tensors that are not on the CPU (a GPU's kernels are
+asynchronous already) run in order.
 """
 from __future__ import annotations
 
@@ -30,15 +35,15 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional
 
-__all__ = ["CHUNK_ELEMENTS", "MIN_CHUNK_ELEMENTS", "ALIGN_ELEMENTS", "default_threads", "set_threads", "threads",
-           "spans", "run"]
+__all__ = ["CHUNK_ELEMENTS", "THREADED_ELEMENTS", "ALIGN_ELEMENTS", "default_threads", "set_threads", "threads",
+           "threaded", "spans", "run"]
 
 # A megabyte of float32: three or four such temporaries stay in this CPU's
 # caches, and Paddle's per-operation cost (microseconds) stays small beside
 # the arithmetic on them.
 CHUNK_ELEMENTS = 1 << 18
-# Below this a chunk's share of the per-operation cost outweighs a second thread.
-MIN_CHUNK_ELEMENTS = 1 << 17
+# Calls this large run their chunks on threads (see the module docstring).
+THREADED_ELEMENTS = 1 << 22
 # Chunks start at multiples of this many elements: a multiple of any CPU's
 # vector width.
 ALIGN_ELEMENTS = 64
@@ -69,18 +74,22 @@ def threads() -> int:
     return default_threads() if _threads is None else _threads
 
 
+def threaded(numel: int, on_cpu: bool) -> bool:
+    """Whether a call on ``numel`` elements runs its chunks on the thread pool."""
+    return on_cpu and numel >= THREADED_ELEMENTS and threads() > 1
+
+
 def spans(shape, whole: bool = False) -> list:
     """Row ranges ``(start, stop)`` of the first axis covering ``shape``: chunks of
-    about `CHUNK_ELEMENTS` elements, at least one per thread where each still
-    has `MIN_CHUNK_ELEMENTS`, all but the last a multiple of `ALIGN_ELEMENTS`
-    elements. ``[None]`` (the whole tensor as one chunk) for ``whole``, a
-    0-dim or an empty shape."""
+    about `CHUNK_ELEMENTS` elements, all but the last a multiple of
+    `ALIGN_ELEMENTS` elements. ``[None]`` (the whole tensor as one chunk) for
+    ``whole``, a 0-dim or an empty shape."""
     numel = math.prod(shape) if shape else 1
     if whole or not shape or numel == 0:
         return [None]
     rows = shape[0]
     width = numel // rows
-    count = max(math.ceil(numel / CHUNK_ELEMENTS), min(threads(), numel // MIN_CHUNK_ELEMENTS), 1)
+    count = max(math.ceil(numel / CHUNK_ELEMENTS), 1)
     align = ALIGN_ELEMENTS // math.gcd(width, ALIGN_ELEMENTS)
     step = align * math.ceil(math.ceil(rows / count) / align)
     return [(start, min(rows, start + step)) for start in range(0, rows, step)]
@@ -88,11 +97,10 @@ def spans(shape, whole: bool = False) -> list:
 
 def run(fn: Callable, items: list, parallel: bool) -> list:
     """``[fn(item) for item in items]``, on the thread pool when ``parallel``
-    and there is more than one item."""
+    (see `threaded`) and there is more than one item."""
     global _pool
-    count = threads()
-    if not parallel or count < 2 or len(items) < 2:
+    if not parallel or threads() < 2 or len(items) < 2:
         return [fn(item) for item in items]
     if _pool is None:
-        _pool = ThreadPoolExecutor(count, thread_name_prefix="ghm-chunks")
+        _pool = ThreadPoolExecutor(threads(), thread_name_prefix="ghm-chunks")
     return list(_pool.map(fn, items))

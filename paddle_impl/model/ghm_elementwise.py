@@ -15,12 +15,14 @@ where the inputs are not needed again.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Optional
 
 import numpy as np
 import paddle
 import paddle.nn.functional as F
 
+from paddle_impl.model import ghm_chunks
 from paddle_impl.model.ghm_inputs import as_float32, check_prediction_dtype, difference_dtype, ghmc_index_targets
 
 __all__ = ["Elementwise", "LogitsBCE", "DeltasASL1"]
@@ -54,8 +56,7 @@ class Elementwise:
         valid: bool tensor broadcastable to ``shape``: label weight > 0.
         tot: numpy scalar in the computation dtype, the normaliser.
         place: the prediction's place, as a string.
-        on_cpu: whether the prediction is on the CPU (where chunks may run
-            on threads, `ghm_chunks`).
+        threaded: whether the chunks run on threads (`ghm_chunks.threaded`).
         bounded: ``g`` cannot exceed 1 but by rounding (see
             `gradient_density.byte_regions`).
     """
@@ -70,7 +71,7 @@ class Elementwise:
         self.valid = valid
         self.tot = self.np_dtype(tot)
         self.place = str(pred.place)
-        self.on_cpu = pred.place.is_cpu_place()
+        self.threaded = ghm_chunks.threaded(math.prod(self.shape), pred.place.is_cpu_place())
 
     def rows(self, tensor: Optional[paddle.Tensor], span) -> Optional[paddle.Tensor]:
         """The rows ``span`` of a tensor that broadcasts to ``shape``: a view

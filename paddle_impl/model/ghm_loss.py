@@ -211,7 +211,7 @@ class _GHMBase(paddle.nn.Layer):
                 counts = paddle.bincount(ids.reshape([-1]), minlength=bins + 2)
             return d, ids, counts
 
-        results = ghm_chunks.run(first_pass, spans, problem.on_cpu)
+        results = ghm_chunks.run(first_pass, spans, problem.threaded)
         if keep_derivative and derivative is None:
             derivative = results[0][0]
         counts = paddle.add_n([r[2] for r in results]) if len(results) > 1 else results[0][2]
@@ -283,7 +283,7 @@ class _GHMBase(paddle.nn.Layer):
                 width = math.gcd(weighted.size, _RUN)
                 return paddle.matmul(weighted.reshape([-1, width]), self._ones(width, problem.dtype))
 
-            parts = ghm_chunks.run(second_pass, list(zip(spans, ids)), problem.on_cpu)
+            parts = ghm_chunks.run(second_pass, list(zip(spans, ids)), problem.threaded)
             value = paddle.concat(parts) if len(parts) > 1 else parts[0]
             if mean:
                 value = value.sum(dtype="float64").astype(problem.dtype)

@@ -986,7 +986,7 @@ def use_small_chunks(monkeypatch, align: int = 1):
     """Chunks of a few rows on two threads, so that small inputs take the path
     the reference scale takes (several chunks, the thread pool)."""
     monkeypatch.setattr(ghm_chunks, "CHUNK_ELEMENTS", 24)
-    monkeypatch.setattr(ghm_chunks, "MIN_CHUNK_ELEMENTS", 4)
+    monkeypatch.setattr(ghm_chunks, "THREADED_ELEMENTS", 1)
     monkeypatch.setattr(ghm_chunks, "ALIGN_ELEMENTS", align)
     ghm_chunks.set_threads(2)
 
@@ -1014,11 +1014,29 @@ def test_spans_cover_the_rows_once_in_aligned_chunks():
         assert all((stop - start) * width % align == 0 for start, stop in spans[:-1]), shape
 
 
-def test_spans_give_each_thread_a_chunk(small_chunks):
-    assert len(ghm_chunks.spans([4, 2])) == 2
-    assert ghm_chunks.spans([1, 2]) == [(0, 1)]
-    ghm_chunks.set_threads(3)
-    assert len(ghm_chunks.spans([2 ** 16, 1])) >= 3
+def test_only_large_calls_on_the_cpu_are_threaded():
+    ghm_chunks.set_threads(2)
+    try:
+        assert ghm_chunks.threaded(ghm_chunks.THREADED_ELEMENTS, on_cpu=True)
+        assert not ghm_chunks.threaded(ghm_chunks.THREADED_ELEMENTS - 1, on_cpu=True)
+        assert not ghm_chunks.threaded(ghm_chunks.THREADED_ELEMENTS, on_cpu=False)
+    finally:
+        ghm_chunks.set_threads(None)
+    ghm_chunks.set_threads(1)
+    try:
+        assert not ghm_chunks.threaded(ghm_chunks.THREADED_ELEMENTS, on_cpu=True)
+    finally:
+        ghm_chunks.set_threads(None)
+
+
+def test_chunks_run_on_the_pool_in_order(small_chunks):
+    import threading
+
+    seen = []
+    out = ghm_chunks.run(lambda i: seen.append(threading.current_thread().name) or i * i, list(range(8)),
+                         parallel=True)
+    assert out == [i * i for i in range(8)]
+    assert all(name.startswith("ghm-chunks") for name in seen)
 
 
 def test_threads_setting():
