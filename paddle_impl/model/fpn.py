@@ -19,6 +19,24 @@ from paddle import nn
 from paddle_impl.model.conv_module import ConvModule
 
 
+def upsample_nearest_to(x: paddle.Tensor, like: paddle.Tensor) -> paddle.Tensor:
+    """``x`` ``(N, C, h, w)`` upsampled by nearest neighbour to ``like``'s ``(H, W)``,
+    where ``h = ceil(H / 2)`` and ``w = ceil(W / 2)`` (a stride-2 level above ``like``).
+
+    Equal element for element to ``F.interpolate(x, size=(H, W), mode="nearest")``,
+    mmdet's top-down step: for those sizes nearest neighbour takes source row
+    ``floor(i * h / H) = floor(i / 2)``, i.e. every row and column twice, the
+    last one cut off when ``H`` is odd. It is written as a copy (expand,
+    flatten, slice) rather than an interpolation because Paddle's exported
+    ``nearest_interp`` carries a float-list attribute that Paddle Inference's
+    oneDNN executor cannot convert (docs/deploy.md gives the reproduction); the
+    copy has no such attribute, and H and W may be unknown when exporting.
+    """
+    doubled = x.unsqueeze([3, 5]).expand([-1, -1, -1, 2, -1, 2]).flatten(2, 3).flatten(3, 4)
+    height, width = like.shape[2], like.shape[3]
+    return doubled[:, :, :height, :width]
+
+
 class FPN(nn.Layer):
     """Inputs: backbone features ``(N, in_channels[i], H_i, W_i)``.
 
@@ -59,8 +77,7 @@ class FPN(nn.Layer):
             raise ValueError(f"FPN expects {len(self.in_channels)} inputs, got {len(inputs)}")
         laterals = [conv(inputs[i + self.start_level]) for i, conv in enumerate(self.lateral_convs)]
         for i in range(self.num_used - 1, 0, -1):
-            size = laterals[i - 1].shape[2:]
-            laterals[i - 1] = laterals[i - 1] + F.interpolate(laterals[i], size=size, mode="nearest")
+            laterals[i - 1] = laterals[i - 1] + upsample_nearest_to(laterals[i], laterals[i - 1])
         outs = [self.fpn_convs[i](laterals[i]) for i in range(self.num_used)]
         # Extra levels: the first from the last backbone output ('on_input').
         extra_input = inputs[-1]
