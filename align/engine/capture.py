@@ -101,9 +101,11 @@ class TorchRecorder(_CallHooks):
     widened to float32; other dtypes are kept.
     """
 
-    def __init__(self, module, names: list[str] | None = None):
+    def __init__(self, module, names: list[str] | None = None, adapters: Optional[dict[str, Callable]] = None):
         self.module = module
         self.records: dict[str, np.ndarray] = {}
+        # Layer name -> how its output is read (`align.engine.selection.adapter`).
+        self.adapters = adapters or {}
         super().__init__(_select(dict(module.named_modules()), names, lambda m: next(m.children(), None) is None),
                          "register_forward_hook", self.records)
 
@@ -112,6 +114,7 @@ class TorchRecorder(_CallHooks):
 
         def hook(_module, _inputs, output):
             key = self._next_key(name)
+            output = self.adapters[name](output) if name in self.adapters else output
             for sub_key, tensor in _flatten(key, output, lambda v: isinstance(v, torch.Tensor)):
                 tensor = tensor.detach().cpu()
                 if tensor.dtype in (torch.float16, torch.bfloat16):
@@ -157,8 +160,10 @@ class PaddleComparer(_CallHooks):
         rel_tol: float = DEFAULT_REL_TOL,
         mean_tol: float = DEFAULT_MEAN_TOL,
         names: list[str] | None = None,
+        adapters: Optional[dict[str, Callable]] = None,
     ):
         self.layer = layer
+        self.adapters = adapters or {}
         self.reference = reference
         self.rel_tol = rel_tol
         self.mean_tol = mean_tol
@@ -172,6 +177,7 @@ class PaddleComparer(_CallHooks):
 
         def hook(_layer, _inputs, output):
             key = self._next_key(name)
+            output = self.adapters[name](output) if name in self.adapters else output
             for sub_key, tensor in _flatten(key, output, lambda v: isinstance(v, paddle.Tensor)):
                 array = paddle_to_numpy(tensor)
                 if sub_key in self.reference:

@@ -228,14 +228,21 @@ def isolated_backward(calls: list[LayerCall], store: SpillStore, torch_model, pa
             t_grads = _torch_grads(t_layer, names, x, grad_out, None)
             exact = _torch_grads(t_layer, names, x, grad_out, torch.float64)
             p_params = dict(p_layer.named_parameters(include_sublayers=False))
-            px = paddle.to_tensor(x, stop_gradient=False)
+            # Token ids and masks have no gradient: only the parameters' are asked for.
+            floating = np.issubdtype(x.dtype, np.floating)
+            px = paddle.to_tensor(x, stop_gradient=not floating)
             mapped = [p_params.get(_local(name_map, call.layer, n)) for n in names]
             trainable = [p for p in mapped if p is not None and not p.stop_gradient]
-            p_grads = paddle.grad([p_layer(px)], [px] + trainable, grad_outputs=[paddle.to_tensor(grad_out)],
-                                  allow_unused=True)
+            if not floating and not trainable:
+                continue
+            p_grads = paddle.grad([p_layer(px)], ([px] if floating else []) + trainable,
+                                  grad_outputs=[paddle.to_tensor(grad_out)], allow_unused=True)
+            p_grads = p_grads if floating else [None] + list(p_grads)
             p_by_param = dict(zip([id(p) for p in trainable], p_grads[1:]))
             transposed = isinstance(t_layer, torch.nn.Linear)
             for i, name in enumerate(["input"] + names):
+                if i == 0 and not floating:
+                    continue
                 row_name = f"{key}.input_grad" if i == 0 else f"{key}.{name}.grad"
                 test = p_grads[0] if i == 0 else (None if mapped[i - 1] is None or mapped[i - 1].stop_gradient
                                                   else p_by_param[id(mapped[i - 1])])
@@ -259,7 +266,13 @@ def _torch_grads(layer, names: list[str], x: np.ndarray, grad_out: np.ndarray, d
     if dtype is not None:
         layer = copy.deepcopy(layer).to(dtype)
     params = dict(layer.named_parameters(recurse=False))
-    tx = torch.from_numpy(x).to(dtype or torch.from_numpy(x).dtype).requires_grad_(True)
+    tx = torch.from_numpy(x)
+    if not tx.is_floating_point():
+        # Integer input (token ids): the parameters' gradients only, the input's is None.
+        g = torch.from_numpy(grad_out).to(dtype or torch.from_numpy(grad_out).dtype)
+        grads = torch.autograd.grad(layer(tx), [params[n] for n in names], grad_outputs=g, allow_unused=True)
+        return [None] + [None if v is None else v.detach().numpy() for v in grads]
+    tx = tx.to(dtype or tx.dtype).requires_grad_(True)
     g = torch.from_numpy(grad_out).to(tx.dtype)
     grads = torch.autograd.grad(layer(tx), [tx] + [params[n] for n in names], grad_outputs=g, allow_unused=True)
     return [None if v is None else v.detach().numpy() for v in grads]

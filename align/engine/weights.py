@@ -5,53 +5,79 @@ rule whose torch prefix starts a name replaces it; a name no rule matches is
 kept). A rule whose torch prefix ends in a dot names a module: it also matches
 that module itself (``"fc."`` matches ``fc`` as well as ``fc.weight``). A rule
 that matches no torch module of the model is an error (`NameMap.check`): a
-misspelt rule would otherwise leave the names it meant unmapped without a word. What differs between the two frameworks for every model is added here:
+misspelt rule would otherwise leave the names it meant unmapped without a word.
 
-- BatchNorm statistics: torch ``running_mean`` / ``running_var`` are Paddle's
-  ``_mean`` / ``_variance``; torch's ``num_batches_tracked`` has no Paddle
-  counterpart and is dropped (and listed as dropped);
-- Linear weights: torch stores ``(out, in)``, Paddle ``(in, out)``: transposed.
+What a tensor becomes is said by, in this order: the map file's tensor rules
+(rename, split, merge, transpose, reshape: `align.engine.converters.TensorRule`),
+the converter of the class of the module that owns it (the map file's own,
+``"converters"``, then the built-in ones: Linear transposed, MultiheadAttention's
+packed projections split, the recurrent layers' gates; see `align.engine.converters`),
+else the tensor under its mapped name (BatchNorm statistics renamed ``_mean`` /
+``_variance``, ``num_batches_tracked`` dropped).
 
 The conversion is strict: a torch key whose Paddle name does not exist, a
-Paddle key nothing fills, or a shape that differs after the transposition is
-an error that names the keys, before anything is copied.
+Paddle key nothing fills, or a shape that differs after the conversion is
+an error that names the keys, before anything is copied. A tensor rule or a
+registered converter that matches nothing is an error naming it.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-_STATISTICS = {"running_mean": "_mean", "running_var": "_variance"}
-_DROPPED = ("num_batches_tracked",)
+from .converters import DROPPED as _DROPPED, STATISTICS as _STATISTICS
+from .converters import TensorRule, class_names, converter_for, load_function
+from .selection import CompareSpec
+
+MAP_KEYS = ("prefixes", "tensors", "converters") + CompareSpec.KEYS
 
 
 @dataclass
 class NameMap:
-    """Torch names -> Paddle names by ordered prefix rules ``(torch prefix, paddle prefix)``."""
+    """Torch names -> Paddle names by ordered prefix rules ``(torch prefix, paddle prefix)``, with
+    the map file's tensor rules, registered converters (class name -> ``module:function``) and
+    what is compared (`CompareSpec`)."""
 
     prefixes: Sequence[tuple[str, str]] = field(default_factory=list)
 
     # Where the rules came from (a file), named by the errors about them.
     source: str = "name map"
+    tensors: Sequence[TensorRule] = field(default_factory=list)
+    converters: dict[str, str] = field(default_factory=dict)
+    compare: CompareSpec = field(default_factory=CompareSpec)
 
     @classmethod
     def from_json(cls, path: str | Path) -> "NameMap":
-        """``{"prefixes": [["backbone.", ""], ["pool", "avgpool"]]}``; a malformed file is a
-        ``ValueError`` naming it."""
+        """``{"prefixes": [["backbone.", ""]], "tensors": [...], "converters": {...}, "ignore": [...],
+        ...}`` (every key optional); a malformed file is a ``ValueError`` naming it."""
         path = Path(path)
+        where = f"--map {path}"
         try:
             document = json.loads(path.read_text())
         except (OSError, ValueError) as err:
-            raise ValueError(f"--map {path}: cannot read a JSON name map ({err})") from None
-        rules = document.get("prefixes") if isinstance(document, dict) else None
+            raise ValueError(f"{where}: cannot read a JSON name map ({err})") from None
+        if not isinstance(document, dict):
+            raise ValueError(f"{where}: expected a JSON object with keys among {list(MAP_KEYS)}")
+        unknown = sorted(set(document) - set(MAP_KEYS))
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {unknown}; the keys are {list(MAP_KEYS)}")
+        rules = document.get("prefixes", [])
         if not isinstance(rules, list) or not all(
                 isinstance(r, list) and len(r) == 2 and all(isinstance(p, str) for p in r) for r in rules):
-            raise ValueError(f"--map {path}: expected {{\"prefixes\": [[torch prefix, paddle prefix], ...]}}")
-        return cls([(a, b) for a, b in rules], source=f"--map {path}")
+            raise ValueError(f"{where}: expected {{\"prefixes\": [[torch prefix, paddle prefix], ...]}}")
+        tensors = document.get("tensors", [])
+        if not isinstance(tensors, list):
+            raise ValueError(f"{where}: \"tensors\" is a list of rules")
+        converters = document.get("converters", {})
+        if not isinstance(converters, dict) or not all(isinstance(v, str) for v in converters.values()):
+            raise ValueError(f"{where}: \"converters\" is {{class name: \"module:function\"}}")
+        return cls([(a, b) for a, b in rules], source=where,
+                   tensors=[TensorRule.parse(item, f"{where}: tensors") for item in tensors],
+                   converters=dict(converters), compare=CompareSpec.parse(document, where))
 
     def _rule(self, torch_name: str) -> int | None:
         """The index of the first rule matching ``torch_name``, or None."""
@@ -97,11 +123,24 @@ class NameMap:
 
 @dataclass
 class Conversion:
-    """One tensor carried over: its two names and whether it is transposed on the way."""
+    """Torch tensors -> Paddle tensors: the keys on each side, what converts them (``how``: the
+    converter's class name, "rule" or "default") and ``apply``, torch arrays in ``torch_keys``
+    order -> Paddle arrays in ``paddle_keys`` order (also used on gradients)."""
 
-    torch_key: str
-    paddle_key: str
-    transpose: bool
+    torch_keys: tuple[str, ...]
+    paddle_keys: tuple[str, ...]
+    how: str
+    apply: Callable[[list[np.ndarray]], list[np.ndarray]]
+    # A Linear weight, stored (out, in) by torch and (in, out) by Paddle.
+    transpose: bool = False
+
+    @property
+    def torch_key(self) -> str:
+        return self.torch_keys[0]
+
+    @property
+    def paddle_key(self) -> str:
+        return self.paddle_keys[0]
 
 
 def is_linear_weight(torch_module, key: str) -> bool:
@@ -113,30 +152,87 @@ def is_linear_weight(torch_module, key: str) -> bool:
     return leaf == "weight" and isinstance(module, torch.nn.Linear)
 
 
+def _numpy(tensor) -> np.ndarray:
+    return tensor.detach().cpu().numpy()
+
+
+def _class_conversion(key: str, module, converter, how: str, paddle_prefix: str,
+                      array: np.ndarray) -> Conversion:
+    """The conversion of one tensor ``key`` that ``module`` owns, by its class converter (run once
+    on ``array`` to learn the Paddle names)."""
+    local = key.rpartition(".")[2]
+    try:
+        names = list(converter(local, array, module))
+    except Exception as err:
+        raise ValueError(f"the {how} converter on torch {key}: {type(err).__name__}: {err}") from err
+
+    def apply(arrays: list[np.ndarray]) -> list[np.ndarray]:
+        out = converter(local, arrays[0], module)
+        return [out[n] for n in names]
+
+    paddle_keys = tuple(f"{paddle_prefix}.{n}" if paddle_prefix else n for n in names)
+    return Conversion((key,), paddle_keys, how, apply, transpose=how == "Linear" and local == "weight")
+
+
+def registered_converters(torch_module, name_map: NameMap) -> dict[str, Callable]:
+    """The map file's converters by class name, loaded; one that names no class of the model is a
+    ``ValueError`` naming it."""
+    present = {name for m in torch_module.modules() for name in class_names(m)}
+    converters = {}
+    for cls_name, spec in name_map.converters.items():
+        if cls_name not in present:
+            raise ValueError(f"{name_map.source}: converters: {cls_name!r} is no class of the torch model's modules")
+        converters[cls_name] = load_function(spec, f"{name_map.source}: converters: {cls_name}")
+    return converters
+
+
 def plan_conversion(torch_module, paddle_layer, name_map: NameMap) -> tuple[list[Conversion], list[str]]:
     """The conversions and the dropped torch keys; raises ``KeyError`` naming every key
-    that is not accounted for (and ``ValueError`` for shapes) before anything is copied."""
+    that is not accounted for (and ``ValueError`` for a rule that matches nothing) before
+    anything is copied."""
     torch_state = torch_module.state_dict()
     paddle_state = paddle_layer.state_dict()
+    modules = dict(torch_module.named_modules())
+    registered = registered_converters(torch_module, name_map)
     conversions, dropped, problems = [], [], []
-    filled: set[str] = set()
+    consumed: set[str] = set()
+    for rule in name_map.tensors:
+        absent = [k for k in rule.torch if k not in torch_state]
+        if absent:
+            raise ValueError(f"{name_map.source}: tensor rule {list(rule.torch)} -> {list(rule.paddle)}: "
+                             f"no torch key {absent[0]!r}")
+        conversions.append(Conversion(rule.torch, rule.paddle, "rule", rule.apply))
+        consumed.update(rule.torch)
     for key, tensor in torch_state.items():
-        target = name_map.tensor(key)
-        if target is None:
+        if key in consumed:
+            continue
+        owner = key.rpartition(".")[0]
+        converter, how = converter_for(modules[owner], registered)
+        conversion = _class_conversion(key, modules[owner], converter, how, name_map.layer(owner) if owner else "",
+                                       _numpy(tensor))
+        if conversion.paddle_keys:
+            conversions.append(conversion)
+        else:
             dropped.append(key)
-            continue
-        if target not in paddle_state:
-            problems.append(f"torch {key} -> paddle {target}: no such Paddle key")
-            continue
-        transpose = is_linear_weight(torch_module, key)
-        shape = tuple(tensor.shape)[::-1] if transpose else tuple(tensor.shape)
-        if shape != tuple(paddle_state[target].shape):
-            problems.append(f"torch {key} {tuple(tensor.shape)}{' transposed' if transpose else ''} vs "
-                            f"paddle {target} {tuple(paddle_state[target].shape)}: shapes differ")
-            continue
-        conversions.append(Conversion(key, target, transpose))
-        filled.add(target)
-    unfilled = [k for k in paddle_state if k not in filled]
+    # Paddle may hold one tensor under several keys (an LSTM's ``weight_ih_l0`` is also
+    # ``0.cell_fw.weight_ih``): filling one fills them all.
+    filled: set[int] = set()
+    for c in conversions:
+        try:
+            arrays = c.apply([_numpy(torch_state[k]) for k in c.torch_keys])
+        except ValueError as err:
+            raise ValueError(f"{name_map.source}: {err}") from None
+        for key, array in zip(c.paddle_keys, arrays):
+            if key not in paddle_state:
+                problems.append(f"torch {', '.join(c.torch_keys)} -> paddle {key}: no such Paddle key")
+            elif tuple(array.shape) != tuple(paddle_state[key].shape):
+                shapes = ", ".join(f"{tuple(torch_state[k].shape)}" for k in c.torch_keys)
+                problems.append(f"torch {', '.join(c.torch_keys)} {shapes}{' transposed' if c.transpose else ''} "
+                                f"-> {tuple(array.shape)} vs paddle {key} {tuple(paddle_state[key].shape)}: "
+                                "shapes differ")
+            else:
+                filled.add(id(paddle_state[key]))
+    unfilled = [k for k, v in paddle_state.items() if id(v) not in filled]
     if unfilled:
         problems.append(f"paddle keys no torch key fills: {unfilled[:8]}{' ...' if len(unfilled) > 8 else ''}")
     if problems:
@@ -145,18 +241,29 @@ def plan_conversion(torch_module, paddle_layer, name_map: NameMap) -> tuple[list
     return conversions, dropped
 
 
+def convert_arrays(conversions: Sequence[Conversion], arrays: dict[str, Optional[np.ndarray]]) -> dict:
+    """Paddle key -> array (or None) for every conversion whose torch keys are all in
+    ``arrays``: the converted array, None when one of its torch arrays is None (gradients)."""
+    out: dict[str, Optional[np.ndarray]] = {}
+    for c in conversions:
+        if not all(k in arrays for k in c.torch_keys):
+            continue
+        values = [arrays[k] for k in c.torch_keys]
+        converted = [None] * len(c.paddle_keys) if any(v is None for v in values) else c.apply(values)
+        out.update(zip(c.paddle_keys, converted))
+    return out
+
+
 def carry_weights(torch_module, paddle_layer, name_map: NameMap) -> tuple[list[Conversion], list[str]]:
     """Copy every torch tensor into its Paddle counterpart (see `plan_conversion`), in the
     Paddle tensor's dtype; returns the conversions and the dropped torch keys."""
     conversions, dropped = plan_conversion(torch_module, paddle_layer, name_map)
     torch_state = torch_module.state_dict()
     paddle_state = paddle_layer.state_dict()
-    values: dict[str, Any] = {}
-    for c in conversions:
-        array = torch_state[c.torch_key].detach().cpu().numpy()
-        array = array.T if c.transpose else array
-        values[c.paddle_key] = np.ascontiguousarray(array).astype(_numpy_dtype(paddle_state[c.paddle_key]))
-    paddle_layer.set_state_dict(values)
+    values = convert_arrays(conversions, {k: _numpy(v) for k, v in torch_state.items()})
+    for key, array in values.items():
+        target = paddle_state[key]
+        target.set_value(np.ascontiguousarray(array).astype(_numpy_dtype(target)))
     return conversions, dropped
 
 

@@ -3,6 +3,7 @@ models that functions build (``--torch module:function --paddle module:function 
 exit status 0 PASS, 1 FAIL, 2 bad input (one line naming it)."""
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 from align.engine.cli import options_parser, parse_shape
@@ -12,6 +13,7 @@ from align.ghm.suite import run_stage
 
 
 PAIR_SHAPE = "2x3x224x224"
+F64_TOL = 1e-9
 
 
 def pair_of(opts: ForwardOptions):
@@ -24,10 +26,16 @@ def pair_of(opts: ForwardOptions):
         if opts.ckpt:
             raise ValueError(f"--ckpt {opts.ckpt}: the mmdet checkpoint of the GHM RetinaNet; with --torch and "
                              "--paddle the builders load the weights")
+        named = [flag for flag, given in (("--inputs", opts.inputs), ("--input", opts.input), ("--shape", opts.shape))
+                 if given]
+        if len(named) > 1:
+            raise ValueError(f"{' and '.join(named)}: give the inputs one way")
         return builder_pair(opts.torch, opts.paddle, name_map_file=opts.map, carry=opts.carry,
                             shape=parse_shape(opts.shape or PAIR_SHAPE), seed=opts.seed, stage=opts.name or "pair",
-                            spill=opts.spill)
-    for flag, given in (("--map", opts.map), ("--no-carry", not opts.carry)):
+                            spill=opts.spill, input_specs=opts.input or (), inputs_file=opts.inputs,
+                            dtype=opts.dtype)
+    for flag, given in (("--map", opts.map), ("--no-carry", not opts.carry), ("--inputs", opts.inputs),
+                        ("--input", opts.input), ("--dtype", opts.dtype != "float32")):
         if given:
             raise ValueError(f"{flag} is for a pair of --torch and --paddle builders")
     return None
@@ -37,6 +45,12 @@ def main(argv: list[str] | None = None, program: str = "forward") -> int:
     """``program``: the name the command line is shown under (``align.pair`` is this command too)."""
     args = options_parser(program, __doc__.split("\n\n")[0], ForwardOptions).parse_args(argv)
     opts = options_from(ForwardOptions, args)
+    if opts.dtype == "float64":
+        # float64 on both sides leaves only the order of operations: bounds a million times tighter.
+        defaults = ForwardOptions()
+        opts = dataclasses.replace(
+            opts, rel_tol=F64_TOL if opts.rel_tol == defaults.rel_tol else opts.rel_tol,
+            mean_tol=F64_TOL if opts.mean_tol == defaults.mean_tol else opts.mean_tol)
 
     def summary(result) -> str:
         h = result.headline

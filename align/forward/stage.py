@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Protocol
@@ -39,7 +39,7 @@ from align.engine.isolate import (TorchCallRecorder, isolated_backward, isolated
 from align.engine.options import cache_option, fresh_option, option
 from align.engine.report import Headline, StageResult
 from align.engine.reprod import reprod_log_diff
-from align.engine.weights import NameMap, is_linear_weight
+from align.engine.weights import NameMap, convert_arrays, is_linear_weight
 from align.ghm.pair import GhmStageOptions
 from common.arguments import non_negative_float, positive_float, tensor_shape
 
@@ -56,6 +56,14 @@ class ForwardOptions(GhmStageOptions):
     name: Optional[str] = option(None, "report file stem (default: forward; with --torch: pair)")
     shape: Optional[str] = option(None, "input NxCxHxW (default: 2x3x800x1344; with --torch: 2x3x224x224)",
                                   type=tensor_shape())
+    inputs: Optional[Path] = option(None, "with --torch: .npz file of named inputs, passed as keyword arguments",
+                                    type=Path)
+    input: Optional[list] = option(None, "with --torch: a seeded named input name:dtype:shape[:low..high], e.g. "
+                                         "ids:int64:2x16:0..1000 or mask:bool:2x16 (repeatable; keyword arguments)",
+)
+    dtype: str = option("float32", "with --torch: both models and the floating inputs in this dtype; float64 "
+                                   "bounds the relative error by 1e-9 (default %(default)s)",
+                        choices=("float32", "float64"))
     perturb: Optional[str] = option(None, "Paddle parameter to perturb, e.g. backbone.layer3.2.conv2.weight")
     perturb_scale: float = option(1e-3, "the perturbation's std over the parameter's (default %(default)s)",
                                   type=positive_float)
@@ -81,7 +89,7 @@ class ForwardPair(Protocol):
     title: str
     paddle_model: Any  # in the mode to compare (eval for inference)
     name_map: NameMap  # torch layer names -> Paddle's
-    inputs: np.ndarray
+    inputs: Any  # an array, or name -> array passed as keyword arguments
     meta: dict  # what the report records of the pair (checkpoint, input, weights carried...)
     spill: bool  # the isolated records go to disk (a detector at full size records gigabytes)
     reference: str  # the reference side's name in the report ("mmdet", "torch")
@@ -137,7 +145,7 @@ def run_forward(opts: ForwardOptions, pair: Optional[ForwardPair] = None) -> Sta
     grad_rows = gradient_rows(pair, opts) if opts.backward else []
     isolated: list[TensorDiff] = []
     tables = []
-    meta = {**pair.meta, "seed": opts.seed, "input_shape": list(pair.inputs.shape),
+    meta = {**pair.meta, "seed": opts.seed, "input_shape": describe_inputs(pair.inputs),
             "perturbed_parameter": opts.perturb, "perturbation_std": perturb_sigma,
             "layers_compared": len(layer_rows), "backward": opts.backward, "isolate": opts.isolate,
             # "hit": the reference side came from build/cache (its forward time is then 0); "off": no cache.
@@ -186,7 +194,7 @@ def reference_outputs(pair: ForwardPair, opts: ForwardOptions):
     cache = ReferenceCache(opts.build_dir / "cache")
     key = None
     if reference is not None:
-        key = cache_key({"stage": "forward", "format": 3, **reference, "input_shape": list(pair.inputs.shape),
+        key = cache_key({"stage": "forward", "format": 3, **reference, "input_shape": describe_inputs(pair.inputs),
                          "seed": opts.seed, "layers": opts.layers, "torch_threads": torch.get_num_threads()})
         arrays = None if opts.fresh else cache.load(pair.stage, key)
         if arrays is not None:
@@ -197,7 +205,9 @@ def reference_outputs(pair: ForwardPair, opts: ForwardOptions):
               else cache.last_status)
     t0 = time.perf_counter()
     model = pair.torch_model()
-    recorder = TorchRecorder(model)
+    selection = getattr(pair, "selection", None)
+    recorder = (TorchRecorder(model, selection.torch, selection.torch_adapters) if selection
+                else TorchRecorder(model))
     with torch.no_grad(), (recorder if opts.layers else nullcontext()):
         outputs = {name: t.detach().numpy().copy() for name, t in pair.torch_outputs(model, pair.inputs).items()}
     layers = {_rename(pair.name_map, k): v for k, v in recorder.records.items()}
@@ -212,7 +222,10 @@ def paddle_outputs(pair: ForwardPair, reference_layers: dict, opts: ForwardOptio
     """Our outputs (numpy) and, with ``opts.layers``, one row per leaf layer call."""
     import paddle
 
-    comparer = PaddleComparer(pair.paddle_model, reference_layers, rel_tol=opts.rel_tol, mean_tol=opts.mean_tol)
+    selection = getattr(pair, "selection", None)
+    comparer = PaddleComparer(pair.paddle_model, reference_layers, rel_tol=opts.rel_tol, mean_tol=opts.mean_tol,
+                              **(dict(names=selection.paddle, adapters=selection.paddle_adapters) if selection
+                                 else {}))
     with paddle.no_grad(), (comparer if opts.layers else nullcontext()):
         outputs = {name: np.array(t.numpy(), copy=True)
                    for name, t in pair.paddle_outputs(pair.paddle_model, pair.inputs).items()}
@@ -246,23 +259,76 @@ def gradient_rows(pair: ForwardPair, opts: ForwardOptions) -> list[TensorDiff]:
     model.zero_grad()
     torch_projected_loss(pair.torch_outputs(model, pair.inputs), opts.seed).backward()
     pair.paddle_model.clear_gradients()
-    paddle_projected_loss(pair.paddle_outputs(pair.paddle_model, pair.inputs), opts.seed).backward()
+    with recurrent_layers_differentiable(pair.paddle_model):
+        paddle_projected_loss(pair.paddle_outputs(pair.paddle_model, pair.inputs), opts.seed).backward()
     paddle_params = dict(pair.paddle_model.named_parameters())
+    conversions = getattr(pair, "conversions", None)
+    if conversions:
+        # Through the weights' own conversions: a packed or split tensor's gradient is
+        # rearranged as the tensor was.
+        torch_grads = {name: None if p.grad is None else p.grad.numpy()
+                       for name, p in model.named_parameters() if p.requires_grad}
+        expected = convert_arrays(conversions, torch_grads)
+        return layer_scaled([_grad_row(f"grad.{key}", ref, paddle_params.get(key), opts)
+                             for key, ref in expected.items()], opts.rel_tol)
     rows = []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         target = pair.name_map.tensor(name)
-        ours = paddle_params.get(target)
         ref = None if param.grad is None else param.grad.numpy()
         if ref is not None and is_linear_weight(model, name):
             ref = ref.T
-        got = None if ours is None or ours.grad is None else ours.grad.numpy()
-        if ref is None or got is None:
-            rows.append(missing_row(f"grad.{target}", reason="no gradient in " + ("torch" if ref is None else "paddle")))
-            continue
-        rows.append(diff_arrays(f"grad.{target}", ref, got, rel_tol=opts.rel_tol, mean_tol=opts.mean_tol))
-    return rows
+        rows.append(_grad_row(f"grad.{target}", ref, paddle_params.get(target), opts))
+    return layer_scaled(rows, opts.rel_tol)
+
+
+def layer_scaled(rows: list[TensorDiff], rel_tol: float) -> list[TensorDiff]:
+    """``rows`` with a failed gradient passed when its max|diff| is within ``rel_tol`` of the largest
+    gradient of its layer's parameters. A gradient that cancels to zero (an attention key
+    projection's bias: softmax ignores what every key shares) is rounding noise on both sides,
+    whose relative error means nothing; measured against its layer it is still caught when it is
+    wrong by as little as ``rel_tol`` of what the layer's other gradients are."""
+    scale: dict[str, float] = {}
+    for row in rows:
+        layer = row.name.rpartition(".")[0]
+        scale[layer] = max(scale.get(layer, 0.0), row.ref_max_abs or 0.0)
+    out = []
+    for row in rows:
+        bound = rel_tol * scale.get(row.name.rpartition(".")[0], 0.0)
+        if not row.passed and row.finite and row.test_shape == row.ref_shape and row.max_abs is not None \
+                and row.max_abs <= bound:
+            row = dataclasses.replace(row, passed=True, reason=(
+                f"{row.reason}, but max|diff| {row.max_abs:.1e} is within {rel_tol:g} of its layer's largest "
+                f"gradient {bound / rel_tol:.1e}"))
+        out.append(row)
+    return out
+
+
+@contextmanager
+def recurrent_layers_differentiable(paddle_model):
+    """Paddle's LSTM, GRU and SimpleRNN in training mode inside the block when they have no dropout:
+    in evaluation mode Paddle's recurrent kernel keeps nothing for the backward pass (it fails with
+    "Tensor holds no memory"); without dropout both modes compute the same."""
+    import paddle
+
+    switched = [layer for layer in paddle_model.sublayers(include_self=True)
+                if isinstance(layer, paddle.nn.layer.rnn.RNNBase) and not layer.training
+                and not getattr(layer, "dropout", 0)]
+    for layer in switched:
+        layer.train()
+    try:
+        yield
+    finally:
+        for layer in switched:
+            layer.eval()
+
+
+def _grad_row(name: str, ref, param, opts: ForwardOptions) -> TensorDiff:
+    got = None if param is None or param.grad is None else param.grad.numpy()
+    if ref is None or got is None:
+        return missing_row(name, reason="no gradient in " + ("torch" if ref is None else "paddle"))
+    return diff_arrays(name, ref, got, rel_tol=opts.rel_tol, mean_tol=opts.mean_tol)
 
 
 def run_isolated(pair: ForwardPair, opts: ForwardOptions):
@@ -273,7 +339,8 @@ def run_isolated(pair: ForwardPair, opts: ForwardOptions):
 
     model = pair.torch_model()
     with spill_store(opts.spill or pair.spill, opts.build_dir / "isolate") as store:
-        recorder = TorchCallRecorder(model, store, grads=opts.backward)
+        selection = getattr(pair, "selection", None)
+        recorder = TorchCallRecorder(model, store, grads=opts.backward, names=selection.torch if selection else None)
         with recorder:
             if opts.backward:
                 torch_projected_loss(pair.torch_outputs(model, pair.inputs), opts.seed).backward()
@@ -286,6 +353,13 @@ def run_isolated(pair: ForwardPair, opts: ForwardOptions):
         backward_rows = (isolated_backward(recorder.calls, store, model, pair.paddle_model, pair.name_map, **tol)
                          if opts.backward else [])
         return forward_rows, backward_rows, kinds, store.nbytes
+
+
+def describe_inputs(inputs) -> Any:
+    """What the report and the cache key record of the inputs: one array's shape, or name -> dtype[shape]."""
+    if isinstance(inputs, dict):
+        return {k: f"{v.dtype}{list(v.shape)}" for k, v in inputs.items()}
+    return list(inputs.shape)
 
 
 def _rename(name_map: NameMap, key: str) -> str:

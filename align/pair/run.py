@@ -23,7 +23,9 @@ import numpy as np
 from align.engine.compare import DEFAULT_MEAN_TOL, DEFAULT_REL_TOL
 from align.engine.environment import environment_info, source_digest
 from align.engine.report import StageResult, write_stage_report
-from align.engine.weights import NameMap, carry_weights
+from align.engine.selection import select
+from align.engine.weights import NameMap, carry_weights, plan_conversion
+from align.pair.inputs import call, npz_inputs, seeded_inputs, widened
 
 PACKAGES = {"torch": ("torch",), "paddle": ("paddlepaddle", "paddlepaddle-gpu"), "numpy": ("numpy",),
             "reprod_log": ("reprod_log", "reprod-log")}
@@ -43,7 +45,8 @@ class ModelPair:
 
     Args:
         torch_model, paddle_model: in the mode to compare (``eval()`` for inference).
-        inputs: what both take, e.g. ``(N, C, H, W)`` float32.
+        inputs: what both take: one array (e.g. ``(N, C, H, W)`` float32), passed positionally,
+            or name -> array, passed as keyword arguments (ids, masks...).
         name_map: torch names -> Paddle names (prefix rules).
         carry: copy the torch weights into the Paddle model (False: the models hold equal
             weights already).
@@ -55,12 +58,19 @@ class ModelPair:
 
     reference = "torch"
 
-    def __init__(self, torch_model, paddle_model, inputs: np.ndarray, *, name_map: Optional[NameMap] = None,
+    def __init__(self, torch_model, paddle_model, inputs: Any, *, name_map: Optional[NameMap] = None,
                  carry: bool = True, stage: str = "pair", title: str = "", code: Sequence[str] = (),
                  spill: bool = False):
         self.name_map = name_map or NameMap()
         self.name_map.check(torch_model)
-        conversions, dropped = carry_weights(torch_model, paddle_model, self.name_map) if carry else ([], [])
+        if carry:
+            conversions, dropped = carry_weights(torch_model, paddle_model, self.name_map)
+        else:
+            conversions, dropped = _planned(torch_model, paddle_model, self.name_map)
+        # The gradients of --backward are compared through the same conversions.
+        self.conversions = conversions
+        self.selection = select(torch_model, paddle_model, self.name_map.layer, self.name_map.compare)
+        self._adapt = {side: self.name_map.compare.output_adapter(side) for side in ("torch", "paddle")}
         self._torch_model, self.paddle_model, self.inputs = torch_model, paddle_model, inputs
         self.stage, self.code, self.spill = stage, tuple(code), spill
         self.title = title or f"{type(paddle_model).__name__} (Paddle) vs {type(torch_model).__name__} (torch)"
@@ -69,17 +79,17 @@ class ModelPair:
     def torch_model(self):
         return self._torch_model
 
-    @staticmethod
-    def torch_outputs(model, inputs: np.ndarray) -> dict[str, Any]:
+    def torch_outputs(self, model, inputs: Any) -> dict[str, Any]:
         import torch
 
-        return named(model(torch.from_numpy(inputs)))
+        output = call(model, inputs, torch.from_numpy)
+        return named(self._adapt["torch"](output) if self._adapt["torch"] else output)
 
-    @staticmethod
-    def paddle_outputs(model, inputs: np.ndarray) -> dict[str, Any]:
+    def paddle_outputs(self, model, inputs: Any) -> dict[str, Any]:
         import paddle
 
-        return named(model(paddle.to_tensor(inputs)))
+        output = call(model, inputs, paddle.to_tensor)
+        return named(self._adapt["paddle"](output) if self._adapt["paddle"] else output)
 
     def reference_key(self) -> Optional[dict]:
         if not self.code:
@@ -91,7 +101,7 @@ class ModelPair:
             weights.update(key.encode())
             weights.update(np.ascontiguousarray(tensor.detach().cpu().numpy()).tobytes())
         return {"pair": self.stage, "torch_weights": weights.hexdigest(), "code": source_digest(*self.code),
-                "inputs": hashlib.sha256(np.ascontiguousarray(self.inputs).tobytes()).hexdigest(),
+                "inputs": _digest(self.inputs),
                 "torch": torch.__version__}
 
     @staticmethod
@@ -99,6 +109,23 @@ class ModelPair:
         result.env = result.env or environment_info(PACKAGES)
         write_stage_report(result, reports)
         return result
+
+
+def _planned(torch_model, paddle_model, name_map: NameMap):
+    """The conversions the name map describes when the builders carried the weights themselves
+    (``--no-carry``), for naming the gradients; none when the map does not describe them."""
+    try:
+        return plan_conversion(torch_model, paddle_model, name_map)
+    except (KeyError, ValueError):
+        return [], []
+
+
+def _digest(inputs: Any) -> str:
+    digest = hashlib.sha256()
+    for name, array in (inputs.items() if isinstance(inputs, dict) else [("", inputs)]):
+        digest.update(f"{name}:{array.dtype}:{array.shape}".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
 
 
 def load_builder(spec: str, flag: str):
@@ -116,27 +143,52 @@ def load_builder(spec: str, flag: str):
     return builder
 
 
-def build(spec: str, flag: str):
-    """The model the builder named by ``spec`` returns; a builder that raises is a ``ValueError``
-    naming ``module:function`` and its exception (the traceback with ``-v``)."""
+def build(spec: str, flag: str, dtype: str = "float32"):
+    """The model the builder named by ``spec`` returns, built with ``dtype`` as the framework's default
+    dtype; a builder that raises is a ``ValueError`` naming ``module:function`` and its exception
+    (the traceback with ``-v``)."""
+    import paddle
+    import torch
+
     builder = load_builder(spec, flag)
+    saved = torch.get_default_dtype(), paddle.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))
+    paddle.set_default_dtype(dtype)
     try:
-        return builder()
+        model = builder()
     except Exception as err:
         raise ValueError(f"{flag} {spec}: the builder raised {type(err).__name__}: {err}") from err
+    finally:
+        torch.set_default_dtype(saved[0])
+        paddle.set_default_dtype(saved[1])
+    if dtype == "float64" and flag == "--torch":
+        model = model.double()
+    return model
 
 
 def builder_pair(torch_spec: str, paddle_spec: str, *, name_map_file: Optional[Path], carry: bool,
-                 shape: Sequence[int], seed: int, stage: str, spill: bool) -> ModelPair:
-    """The pair two builder functions make, on seeded standard-normal float32 inputs of ``shape``;
-    cacheable, keyed by the builders' modules' source among the rest."""
+                 shape: Optional[Sequence[int]], seed: int, stage: str, spill: bool,
+                 input_specs: Sequence[str] = (), inputs_file: Optional[Path] = None,
+                 dtype: str = "float32") -> ModelPair:
+    """The pair two builder functions make, on the inputs of ``inputs_file`` (an ``.npz``), of
+    ``input_specs`` (seeded, `align.pair.inputs`) or else seeded standard-normal of ``shape``;
+    floating inputs and both models in ``dtype``. Cacheable, keyed by the builders' modules'
+    source among the rest."""
     name_map = NameMap.from_json(name_map_file) if name_map_file else NameMap()
-    torch_model = build(torch_spec, "--torch")
-    paddle_model = build(paddle_spec, "--paddle")
-    inputs = np.random.default_rng(seed).standard_normal(tuple(shape)).astype(np.float32)
+    if inputs_file is not None:
+        inputs = npz_inputs(inputs_file)
+    elif input_specs:
+        inputs = seeded_inputs(input_specs, seed)
+    else:
+        inputs = np.random.default_rng(seed).standard_normal(tuple(shape)).astype(np.float32)
+    inputs = widened(inputs, dtype) if isinstance(inputs, dict) else inputs.astype(dtype)
+    torch_model = build(torch_spec, "--torch", dtype)
+    paddle_model = build(paddle_spec, "--paddle", dtype)
     modules = sorted({torch_spec.partition(":")[0], paddle_spec.partition(":")[0]})
-    return ModelPair(torch_model, paddle_model, inputs, name_map=name_map, carry=carry, stage=stage,
+    pair = ModelPair(torch_model, paddle_model, inputs, name_map=name_map, carry=carry, stage=stage,
                      code=modules, spill=spill)
+    pair.meta["dtype"] = dtype
+    return pair
 
 
 def align_pair(torch_model, paddle_model, inputs: np.ndarray, *, name_map: Optional[NameMap] = None,
