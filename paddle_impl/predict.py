@@ -41,6 +41,7 @@ from typing import Sequence
 os.environ.setdefault("GLOG_minloglevel", "2")
 
 import numpy as np  # noqa: E402
+import paddle  # noqa: E402
 
 from paddle_impl.data.coco_classes import COCO_CATEGORY_IDS, COCO_CLASSES  # noqa: E402
 from common.atomic_write import atomic_write, write_json  # noqa: E402
@@ -72,7 +73,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _select_images(args: argparse.Namespace) -> tuple[list[tuple[int, str]], list[int], str | None]:
+def select_images(args: argparse.Namespace) -> tuple[list[tuple[int, str]], list[int], str | None]:
     """``[(image_id, path)]``, the category id of each label, and the annotation file (or None)."""
     if bool(args.ann_file) != bool(args.img_prefix):
         raise InputError("--ann-file and --img-prefix go together")
@@ -126,12 +127,44 @@ def draw(path: str, det: Detections, out_png: Path, threshold: float) -> None:
         plt.close(fig)
 
 
+def prepare_image(img_id: int, path: str, scale, collate: Collate) -> tuple[paddle.Tensor, dict]:
+    """One image through the test pipeline: the network input ``(1, 3, H, W)`` (normalised,
+    padded) and its meta (``img_shape``, ``scale_factor``) for :func:`predict_boxes`."""
+    img = load_image(path, img_id)
+    empty = np.zeros((0, 4), np.float32)
+    sample = test_pipeline(img, empty, np.zeros((0,), np.int64), np.zeros((0,), bool), scale)
+    sample.update(img_id=img_id, img_path=path, key=(0, 0, -1))
+    batch = collate.batch([sample])
+    return batch["images"], {"img_shape": batch["img_shapes"][0], "scale_factor": batch["scale_factors"][0]}
+
+
+def write_results(images: list[tuple[int, str]], results: list[Detections], cat_ids: list[int],
+                  ann_file: str | None, out: str | Path, backend: str, draw_dir: str | Path | None = None,
+                  draw_thr: float = 0.3) -> dict[str, float] | None:
+    """The COCO results json ``out`` (atomically), the drawings and, with ``ann_file``, the
+    12 box metrics (printed, and written beside ``out`` as ``<stem>.metrics.json``)."""
+    records = detections_to_coco_json(results, [i for i, _ in images], cat_ids, out_file=str(out))
+    print(f"{len(records)} detections on {len(images)} images -> {out}")
+    if draw_dir:
+        for (img_id, path), det in zip(images, results):
+            draw(path, det, Path(draw_dir) / f"{Path(path).stem}.png", draw_thr)
+        print(f"drawings -> {draw_dir}")
+    if ann_file is None:
+        return None
+    metrics = evaluate_bbox(ann_file, records, backend=backend)
+    out = Path(out)
+    write_json(out.with_name(out.stem + ".metrics.json"), metrics)
+    for name, value in metrics.items():
+        print(f"{name}: {value:.4f}")
+    return metrics
+
+
 def run(args: argparse.Namespace) -> dict[str, float] | None:
     """Predict every selected image; returns the box metrics when an annotation file was given."""
     backend = eval_backend(args)
     if not Path(args.weights).is_file():
         raise InputError(f"--weights {args.weights}: file not found")
-    images, cat_ids, ann_file = _select_images(args)
+    images, cat_ids, ann_file = select_images(args)
     model = RetinaNet.from_config()
     with tempfile.TemporaryDirectory(prefix="ghm-weights-") as tmp:
         # An mmdet .pth goes through the converter's own command: no torch here.
@@ -142,27 +175,9 @@ def run(args: argparse.Namespace) -> dict[str, float] | None:
     collate = Collate()
     results = []
     for img_id, path in images:
-        img = load_image(path, img_id)
-        empty = np.zeros((0, 4), np.float32)
-        sample = test_pipeline(img, empty, np.zeros((0,), np.int64), np.zeros((0,), bool), scale)
-        sample.update(img_id=img_id, img_path=path, key=(0, 0, -1))
-        batch = collate.batch([sample])
-        metas = [{"img_shape": batch["img_shapes"][0], "scale_factor": batch["scale_factors"][0]}]
-        results.append(model.predict(batch["images"], metas)[0])
-    records = detections_to_coco_json(results, [i for i, _ in images], cat_ids, out_file=args.out)
-    print(f"{len(records)} detections on {len(images)} images -> {args.out}")
-    if args.draw_dir:
-        for (img_id, path), det in zip(images, results):
-            draw(path, det, Path(args.draw_dir) / f"{Path(path).stem}.png", args.draw_thr)
-        print(f"drawings -> {args.draw_dir}")
-    if ann_file is None:
-        return None
-    metrics = evaluate_bbox(ann_file, records, backend=backend)
-    out = Path(args.out)
-    write_json(out.with_name(out.stem + ".metrics.json"), metrics)
-    for name, value in metrics.items():
-        print(f"{name}: {value:.4f}")
-    return metrics
+        batch, meta = prepare_image(img_id, path, scale, collate)
+        results.append(model.predict(batch, [meta])[0])
+    return write_results(images, results, cat_ids, ann_file, args.out, backend, args.draw_dir, args.draw_thr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

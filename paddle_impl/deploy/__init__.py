@@ -1,0 +1,1 @@
+"""Deployment: the exported detector (``python -m paddle_impl.export``) and its inference engines."""

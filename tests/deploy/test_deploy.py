@@ -1,0 +1,140 @@
+"""Export and inference: the exported network on Paddle Inference (oneDNN on) and ONNX Runtime
+against the dynamic graph, the detections of ``python -m paddle_impl.infer`` against
+``python -m paddle_impl.predict``, a perturbed exported weight caught, and bad input refused.
+
+One export (about 15 s) serves every test; the inputs are small.
+The weights are a fresh model's with the classification bias set to zero, so
+detections exist (as in tests/paddle_impl/test_predict_cli.py).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import paddle
+import pytest
+
+from paddle_impl.data.tiny_coco import generate
+from paddle_impl.deploy.backends import open_engine
+from paddle_impl.deploy.model_dir import ModelDir, output_names
+from paddle_impl.export import export, load_detector
+from paddle_impl.infer import main as infer_main
+from paddle_impl.model.detector import RetinaNet
+from paddle_impl.predict import main as predict_main
+
+# The full-size detector: `make test-fast` skips these.
+pytestmark = pytest.mark.slow
+
+RTOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    paddle.seed(0)
+    model = RetinaNet.from_config()
+    paddle.assign(paddle.zeros_like(model.bbox_head.retina_cls.bias), output=model.bbox_head.retina_cls.bias)
+    path = tmp_path_factory.mktemp("weights") / "model.pdparams"
+    paddle.save(model.state_dict(), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported(weights, tmp_path_factory) -> ModelDir:
+    return export(str(weights), tmp_path_factory.mktemp("export") / "model", scale=(320, 192))
+
+
+@pytest.fixture(scope="module")
+def coco(tmp_path_factory) -> Path:
+    return generate(tmp_path_factory.mktemp("coco") / "tiny", train=1, val=2, seed=0)
+
+
+def raw_outputs(model: RetinaNet, images: np.ndarray) -> list[np.ndarray]:
+    with paddle.no_grad():
+        cls_scores, bbox_preds = model(paddle.to_tensor(images))
+    return [t.numpy() for t in cls_scores + bbox_preds]
+
+
+def worst_relative(got: list[np.ndarray], want: list[np.ndarray]) -> float:
+    assert [g.shape for g in got] == [w.shape for w in want]
+    return max(float(np.abs(g - w).max() / np.abs(w).max()) for g, w in zip(got, want))
+
+
+def test_export_folder_describes_the_model(exported, weights):
+    for path in (exported.program, exported.params, exported.onnx, exported.spec_path):
+        assert path.is_file(), path
+    spec = exported.spec()
+    assert spec["outputs"] == output_names()
+    assert spec["preprocess"]["resize"]["scale_wh"] == [320, 192]
+    assert spec["preprocess"]["mean_rgb"] == [123.675, 116.28, 103.53]
+    assert spec["preprocess"]["pad_size_divisor"] == 32
+    assert spec["postprocess"]["test_cfg"]["max_per_img"] == 100
+    assert len(spec["weights"]["sha256"]) == 64
+    # No leftover build folders beside the export.
+    assert [p.name for p in exported.root.parent.iterdir()] == ["model"]
+
+
+@pytest.mark.parametrize("backend", ["paddle-inference", "onnxruntime"])
+def test_each_engine_equals_the_dynamic_graph_at_free_batch_and_size(exported, weights, backend):
+    model = load_detector(str(weights))
+    engine = open_engine(backend, exported, threads=2)
+    rng = np.random.default_rng(0)
+    for shape in [(1, 3, 64, 96), (2, 3, 96, 64)]:
+        images = rng.standard_normal(shape).astype(np.float32)
+        assert worst_relative(engine.run(images), raw_outputs(model, images)) <= RTOL, (backend, shape)
+
+
+def test_a_perturbed_exported_weight_is_caught(weights, tmp_path):
+    model = load_detector(str(weights))
+    images = np.random.default_rng(1).standard_normal((1, 3, 64, 64)).astype(np.float32)
+    want = raw_outputs(model, images)
+    conv = model.neck.fpn_convs[0].conv.weight
+    paddle.assign(conv * (1 + 1e-3), output=conv)
+    target = export(str(weights), tmp_path / "perturbed", model=model, onnx=False)
+    got = open_engine("paddle-inference", target, threads=2).run(images)
+    assert worst_relative(got, want) > 10 * RTOL
+
+
+@pytest.mark.parametrize("backend", ["paddle-inference", "onnxruntime"])
+def test_infer_gives_the_detections_of_predict(exported, weights, coco, backend, tmp_path, capsys):
+    images = [str(p) for p in sorted((coco / "val2017").glob("*.png"))]
+    out = tmp_path / "infer"
+    assert infer_main(["--model", str(exported.root), "--images", *images, "--backend", backend,
+                       "--threads", "2", "--out", str(out)]) == 0, capsys.readouterr().err
+    assert predict_main(["--weights", str(weights), "--images", *images, "--scale", "320x192",
+                         "--out", str(tmp_path / "predict.json")]) == 0
+    got = json.loads((out / "detections.json").read_text())
+    want = json.loads((tmp_path / "predict.json").read_text())
+    assert got and len(got) == len(want)
+    for g, w in zip(got, want):
+        assert (g["image_id"], g["category_id"]) == (w["image_id"], w["category_id"])
+        assert np.allclose(g["bbox"], w["bbox"], atol=1e-3, rtol=0)
+        assert abs(g["score"] - w["score"]) <= 1e-5
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(Path(p).stem + ".png" for p in images)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "{missing}"], "folder not found"),
+    (["--model", "{empty}"], "no deploy.json"),
+    (["--model", "{model}", "--backend", "tensorrt"], "--backend tensorrt: not one of"),
+    (["--model", "{model}", "--device", "npu"], "--device npu: not one of"),
+])
+def test_bad_model_or_backend_is_one_line_and_writes_nothing(exported, coco, tmp_path, capsys, args, message):
+    (tmp_path / "empty").mkdir()
+    names = {"missing": tmp_path / "missing", "empty": tmp_path / "empty", "model": exported.root}
+    args = [a.format(**names) for a in args]
+    image = str(sorted((coco / "val2017").glob("*.png"))[0])
+    status = infer_main([*args, "--images", image, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_refuses_a_folder_that_is_not_an_export(weights, tmp_path, capsys):
+    from paddle_impl.export import main as export_main
+
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    assert export_main(["--weights", str(weights), "--out", str(tmp_path / "busy")]) == 2
+    assert "not an earlier export" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "busy").iterdir()] == ["notes.txt"]
