@@ -128,7 +128,7 @@ def select(torch_model, paddle_model, layer_name: Callable[[str], str], spec: Co
     whole = set(spec.compare_at) | {n for n, m in t_modules.items() if isinstance(m, torch.nn.MultiheadAttention)}
     ignored_t = set(spec.ignore) | {n for n in t_modules if layer_name(n) in spec.ignore}
     ignored_t |= {n for n, m in t_modules.items() if type(m).__name__ in spec.ignore_classes}
-    chosen = []
+    chosen, covering = [], set()
     for name, module in t_modules.items():
         if _under(name, ignored_t) or _strictly_under(name, whole):
             continue
@@ -136,13 +136,16 @@ def select(torch_model, paddle_model, layer_name: Callable[[str], str], spec: Co
         owns = next(module.parameters(recurse=False), None) is not None
         if leaf or name in whole or owns:
             chosen.append(name)
+        if leaf or name in whole:
+            # Its Paddle counterpart is compared as a whole, whatever it has below it.
+            covering.add(layer_name(name))
 
     mapped = {layer_name(n) for n in chosen}
     ignored_p = set(spec.ignore) | {layer_name(n) for n in ignored_t}
     ignored_p |= {n for n, l in p_layers.items() if type(l).__name__ in spec.ignore_classes}
     paddle_names = []
     for name, layer in p_layers.items():
-        if _under(name, ignored_p) or _strictly_under(name, mapped):
+        if _under(name, ignored_p) or _strictly_under(name, covering):
             continue
         if name in mapped or next(iter(layer.children()), None) is None:
             paddle_names.append(name)

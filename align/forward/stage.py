@@ -163,12 +163,16 @@ def run_forward(opts: ForwardOptions, pair: Optional[ForwardPair] = None) -> Sta
 
     # With isolation the layer rows are each layer's own error; the accumulated ones are in a
     # table and drawn behind them on the layer figure.
-    decisive = tensors + (isolated if opts.isolate else layer_rows + grad_rows)
+    # A layer isolation cannot run on its own (several outputs, keyword inputs: an LSTM, an
+    # attention) keeps its parameters' gradients among the decisive rows.
+    unisolated = ([r for r in grad_rows if f"{r.name[len('grad.'):]}.grad" not in {i.name for i in isolated}]
+                  if opts.isolate else grad_rows)
+    decisive = tensors + (isolated + unisolated if opts.isolate else layer_rows + grad_rows)
     return pair.write_report(StageResult(
         stage=pair.stage,
         title=pair.title,
         passed=all(r.passed for r in decisive),
-        tensors=tensors + ([] if opts.isolate else grad_rows),
+        tensors=tensors + unisolated,
         layers=isolated if opts.isolate else layer_rows,
         accumulated_layers=layer_rows if opts.isolate else [],
         thresholds={"rel_max": opts.rel_tol, "mean_abs": opts.mean_tol},

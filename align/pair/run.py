@@ -63,13 +63,14 @@ class ModelPair:
                  spill: bool = False):
         self.name_map = name_map or NameMap()
         self.name_map.check(torch_model)
+        # What is compared is checked before the weights are carried: a bad map leaves no model half-filled.
+        self.selection = select(torch_model, paddle_model, self.name_map.layer, self.name_map.compare)
         if carry:
             conversions, dropped = carry_weights(torch_model, paddle_model, self.name_map)
         else:
             conversions, dropped = _planned(torch_model, paddle_model, self.name_map)
         # The gradients of --backward are compared through the same conversions.
         self.conversions = conversions
-        self.selection = select(torch_model, paddle_model, self.name_map.layer, self.name_map.compare)
         self._adapt = {side: self.name_map.compare.output_adapter(side) for side in ("torch", "paddle")}
         self._torch_model, self.paddle_model, self.inputs = torch_model, paddle_model, inputs
         self.stage, self.code, self.spill = stage, tuple(code), spill

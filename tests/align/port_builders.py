@@ -1,0 +1,97 @@
+"""Small model pairs whose weights need more than a name: a packed projection, a parent-owned
+parameter, a registered converter. Builders for ``--torch`` / ``--paddle`` and the tests."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def packed_torch():
+    """``qkv`` Linear(8, 24) packs three projections; ``scale`` ``(8,)`` is owned by the root."""
+    import torch
+
+    class Packed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = torch.nn.Linear(8, 24)
+            self.gamma = torch.nn.Parameter(torch.linspace(0.5, 1.5, 8))
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+            return (q * k + v) * self.gamma
+
+    torch.manual_seed(0)
+    return Packed().eval()
+
+
+def packed_paddle():
+    import paddle
+
+    class Split(paddle.nn.Layer):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v = paddle.nn.Linear(8, 8), paddle.nn.Linear(8, 8), paddle.nn.Linear(8, 8)
+            self.alpha = self.create_parameter([8])
+
+        def forward(self, x):
+            return (self.q(x) * self.k(x) + self.v(x)) * self.alpha
+
+    model = Split()
+    model.eval()
+    return model
+
+
+def residual_torch():
+    """A block ``x + scale * fc(x)`` whose ``scale`` ``(8,)`` its parent owns, then a head."""
+    import torch
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 8)
+            self.scale = torch.nn.Parameter(torch.linspace(0.1, 0.9, 8))
+
+        def forward(self, x):
+            return x + self.scale * self.fc(x)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = Block()
+            self.head = torch.nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.block(x))
+
+    torch.manual_seed(0)
+    return Net().eval()
+
+
+def residual_paddle():
+    import paddle
+
+    class Block(paddle.nn.Layer):
+        def __init__(self):
+            super().__init__()
+            self.fc = paddle.nn.Linear(8, 8)
+            self.scale = self.create_parameter([8])
+
+        def forward(self, x):
+            return x + self.scale * self.fc(x)
+
+    class Net(paddle.nn.Layer):
+        def __init__(self):
+            super().__init__()
+            self.block = Block()
+            self.head = paddle.nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.block(x))
+
+    model = Net()
+    model.eval()
+    return model
+
+
+def gamma_to_alpha(name: str, array: np.ndarray, module) -> dict:
+    """A registered converter of the ``Packed`` class: its own ``gamma`` is Paddle's ``alpha``."""
+    return {"alpha": array} if name == "gamma" else {name: array}
