@@ -25,6 +25,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Sequence
 
+RELU_SCOPE = frozenset({"gradient", "state"})
+# An element within this many float spacings of a threshold (a ReLU's zero, relative to the
+# layer's scale; a bin edge) can land on either side of it by rounding alone. Further away,
+# a flip is the consequence of an earlier difference, not a cause.
+ROUNDING_SPACINGS = 64
+
 
 @dataclass
 class Explanation:
@@ -107,3 +113,22 @@ def describe(divergences: Sequence[Divergence], unit: str = "step") -> str:
         why = f"each explained ({causes or 'no disagreement'})"
     return (f"{len(divergences)} {unit}s with a disagreement, {why} (its tolerances do not decide the "
             f"verdict, an unexplained disagreement does)")
+
+
+def relu_flips(step_layers: dict[str, list]) -> Explanation | None:
+    """A step's ReLU mask flips at rounding level (`align.engine.capture.ReluMaskCensus.step_layers`:
+    within `ROUNDING_SPACINGS` of zero at the layer's scale); None when there is none. A flip
+    moves the gradients (and the state the update writes), not the forward values, in its step."""
+    near = {name: int((row[3] <= ROUNDING_SPACINGS).sum()) for name, row in step_layers.items()}
+    total = sum(near.values())
+    if not total:
+        return None
+    layer = max(near, key=near.get)
+    count, at_flip, scale, spacings = step_layers[layer]
+    flips = sum(row[0] for row in step_layers.values())
+    return Explanation(
+        "ReLU mask flip", total,
+        f"{total} of {flips} flipped elements within {ROUNDING_SPACINGS} float spacings of zero, in "
+        f"{sum(1 for n in near.values() if n)} ReLU layers, most in {layer} ({near[layer]}); there the "
+        f"closest is {float(spacings.min()):.2g} spacings at the layer's largest |pre-activation| "
+        f"{scale:.2e}, the largest |pre-activation| at a flip {at_flip:.2e}", RELU_SCOPE)

@@ -1,6 +1,6 @@
 """The GHM RetinaNet's rounding-level causes of divergence, as `align.engine.divergence` explanations.
 
-- ReLU mask flips (`relu_flips`): a pre-activation within rounding of zero is
+- ReLU mask flips (`relu_flips`, the engine's): a pre-activation within rounding of zero is
   positive in one framework and not in the other; the element's gradient then
   passes in one and is blocked in the other. Forward values move by the
   element's own tiny magnitude only: it explains gradients (and the state the
@@ -17,15 +17,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from align.engine.divergence import Explanation
+from align.engine.divergence import RELU_SCOPE, ROUNDING_SPACINGS, Explanation, relu_flips
 from align.ghm.pair import LEVELS
 
-RELU_SCOPE = frozenset({"gradient", "state"})
+__all__ = ["BIN_SCOPE", "RELU_SCOPE", "BinFlips", "relu_flips", "row_kind", "ulps_apart"]
+
 BIN_SCOPE = frozenset({"loss", "gradient", "state"})
-# An element within this many float spacings of a threshold (a ReLU's zero, relative to the
-# layer's scale; a bin edge) can land on either side of it by rounding alone. Further away,
-# a flip is the consequence of an earlier difference, not a cause.
-ROUNDING_SPACINGS = 64
 
 
 def row_kind(name: str) -> str:
@@ -46,24 +43,6 @@ def ulps_apart(a, b) -> int:
     ints = {np.dtype(np.float32): np.int32, np.dtype(np.float64): np.int64}[kind]
     x, y = (np.asarray(v, kind).view(ints).astype(np.int64) for v in (a, b))
     return int(abs(int(x) - int(y)))
-
-
-def relu_flips(step_layers: dict[str, list]) -> Explanation | None:
-    """The step's ReLU mask flips at rounding level (`ReluMaskCensus.step_layers`: within
-    `ROUNDING_SPACINGS` of zero at the layer's scale); None when there is none."""
-    near = {name: int((row[3] <= ROUNDING_SPACINGS).sum()) for name, row in step_layers.items()}
-    total = sum(near.values())
-    if not total:
-        return None
-    layer = max(near, key=near.get)
-    count, at_flip, scale, spacings = step_layers[layer]
-    flips = sum(row[0] for row in step_layers.values())
-    return Explanation(
-        "ReLU mask flip", total,
-        f"{total} of {flips} flipped elements within {ROUNDING_SPACINGS} float spacings of zero, in "
-        f"{sum(1 for n in near.values() if n)} ReLU layers, most in {layer} ({near[layer]}); there the "
-        f"closest is {float(spacings.min()):.2g} spacings at the layer's largest |pre-activation| "
-        f"{scale:.2e}, the largest |pre-activation| at a flip {at_flip:.2e}", RELU_SCOPE)
 
 
 class BinFlips:
