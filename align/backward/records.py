@@ -1,20 +1,22 @@
 """What the backward stage is given and what one of its runs records: its options (which make its
-command line), one run of both models in one precision (`PairRun`) and one step of it (`StepRow`)."""
+command line) and one run of both sides in one precision (`PairRun`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any
 
 from align.engine.compare import TensorDiff
 from align.engine.divergence import Divergence
 from align.engine.options import cache_option, fresh_option, option
 from align.ghm.pair import GhmStageOptions, dtype_option, extra_dtype_option
-from common.arguments import non_negative, positive, positive_float, tensor_shape
+from common.arguments import non_negative, non_negative_float, positive, positive_float, tensor_shape
 
 DEFAULT_SHAPE = "2x3x320x480"
 # COCO train2017 after filtering images without boxes (117266), 16 images per step.
 DEFAULT_ITERS_PER_EPOCH = 7330
+# The optimizers a pair trains with, each framework's own (`align.pair.optimizers`).
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 
 
 @dataclass
@@ -27,14 +29,22 @@ class BackwardOptions(GhmStageOptions):
 
     # The pair: the GHM RetinaNet unless ``torch`` and ``paddle`` name two builders.
     torch: str | None = option(None, "module:function building a torch model to train instead of mmdet's GHM "
-                                     "RetinaNet (with --paddle; see align.backward.any_pair)")
+                                     "RetinaNet (with --paddle; see align.pair.training)")
     paddle: str | None = option(None, "module:function building the Paddle model to train beside it")
     map: Path | None = option(None, "with --torch: JSON name map {\"prefixes\": [[torch, paddle], ...]}", type=Path)
     carry: bool = option(True, "with --torch: the builders load equal weights themselves", flag="--no-carry")
     name: str | None = option(None, "with --torch: report file stem (default pair_backward)")
+    # The GHM RetinaNet trains with mmengine's optimizer from mmdet's config; a pair with
+    # each framework's own optimizer of this kind.
+    optimizer: str | None = option(None, "with --torch: sgd, momentum (0.9), adam or adamw, each framework's own "
+                                         "(default momentum)", choices=OPTIMIZERS)
+    weight_decay: float | None = option(None, "with --torch: weight decay (coupled L2 for sgd, momentum and adam, "
+                                              "decoupled for adamw; default 1e-4)", type=non_negative_float)
+    loss: str | None = option(None, "with --torch: module:factory; factory('torch') and factory('paddle') return "
+                                    "loss(output, inputs) -> scalar (default: sum(output * R), R seeded)")
     shape: str | None = option(None, f"batch NxCxHxW (default {DEFAULT_SHAPE}; with --torch 2x3x32x32)",
                                type=tensor_shape())
-    steps: int = option(10, "training steps (default %(default)s)", type=positive)
+    steps: int = option(10, "training steps (default %(default)s)", type=positive, aliases=("--train-steps",))
     lr: float | None = option(None, "base learning rate (default: the config's 0.01 for 16 images, scaled "
                                     "linearly to the batch size; with --torch 0.001)", type=positive_float)
     warmup_iters: int | None = option(None, "linear warm-up length (default: steps // 2)", type=non_negative)
@@ -42,8 +52,9 @@ class BackwardOptions(GhmStageOptions):
     extra_dtype: str | None = extra_dtype_option()
     # None: the configuration's max_norm (35) on both sides. A smaller value
     # makes the clipping act when the gradient norms stay below 35.
-    clip_max_norm: float | None = option(None, "gradient clipping threshold on both sides (default: the "
-                                               "config's)", type=positive_float)
+    clip_max_norm: float | None = option(None, "gradient clipping at this global L2 norm on both sides (default: "
+                                               "the config's; with --torch none)", type=positive_float,
+                                         aliases=("--clip-norm",))
     # reprod_log .npy files of both sides (step-1 gradients, final parameters
     # and momentum buffers: four copies of the model, twice that in float64).
     reprod_log: bool = option(True, "skip the reprod_log .npy files (several copies of the model's arrays)",
@@ -72,53 +83,33 @@ class BackwardOptions(GhmStageOptions):
                                               "both sides compute on the same cores)", type=positive)
 
 
-class StepRow(NamedTuple):
-    """One step of a run: what the per-step table shows (differences are Paddle vs mmdet; the
-    worst gradient, parameter, momentum and GHM differences are informational after step 1)."""
-
-    step: int
-    lr: float
-    loss_mmdet: float
-    loss_paddle: float
-    loss_rel: float
-    grad_norm_mmdet: float
-    grad_norm_paddle: float
-    grad_norm_rel: float
-    clipped: bool
-    worst_grad_rel: float
-    worst_grad: str
-    worst_param_rel: float
-    worst_param: str
-    worst_momentum_rel: float
-    ghm_acc_sum_rel: float
-    relu_flips: int
-
-
 @dataclass
 class PairRun:
-    """One training run of both models in one precision.
+    """One training run of both sides in one precision (`align.backward.lockstep.train_run`).
 
     Attributes:
         dtype: "float32" or "float64".
         rows: the checked rows: every step's losses, gradient norm and lr,
-            step 1's gradients, the final parameters, momentum buffers and
-            GHM ``acc_sum``.
-        steps: per-step figures (`StepRow`), including the informational
-            worst gradient, parameter and momentum differences of every step.
+            step 1's gradients, the final parameters and every optimizer state group.
+        steps: per-step rows (`align.backward.lockstep.step_row_type`), including the
+            informational worst gradient, parameter and state differences of every step.
         relu_layers: step 1's ReLU census (see `ReluMaskCensus.layers`).
-        largest_change: largest |change| of an mmdet parameter over the run.
-        relative_change: (median, max) over mmdet's parameters of their
+        largest_change: largest |change| of a reference parameter over the run.
+        relative_change: (median, max) over the reference's parameters of their
             largest |change| divided by their largest initial |value|.
-        seconds: time in each framework's steps ("mmdet_s", "paddle_s").
-        logs: (mmdet, paddle) arrays of ``rows`` when kept, for reprod_log.
+        seconds: time in each framework's steps ("<reference>_s", "paddle_s").
+        logs: (reference, paddle) arrays of ``rows`` when kept, for reprod_log.
         divergences: each step's first disagreement and its cause (`align.engine.divergence`).
-        reference_cache: how mmdet's side was obtained (`align.backward.reference.Reference.status`);
+        reference_cache: how the reference side was obtained (`align.backward.lockstep.RunSides.cache`);
         reference_check_s: the time spent reading and checking it in the cache.
+        bounds: the run's `align.backward.lockstep.Bounds`.
+        losses: (reference, paddle) total loss per step.
+        step_columns: the column titles of ``steps``.
     """
 
     dtype: str
     rows: list[TensorDiff]
-    steps: list[StepRow]
+    steps: list
     relu_layers: dict[str, list]
     largest_change: float
     relative_change: tuple[float, float]
@@ -127,3 +118,6 @@ class PairRun:
     divergences: list[Divergence] = field(default_factory=list)
     reference_cache: str = "off"
     reference_check_s: float = 0.0
+    bounds: Any = None
+    losses: tuple[list, list] = ([], [])
+    step_columns: list = field(default_factory=list)

@@ -1,25 +1,21 @@
-"""The backward stage's report: rows grouped by category, the per-step and ReLU tables, the loss figure."""
+"""The backward stage's report tables: rows grouped by category, the ReLU census, the headline."""
 from __future__ import annotations
 
-import io
 import math
 from typing import Any, NamedTuple
-
-import numpy as np
 
 from align.engine.compare import TensorDiff, worst_row
 from align.engine.divergence import describe
 from align.engine.report import Headline
-from align.ghm.schedule import LR_TOL
 
-from align.backward.records import BackwardOptions, PairRun
+from align.backward.records import PairRun
 
 
-def row_category(name: str, steps: int) -> str:
-    """The summary category of a row of `PairRun.rows`."""
+def row_category(name: str, steps: int, state_labels: dict[str, str]) -> str:
+    """The summary category of a row of `PairRun.rows` (``state_labels``: state group -> label)."""
     head, _, rest = name.partition(".")
     fixed = {"grad": "gradients, step 1", "param": f"parameters after step {steps}",
-             "momentum": f"momentum buffers after step {steps}", "ghm": f"GHM acc_sum after step {steps}"}
+             **{group: f"{label} after step {steps}" for group, label in state_labels.items()}}
     if head in fixed:
         return fixed[head]
     when = "step 1" if head == "step1" else f"steps 2-{steps}"
@@ -30,19 +26,17 @@ def row_category(name: str, steps: int) -> str:
     return f"loss terms, {when}"
 
 
-def category_tolerances(opts: BackwardOptions) -> dict[str, float]:
-    """Category -> the relative tolerance its rows are checked with."""
-    n = opts.steps
+def category_tolerances(bounds, steps: int, state_labels: dict[str, str]) -> dict[str, float]:
+    """Category -> the relative bound its rows are checked with (``bounds``: `lockstep.Bounds`)."""
     return {
-        "loss terms, step 1": opts.loss_tol_first,
-        f"loss terms, steps 2-{n}": opts.loss_tol,
-        "gradient norm before clipping, step 1": opts.loss_tol_first,
-        f"gradient norm before clipping, steps 2-{n}": opts.loss_tol,
-        "learning rate": LR_TOL,
-        "gradients, step 1": opts.grad_tol,
-        f"parameters after step {n}": opts.param_tol,
-        f"momentum buffers after step {n}": opts.param_tol,
-        f"GHM acc_sum after step {n}": opts.param_tol,
+        "loss terms, step 1": bounds.loss_first,
+        f"loss terms, steps 2-{steps}": bounds.loss,
+        "gradient norm before clipping, step 1": bounds.loss_first,
+        f"gradient norm before clipping, steps 2-{steps}": bounds.loss,
+        "learning rate": bounds.lr,
+        "gradients, step 1": bounds.grad,
+        f"parameters after step {steps}": bounds.state,
+        **{f"{label} after step {steps}": bounds.state for label in state_labels.values()},
     }
 
 
@@ -65,13 +59,13 @@ class ParameterRow(NamedTuple):
     passed: bool
 
 
-def summarize(run: PairRun, opts: BackwardOptions) -> list[CategoryRow]:
-    """The worst row of each category of the run, with the category's tolerance."""
+def summarize(run: PairRun, steps: int, state_labels: dict[str, str]) -> list[CategoryRow]:
+    """The worst row of each category of the run, with the category's bound."""
     groups: dict[str, list[TensorDiff]] = {}
     for row in run.rows:
-        groups.setdefault(row_category(row.name, opts.steps), []).append(row)
+        groups.setdefault(row_category(row.name, steps, state_labels), []).append(row)
     out = []
-    for category, tol in category_tolerances(opts).items():
+    for category, tol in category_tolerances(run.bounds, steps, state_labels).items():
         rows = groups.get(category, [])
         if rows:
             worst = worst_row(rows)
@@ -99,45 +93,17 @@ def relu_table(runs: list[PairRun]) -> list[list]:
     return rows + [total]
 
 
-def loss_curve_png(runs: list[PairRun], first_tol: float, later_tol: float) -> bytes:
-    """Total loss per step of the first run, and the relative difference of every run with the
-    checked run's tolerance dashed (``first_tol`` at step 1, ``later_tol`` after it)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    main = runs[0]
-    steps = np.arange(1, len(main.steps) + 1)
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
-    a.plot(steps, [s.loss_mmdet for s in main.steps], "o-", label=f"mmdet ({main.dtype})")
-    a.plot(steps, [s.loss_paddle for s in main.steps], "x--", label=f"paddle ({main.dtype})")
-    a.set_xlabel("step")
-    a.set_ylabel("total loss")
-    a.legend()
-    for run, marker in zip(runs, "os"):
-        # Exact agreement has no logarithm: drawn at the floor of the axis.
-        b.semilogy(steps, [max(s.loss_rel, 1e-18) for s in run.steps], marker + "-", label=run.dtype)
-    b.plot(steps, [first_tol if k == 1 else later_tol for k in steps], "--", color="#c0392b", linewidth=0.8,
-           drawstyle="steps-mid", label=f"tolerance ({main.dtype})")
-    b.set_xlabel("step")
-    b.set_ylabel("|paddle - mmdet| / |mmdet|")
-    # Above the panel: inside, it would sit on the tolerance line or on the curves.
-    b.legend(fontsize="small", loc="lower left", bbox_to_anchor=(0, 1), ncol=3, frameon=False)
-    for axis in (a, b):
-        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, metadata={"Software": None})
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def headline(summaries: list[CategoryRow], dtype: str, bound: float) -> Headline | None:
-    row = next((r for r in summaries if r.run == dtype and r.category == "gradients, step 1"), None)
+def headline(summaries: list[CategoryRow], dtype: str) -> Headline | None:
+    """The worst step-1 gradient of the checked run, or, when a category is over its bound, the
+    first such category's worst row."""
+    rows = [r for r in summaries if r.run == dtype]
+    row = next((r for r in rows if not r.within), None)
+    if row is not None:
+        return Headline(f"worst of {row.category} ({dtype}), max|diff| / max|ref|", row.worst_rel, row.tolerance,
+                        row.worst_tensor)
+    row = next((r for r in rows if r.category == "gradients, step 1"), None)
     return None if row is None else Headline(f"worst step-1 gradient ({dtype}), max|diff| / max|ref|",
-                                             row.worst_rel, bound, row.worst_tensor)
+                                             row.worst_rel, row.tolerance, row.worst_tensor)
 
 
 def side_run(run: PairRun, summaries: list[CategoryRow]) -> str:

@@ -1,4 +1,5 @@
-"""Builders for `python -m align.pair` in the tests: the small block pair, and builders that fail."""
+"""Builders for `python -m align.pair` and `python -m align.backward` in the tests: the small block pair,
+builders that fail and loss factories."""
 from __future__ import annotations
 
 
@@ -40,3 +41,14 @@ def block_paddle_carried():
     paddle_block = block_paddle()
     carry_weights(block_torch(), paddle_block, NameMap())
     return paddle_block
+
+
+def squared_loss(framework: str):
+    """A loss factory for ``--loss``: mean squared distance of the output from each input's mean."""
+    def loss(output, inputs):
+        return ((output - inputs.mean()) ** 2).mean()
+    return loss
+
+
+def not_callable_loss(framework: str):
+    return 1.0

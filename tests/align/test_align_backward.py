@@ -21,7 +21,8 @@ from __future__ import annotations
 import json
 
 from align.backward.records import BackwardOptions
-from align.backward.stage import run_backward, schedule_comparison
+from align.backward.stage import run_backward
+from align.ghm.schedule import schedule_comparison
 from paddle_impl.engine import optimizer
 import pytest
 
@@ -178,7 +179,7 @@ def comparable(result) -> tuple:
 def test_second_run_replays_mmdet_from_the_cache_and_still_catches_a_paddle_fault(tmp_path_factory, monkeypatch):
     import dataclasses
 
-    from align.backward import reference
+    from align.ghm import backward_reference as reference
 
     build = tmp_path_factory.mktemp("backward_cache")
     # float32: the recording then also holds every GHM call's per-element g, for the bin-flip explanation.
@@ -234,8 +235,8 @@ def test_second_run_replays_mmdet_from_the_cache_and_still_catches_a_paddle_faul
 def test_the_cache_key_covers_every_batch_including_one_without_boxes():
     import dataclasses
 
-    from align.backward.reference import batches_digest
-    from align.backward.stage import make_batches
+    from align.ghm.backward import make_batches
+    from align.ghm.backward_reference import batches_digest
 
     opts = options(None, steps=4)
     batches = make_batches(opts)

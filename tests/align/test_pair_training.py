@@ -1,14 +1,18 @@
-"""`python -m align.backward --torch ... --paddle ...`: any pair trained in lockstep, every step compared."""
+"""`python -m align.backward --torch ... --paddle ...`: any pair trained in lockstep with each framework's own
+optimizer, every step compared, through the same stage as the GHM RetinaNet."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
 from align.backward.__main__ import main as backward_main
+from align.pair import optimizers, training
 
 BLOCK = ["--torch", "tests.align.pair_builders:block_torch", "--paddle", "tests.align.pair_builders:block_paddle",
          "--shape", "2x3x16x16", "--steps", "3"]
+STATE = {"sgd": [], "momentum": ["momentum"], "adam": ["moment1", "moment2"], "adamw": ["moment1", "moment2"]}
 
 
 def run(tmp_path, argv) -> tuple[int, dict]:
@@ -17,15 +21,49 @@ def run(tmp_path, argv) -> tuple[int, dict]:
     return status, json.loads(report.read_text()) if report.is_file() else {}
 
 
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
-def test_a_pair_trains_in_lockstep_and_agrees(tmp_path, dtype):
-    status, report = run(tmp_path, BLOCK + ["--dtype", dtype])
-    assert status == 0, [t for t in report["tensors"] if not t["passed"]][:3]
+def failed(report) -> list[str]:
+    return [t["name"] for t in report["tensors"] if not t["passed"]]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adam", "adamw"])
+def test_each_optimizer_agrees_in_float64(tmp_path, optimizer):
+    status, report = run(tmp_path, BLOCK + ["--optimizer", optimizer, "--extra-dtype", "none", "--clip-norm", "2",
+                                            "--weight-decay", "0.01"])
+    assert status == 0, failed(report)[:3]
     names = [t["name"] for t in report["tensors"]]
-    assert names[0] == "step1.loss" and "step1.grad.conv1.weight" in names and "step1.grad.fc.weight" in names
-    assert "step3.grad_norm" in names and "final.param.fc.weight" in names and "final.momentum.bn2.bias" in names
-    assert report["meta"]["dtype"] == dtype and report["meta"]["steps"] == 3
+    assert names[0] == "step1.loss" and "grad.conv1.weight" in names and "step3.grad_norm" in names
+    assert "param.fc.weight" in names
+    groups = {name.split(".")[0] for name in names} - {"step1", "step2", "step3", "grad", "param"}
+    assert groups == set(STATE[optimizer])
+    assert all(f"{group}.bn2.bias" in names for group in STATE[optimizer])
+    # The clipping acted on both sides (the block's gradient norm is about 2.7).
+    steps = next(t for t in report["extra_tables"] if t["title"].startswith("Per step, float64"))
+    assert all(row[steps["columns"].index("clipped")] for row in steps["rows"])
+    worst = max(t["rel_max"] for t in report["tensors"])
+    assert worst < 1e-11
+    assert report["meta"]["optimizer"] == optimizer and report["thresholds"]["later losses, grad norms (rel)"] == 1e-9
+
+
+def test_float32_is_reported_beside_and_does_not_decide(tmp_path):
+    status, report = run(tmp_path, BLOCK + ["--optimizer", "adam", "--train-steps", "2"])
+    assert status == 0 and report["meta"]["steps"] == 2
+    assert set(report["meta"]["runs"]) == {"float64", "float32"} and report["side_run"].startswith("float32")
+    assert any(t["title"] == "Per step, float32 (informational)" for t in report["extra_tables"])
     assert (tmp_path / "pair_backward_diff.log").is_file() and (tmp_path / "pair_backward.html").is_file()
+    assert (tmp_path / "pair_backward_paddle.npy").is_file() and (tmp_path / "pair_backward_torch.npy").is_file()
+
+
+def test_a_float32_run_is_checked_when_asked(tmp_path):
+    status, report = run(tmp_path, BLOCK + ["--dtype", "float32"])
+    assert status == 0, failed(report)[:3]
+    assert report["meta"]["dtype"] == "float32" and report["thresholds"]["step-1 gradients (rel)"] == 1e-5
+
+
+def test_a_user_loss_factory_is_trained(tmp_path):
+    status, report = run(tmp_path, BLOCK + ["--loss", "tests.align.pair_builders:squared_loss", "--extra-dtype",
+                                            "none"])
+    assert status == 0, failed(report)[:3]
+    assert report["meta"]["loss"] == "tests.align.pair_builders:squared_loss"
 
 
 def test_a_wrong_backward_fails_at_the_first_gradients(tmp_path):
@@ -33,38 +71,85 @@ def test_a_wrong_backward_fails_at_the_first_gradients(tmp_path):
     argv[3] = "tests.align.pair_builders:block_paddle_wrong_backward"
     status, report = run(tmp_path, argv)
     assert status == 1
-    first = next(t["name"] for t in report["tensors"] if not t["passed"])
-    assert first.startswith("step1.grad.")
+    assert failed(report)[0].startswith("grad.")
 
 
-def test_clipping_applies_on_both_sides(tmp_path):
-    status, report = run(tmp_path, BLOCK + ["--clip-max-norm", "1e-3"])
-    assert status == 0
-    rows = {t["name"]: t for t in report["tensors"]}
-    assert rows["step2.loss"]["passed"] and rows["final.param.conv1.weight"]["passed"]
+def test_a_wrong_optimizer_mapping_is_caught(tmp_path, monkeypatch):
+    # Paddle's AdamW (decoupled decay) where torch runs Adam (coupled L2).
+    real = optimizers.paddle_optimizer
+    monkeypatch.setattr(training, "paddle_optimizer",
+                        lambda params, s, clip: real(params, dataclasses.replace(s, kind="adamw"), clip))
+    status, report = run(tmp_path, BLOCK + ["--optimizer", "adam", "--weight-decay", "0.01"])
+    assert status == 1
+    assert any(name.startswith(("param.", "moment1.")) for name in failed(report))
+    assert not [name for name in failed(report) if name.startswith(("grad.", "step1."))]
+
+
+def test_clipping_as_paddle_does_it_is_caught(tmp_path, monkeypatch):
+    # Paddle's own bound (no 1e-6 added to the norm): the momentum differs by about 4e-7.
+    monkeypatch.setattr(optimizers.PaddleClip, "set_norm", lambda self, norm: None)
+    status, report = run(tmp_path, BLOCK + ["--clip-norm", "1"])
+    assert status == 1 and any(name.startswith("momentum.") for name in failed(report))
+
+
+def test_a_missing_weight_decay_on_the_paddle_side_is_caught_in_float64(tmp_path, monkeypatch):
+    real = training.PaddleTraining.__init__
+
+    def without_decay(self, model, settings, loss):
+        real(self, model, dataclasses.replace(settings, weight_decay=0.0), loss)
+
+    monkeypatch.setattr(training.PaddleTraining, "__init__", without_decay)
+    status, report = run(tmp_path, BLOCK)
+    assert status == 1
+    assert any(name.startswith(("param.", "momentum.")) for name in failed(report))
+
+
+def test_a_perturbed_parameter_is_named(tmp_path, monkeypatch):
+    real = training.PaddleTraining.__init__
+
+    def perturbed(self, model, settings, loss):
+        weight = dict(model.named_parameters())["conv1.weight"]
+        weight.set_value(weight * (1 + 1e-6))
+        real(self, model, settings, loss)
+
+    monkeypatch.setattr(training.PaddleTraining, "__init__", perturbed)
+    status, report = run(tmp_path, BLOCK + ["--extra-dtype", "none"])
+    assert status == 1 and failed(report)[0] == "step1.loss"
+    ranked = next(t for t in report["extra_tables"] if t["title"].startswith("Parameters ranked"))
+    assert ranked["rows"][0][0] == "conv1.weight"
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["--optimizer", "rmsprop"], "argument --optimizer: invalid choice: 'rmsprop'"),
+    (["--loss", "nowhere.module:factory"], "error: --loss 'nowhere.module:factory': cannot import nowhere.module"),
+    (["--loss", "tests.align.pair_builders:no_such_factory"], "error: --loss "
+                                                              "'tests.align.pair_builders:no_such_factory': "),
+    (["--loss", "tests.align.pair_builders:not_callable_loss"], "error: --loss "
+                                                                "tests.align.pair_builders:not_callable_loss: "),
+])
+def test_a_bad_optimizer_or_loss_is_one_line_before_any_work(tmp_path, capsys, argv, line):
+    try:
+        status = backward_main(BLOCK + argv + ["--reports", str(tmp_path / "r"), "--build-dir", str(tmp_path / "b")])
+    except SystemExit as stopped:  # argparse: its usage block, then the line
+        status = stopped.code
+    assert status == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert line in err[-1] and (argv[0] == "--optimizer" or len(err) == 1), err
+    assert not any(tmp_path.iterdir())
 
 
 def test_the_pair_options_are_checked(tmp_path, capsys):
     assert backward_main(["--torch", "tests.align.pair_builders:block_torch", "--reports", str(tmp_path)]) == 2
     assert capsys.readouterr().err.splitlines() == [
         "error: --torch and --paddle come together: each names the builder of one side"]
-    assert backward_main(["--map", "names.json", "--reports", str(tmp_path)]) == 2
-    assert capsys.readouterr().err.splitlines() == ["error: --map is for a pair of --torch and --paddle builders"]
+    for flag, value in (("--map", "names.json"), ("--optimizer", "adam"), ("--loss", "m:f"),
+                        ("--weight-decay", "0.1")):
+        assert backward_main([flag, value, "--reports", str(tmp_path)]) == 2
+        assert capsys.readouterr().err.splitlines() == [f"error: {flag} is for a pair of --torch and --paddle builders"]
+    assert backward_main(BLOCK + ["--isolate", "--reports", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: --isolate is for the GHM RetinaNet, not a pair of --torch and --paddle builders"]
     assert not any(tmp_path.iterdir())
-
-
-def test_a_missing_weight_decay_on_the_paddle_side_is_caught_in_float64(tmp_path, monkeypatch):
-    from align.backward import any_pair as training
-
-    real = training.PaddleTraining.__init__
-
-    def without_decay(self, model, *, weight_decay, **kw):
-        real(self, model, weight_decay=0.0, **kw)
-
-    monkeypatch.setattr(training.PaddleTraining, "__init__", without_decay)
-    status, report = run(tmp_path, BLOCK)
-    assert status == 1
-    assert any(t["name"].startswith("final.") and not t["passed"] for t in report["tensors"])
 
 
 def test_the_torch_side_is_replayed_from_the_cache_and_a_fault_is_still_caught(tmp_path, monkeypatch):
@@ -73,12 +158,14 @@ def test_the_torch_side_is_replayed_from_the_cache_and_a_fault_is_still_caught(t
     assert status == 0 and first["meta"]["reference_cache"] == "miss"
     status, second = run(tmp_path / "r2", cached)
     assert status == 0 and second["meta"]["reference_cache"] == "hit"
+    assert second["meta"]["runs"]["float32"]["reference_cache"] == "hit"
     assert [(t["name"], t["max_abs"]) for t in second["tensors"]] == [(t["name"], t["max_abs"]) for t in first["tensors"]]
+    # The ReLU census reads the recorded masks.
+    assert second["meta"]["runs"]["float32"]["relu_mask_flips_step1"] == first["meta"]["runs"]["float32"][
+        "relu_mask_flips_step1"]
 
-    from align.backward import any_pair
-
-    real = any_pair.PaddleTraining.__init__
-    monkeypatch.setattr(any_pair.PaddleTraining, "__init__",
-                        lambda self, model, *, weight_decay, **kw: real(self, model, weight_decay=0.0, **kw))
+    real = training.PaddleTraining.__init__
+    monkeypatch.setattr(training.PaddleTraining, "__init__", lambda self, model, settings, loss: real(
+        self, model, dataclasses.replace(settings, weight_decay=0.0), loss))
     status, faulty = run(tmp_path / "r3", cached)
     assert status == 1 and faulty["meta"]["reference_cache"] == "hit"

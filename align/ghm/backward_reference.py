@@ -1,4 +1,4 @@
-"""mmdet's side of one backward-stage run: computed, computed and recorded, or replayed.
+"""mmdet's side of one backward-stage run of the GHM RetinaNet: computed, computed and recorded, or replayed.
 
 Without the cache, mmdet's model trains as `align.ghm.sides.MmdetSide`. With
 it (``opts.cache``), the run is looked up in ``build_dir/cache`` under the
@@ -10,12 +10,13 @@ versions and the source of the code that builds and records the reference.
 - On a miss the run is computed and recorded as it goes
   (`align.engine.replay.RecordingSide`): every step's gradients, parameters,
   momentum buffers, GHM ``acc_sum``, losses, gradient norm and learning rate,
-  and what the stage's hooks saw in mmdet's forward pass: every ReLU call's
+  and what the stage's diagnostics saw in mmdet's forward pass
+  (`align.ghm.backward.GhmDiagnostics.reference_extras`): every ReLU call's
   mask (for the census of mask flips) and every GHM call's bin counts and, in
   float32, its per-element g (for the bin-flip explanation).
 - On a hit mmdet's model is not even built: `align.engine.replay.ReplaySide`
-  gives the recorded values back step by step, and the census and the bin-flip
-  explanation read the recorded masks and g.
+  gives the recorded values back step by step, and the diagnostics read the
+  recorded masks and g.
 
 mmengine's learning rate over the whole schedule (`mmengine_schedule`) is
 kept the same way.
@@ -26,27 +27,24 @@ half; every file is checked against its digest before a hit is used.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
 from align.engine.cache import ReferenceCache, cache_key
-from align.engine.capture import ReluMaskCensus
+from align.engine.environment import source_digest
 from align.engine.replay import RecordingSide, ReplaySide
 from align.ghm.pair import Checkpoints, build_torch_model
-from align.ghm.recorders import RecordedGHM, TorchGHMRecorder, recorded_calls
 from align.ghm.schedule import mmengine_lrs
 from align.ghm.sides import FakeInputs, MmdetSide
-from align.engine.environment import source_digest
 from align.ghm.suite import reference_threads, reference_versions
 
 # The code that builds mmdet's side and records what the stage reads of it.
 REFERENCE_CODE = ("torch_ref", "align.ghm", "align.engine.replay", "align.engine.capture",
-                  "align.backward.reference")
+                  "align.backward.lockstep")
 
 
 @dataclass
@@ -56,45 +54,16 @@ class Reference:
     Attributes:
         side: the `align.engine.paired.Side` (`MmdetSide`, recorded or replayed).
         torch_model: mmdet's model, None when replayed.
-        ghm: ``{"ghmc": recorder, "ghmr": recorder}``, `TorchGHMRecorder` or `RecordedGHM`.
         max_norm: the clipping bound mmdet's side uses.
         status: "off" (no cache), "miss", "mismatch", "fresh" (computed and recorded) or "hit".
         check_s: seconds spent looking the run up in the cache (reading it and checking every digest).
-        census: the stage's `ReluMaskCensus`, set once both models exist; its torch
-            masks are recorded with each step.
     """
 
     side: Any
     torch_model: Any
-    ghm: dict[str, Any]
     max_norm: float
     status: str
     check_s: float = 0.0
-    census: Optional[ReluMaskCensus] = None
-    # Per GHM loss, how many of its calls are recorded so far.
-    _recorded_calls: dict[str, int] = dataclasses.field(default_factory=dict, repr=False)
-
-    def begin_step(self, step: int) -> None:
-        """Start step ``step`` of the census (and, replayed, feed the recorded GHM calls)."""
-        if not isinstance(self.side, ReplaySide):
-            self.census.start_step()
-            return
-        extras = self.side.extras(step)
-        masks = {name[len("relu/"):]: a for name, a in extras.items() if name.startswith("relu/")}
-        for kind, recorded in self.ghm.items():
-            prefix = f"ghm/{kind}/"
-            recorded.add({name[len(prefix):]: a for name, a in extras.items() if name.startswith(prefix)})
-        self.census.start_step(masks)
-
-    def hook_arrays(self) -> dict[str, np.ndarray]:
-        """What a recorded step keeps of the hooks: the step's ReLU masks and GHM calls (called
-        after mmdet's backward, before ours runs)."""
-        out = {f"relu/{key}": mask for key, mask in self.census.reference_masks().items()}
-        for kind, recorder in self.ghm.items():
-            first = self._recorded_calls.get(kind, 0)
-            out.update({f"ghm/{kind}/{name}": a for name, a in recorded_calls(recorder, first).items()})
-            self._recorded_calls[kind] = len(recorder.counts)
-        return out
 
 
 def batches_digest(batches: Sequence[FakeInputs]) -> str:
@@ -129,10 +98,12 @@ def mmengine_schedule(*, cache_dir, use_cache: bool, fresh: bool) -> Callable[[i
 
 @contextlib.contextmanager
 def mmdet_reference(ckpts: Checkpoints, dtype: str, batches: Sequence[FakeInputs], settings: dict, *,
-                    keep_g: bool, cache_dir, use_cache: bool, fresh: bool) -> Iterator[Reference]:
+                    keep_g: bool, cache_dir, use_cache: bool, fresh: bool,
+                    extras: Optional[Callable[[], Mapping[str, np.ndarray]]] = None) -> Iterator[Reference]:
     """mmdet's side of a run (see the module docstring), inside a ``with`` block.
 
-    ``settings``: `MmdetSide`'s ``lr``, ``warmup``, ``iters_per_epoch`` and ``max_norm``.
+    ``settings``: `MmdetSide`'s ``lr``, ``warmup``, ``iters_per_epoch`` and ``max_norm``;
+    ``extras``: what a recording keeps per step beside the side's own values.
     A recording becomes a cache entry only when the block ends without an exception.
     """
     key = cache_key({"stage": "backward", "format": 1, "checkpoint": ckpts.sha256, "dtype": dtype,
@@ -145,24 +116,16 @@ def mmdet_reference(ckpts: Checkpoints, dtype: str, batches: Sequence[FakeInputs
     arrays = cache.load(name, key) if use_cache and not fresh else None
     check_s = time.perf_counter() - start
     if arrays is not None:
-        yield Reference(side=ReplaySide("mmdet", arrays), torch_model=None,
-                        ghm={"ghmc": RecordedGHM(), "ghmr": RecordedGHM()},
-                        max_norm=float(arrays["max_norm"]), status="hit", check_s=check_s)
+        yield Reference(side=ReplaySide("mmdet", arrays), torch_model=None, max_norm=float(arrays["max_norm"]),
+                        status="hit", check_s=check_s)
         return
     live = MmdetSide(build_torch_model(ckpts, dtype), **settings)
-    head = live.model.bbox_head
-    ghm = {"ghmc": TorchGHMRecorder(head.loss_cls, "cls", keep_g),
-           "ghmr": TorchGHMRecorder(head.loss_bbox, "bbox", keep_g)}
     status = "off" if not use_cache else "fresh" if fresh else cache.last_status
-    with contextlib.ExitStack() as stack:
-        for recorder in ghm.values():
-            stack.enter_context(recorder)
-        reference = Reference(side=live, torch_model=live.model, ghm=ghm, max_norm=live.max_norm, status=status,
-                              check_s=check_s)
-        if not use_cache:
-            yield reference
-            return
-        with cache.writer(name, key) as entry:
-            entry.add("max_norm", np.float64(live.max_norm))
-            reference.side = RecordingSide(live, entry, extras=reference.hook_arrays)
-            yield reference
+    reference = Reference(side=live, torch_model=live.model, max_norm=live.max_norm, status=status, check_s=check_s)
+    if not use_cache:
+        yield reference
+        return
+    with cache.writer(name, key) as entry:
+        entry.add("max_norm", np.float64(live.max_norm))
+        reference.side = RecordingSide(live, entry, extras=extras)
+        yield reference
