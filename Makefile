@@ -77,7 +77,7 @@ STAGES  := $(shell awk '!/^\#/ && NF {print $$1}' align/ghm/stages.txt)
 
 COMMON_ARGS = --reports $(REPORTS) --seed $(SEED) $(if $(CKPT),--ckpt $(CKPT)) $(if $(SHAPE),--shape $(SHAPE))
 
-.PHONY: help setup align $(addprefix align-,$(STAGES)) align-example bench-ghm bench-train bench-coco-eval bench-overhead bench-data train-full tiny-coco \
+.PHONY: help setup align $(addprefix align-,$(STAGES)) align-example align-examples bench-ghm bench-train bench-coco-eval bench-overhead bench-data train-full tiny-coco \
         test test-fast clean distclean
 
 help:
@@ -88,6 +88,7 @@ help:
 	@echo "make align-loss     anchors, targets, GHM losses; CKPT=, SHAPE=2x3xHxW, SEED=, ITERS="
 	@echo "make align-backward training steps and the whole lr schedule; CKPT=, SHAPE=, SEED=, STEPS=, ITERS_PER_EPOCH=, ISOLATE=1"
 	@echo "make align-example  ResNet-18, mmdet's vs paddle.vision's, through python -m align.pair; PERTURB="
+	@echo "make align-examples torch's and Paddle's own Transformer layer, LSTM and text classifier, float64, each perturbed once"
 	@echo "make align-data | align-predict | align-metric | align-train   data pipeline, detections, COCO metric, K training iterations on the tiny COCO; SCALE=WxH, TRAIN_ITERS="
 	@echo "make train-full     COCO=/path GPUS=0,1 RESUME=1 RESUME_CHANGE=1 (continue with changed options) MMDET_LOG=scalars.json R50=backbone.pdparams KEEP=3 (epoch weight files kept, 0: all) EVAL_BACKEND=faster-coco-eval; no COCO: smoke run on the tiny COCO"
 	@echo "                    NPROC=2 (CPU processes); several machines: NNODES=2 NODE_RANK=0|1 MASTER=node0-ip:port CONNECT_TIMEOUT=60"
@@ -156,6 +157,26 @@ align-example: $(SETUP)
 	$(PY) -m align.pair --torch align.examples.resnet18:build_torch --paddle align.examples.resnet18:build_paddle \
 	  --map align/examples/resnet18_map.json --isolate --backward --reports $(REPORTS) --seed $(SEED) \
 	  --name example $(if $(PERTURB),--perturb $(PERTURB))
+
+# One example pair: forward, every layer isolated and every gradient in float64 (report
+# example_<name>), then one parameter perturbed, which must be named as the first divergence.
+# $(1) the example, $(2) its inputs, $(3) the parameter, $(4) the layer that must be named.
+define align_pair_example
+	$(PY) -m align.pair --torch align.examples.$(1):build_torch --paddle align.examples.$(1):build_paddle \
+	  --map align/examples/$(1)_map.json $(2) --isolate --backward --dtype float64 --reports $(REPORTS) \
+	  --seed $(SEED) --name example_$(1)
+	@out=$$($(PY) -m align.pair --torch align.examples.$(1):build_torch --paddle align.examples.$(1):build_paddle \
+	  --map align/examples/$(1)_map.json $(2) --dtype float64 --perturb $(3) --reports $(REPORTS) --seed $(SEED) \
+	  --name example_$(1)_perturbed 2>&1); status=$$?; echo "$$out" | grep -v -i warn; \
+	if [ $$status -eq 1 ] && echo "$$out" | grep -qxF "first divergence: $(4)"; then \
+	  echo "perturbed $(3): named at $(4)"; \
+	else echo "perturbed $(3): expected exit 1 and first divergence $(4)"; exit 1; fi
+endef
+
+align-examples: $(SETUP)
+	$(call align_pair_example,transformer,--shape 2x16x64,self_attn.q_proj.weight,self_attn)
+	$(call align_pair_example,lstm,--shape 2x12x16,lstm.weight_hh_l1_reverse,lstm[0])
+	$(call align_pair_example,text_classifier,--input ids:int64:2x16:0..1000 --input mask:bool:2x16,embed.weight,embed)
 
 align-data: $(SETUP)
 	$(PY) -m align.data --reports $(REPORTS) --seed $(SEED) $(if $(SCALE),--scale $(SCALE))

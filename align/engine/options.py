@@ -29,7 +29,8 @@ _KEY = "command_line"
 
 def option(default: Any, help: str = "", *, type: Optional[Callable[[str], Any]] = None,
            flag: Optional[str] = None, choices: Optional[Sequence[Any]] = None,
-           metavar: Optional[str] = None, required: bool = False, aliases: Sequence[str] = ()) -> Any:
+           metavar: Optional[str] = None, required: bool = False, aliases: Sequence[str] = (),
+           append: bool = False) -> Any:
     """A dataclass field that is also a command-line option (see the module docstring).
 
     Args:
@@ -37,11 +38,13 @@ def option(default: Any, help: str = "", *, type: Optional[Callable[[str], Any]]
         help: the option's help; ``%(default)s`` shows the default.
         type: the argparse type that reads and checks the text (`common.arguments`).
         flag: the option's name when it is not ``--`` + the field's name with dashes.
+        append: the option may be given several times; the field is the list of its values
+            (the default when it is not given).
         aliases: other names of the same option (``--train-steps`` beside ``--steps``).
         choices, metavar, required: as argparse takes them.
     """
     spec = {"help": help, "type": type, "flag": flag, "choices": choices, "metavar": metavar, "required": required,
-            "aliases": tuple(aliases)}
+            "aliases": tuple(aliases), "append": append}
     return dataclasses.field(default=default, metadata={_KEY: spec})
 
 
@@ -62,6 +65,8 @@ def add_options(parser: argparse.ArgumentParser, options_class: type, *,
                                 action="store_false" if f.default else "store_true")
             continue
         extra = {k: spec[k] for k in ("choices", "metavar", "required") if spec[k]}
+        if spec.get("append"):
+            extra["action"] = "append"
         parser.add_argument(flag, *spec.get("aliases", ()), dest=f.name, default=f.default, type=spec["type"],
                             help=spec["help"], **extra)
     return parser

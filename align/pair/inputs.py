@@ -87,7 +87,7 @@ def npz_inputs(path: Path) -> Inputs:
             from None
 
 
-def widened(inputs: Inputs, dtype: str) -> Inputs:
+def floats_as(inputs: Inputs, dtype: str) -> Inputs:
     """Every floating array in ``dtype``; integers and booleans as they are."""
     return {k: v.astype(dtype) if np.issubdtype(v.dtype, np.floating) else v for k, v in inputs.items()}
 

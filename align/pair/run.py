@@ -20,12 +20,12 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from align.engine.compare import DEFAULT_MEAN_TOL, DEFAULT_REL_TOL
+from align.engine.compare import DEFAULT_MEAN_TOL, DEFAULT_REL_TOL, diff_arrays
 from align.engine.environment import environment_info, source_digest
 from align.engine.report import StageResult, write_stage_report
 from align.engine.selection import select
 from align.engine.weights import NameMap, carry_weights, plan_conversion
-from align.pair.inputs import call, npz_inputs, seeded_inputs, widened
+from align.pair.inputs import call, floats_as, npz_inputs, seeded_inputs
 
 PACKAGES = {"torch": ("torch",), "paddle": ("paddlepaddle", "paddlepaddle-gpu"), "numpy": ("numpy",),
             "reprod_log": ("reprod_log", "reprod-log")}
@@ -182,14 +182,32 @@ def builder_pair(torch_spec: str, paddle_spec: str, *, name_map_file: Optional[P
         inputs = seeded_inputs(input_specs, seed)
     else:
         inputs = np.random.default_rng(seed).standard_normal(tuple(shape)).astype(np.float32)
-    inputs = widened(inputs, dtype) if isinstance(inputs, dict) else inputs.astype(dtype)
+    inputs = floats_as(inputs, dtype) if isinstance(inputs, dict) else inputs.astype(dtype)
     torch_model = build(torch_spec, "--torch", dtype)
     paddle_model = build(paddle_spec, "--paddle", dtype)
     modules = sorted({torch_spec.partition(":")[0], paddle_spec.partition(":")[0]})
     pair = ModelPair(torch_model, paddle_model, inputs, name_map=name_map, carry=carry, stage=stage,
                      code=modules, spill=spill)
     pair.meta["dtype"] = dtype
+    if dtype == "float64":
+        pair.meta["float32_outputs_rel_max"] = float32_beside(torch_spec, paddle_spec, name_map, carry, inputs)
     return pair
+
+
+def float32_beside(torch_spec: str, paddle_spec: str, name_map: NameMap, carry: bool, inputs: Any) -> dict:
+    """What the same pair gives in float32 (both built again, the floating inputs narrowed), for the
+    report beside a float64 run: each output's max|diff| / max|ref|, unperturbed."""
+    import paddle
+    import torch
+
+    narrowed = (floats_as(inputs, "float32") if isinstance(inputs, dict) else inputs.astype(np.float32))
+    pair = ModelPair(build(torch_spec, "--torch"), build(paddle_spec, "--paddle"), narrowed, name_map=name_map,
+                     carry=carry)
+    with torch.no_grad(), paddle.no_grad():
+        ours = pair.paddle_outputs(pair.paddle_model, narrowed)
+        theirs = pair.torch_outputs(pair.torch_model(), narrowed)
+    return {name: float(diff_arrays(name, theirs[name].numpy(), ours[name].numpy()).rel_max)
+            for name in theirs if name in ours}
 
 
 def align_pair(torch_model, paddle_model, inputs: np.ndarray, *, name_map: Optional[NameMap] = None,
