@@ -133,7 +133,7 @@ class Diagnostics:
     def after_step(self, step: int) -> tuple[list[Explanation], list[Any]]:
         """The step's causes and its cells (one per `step_fields`), after both updates."""
         if self.census is None:
-            return [], [0]
+            return [], [None]  # not counted: an empty cell
         flips = self.census.finish_step()
         if step == 1:
             self.relu_layers = {name: list(row) for name, row in self.census.layers.items()}
