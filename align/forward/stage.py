@@ -50,8 +50,8 @@ class ForwardOptions(GhmStageOptions):
     torch: Optional[str] = option(None, "module:function building a torch model to compare instead of mmdet's "
                                         "GHM RetinaNet (with --paddle)")
     paddle: Optional[str] = option(None, "module:function building the Paddle model to compare with it")
-    map: Optional[Path] = option(None, "with --torch: JSON name map {\"prefixes\": [[torch, paddle], ...]}",
-                                 type=Path)
+    map: Optional[Path] = option(None, "with --torch: JSON map file: prefixes, tensors, converters, ignore, "
+                                       "ignore_classes, compare_at, outputs (docs/own-model.md)", type=Path)
     carry: bool = option(True, "with --torch: the builders load equal weights themselves", flag="--no-carry")
     name: Optional[str] = option(None, "report file stem (default: forward; with --torch: pair)")
     shape: Optional[str] = option(None, "input NxCxHxW (default: 2x3x800x1344; with --torch: 2x3x224x224)",

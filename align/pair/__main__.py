@@ -2,11 +2,13 @@
 a shortcut onto the forward stage (`python -m align.forward --torch ... --paddle ...`).
 
     python -m align.pair --torch pkg.module:build_torch --paddle pkg.module:build_paddle \\
-        [--map names.json] [--isolate] [--backward] [--shape 2x3x224x224] [--cache]
+        [--map names.json] [--isolate] [--backward] [--dtype float64] [--cache] \\
+        [--shape 2x3x224x224 | --input ids:int64:2x16:0..1000 --input mask:bool:2x16 | --inputs in.npz]
 
 Each builder is called without arguments and returns the model (in the mode
 to compare: ``eval()`` for inference). Weights go from the torch model to the
-Paddle one by name (``--map``: prefix rules, see `align.engine.weights`).
+Paddle one as the map file says (``--map``: prefixes, tensor rules, class
+converters, see `align.engine.weights`; what is compared, `align.engine.selection`).
 Exit status: 0 PASS, 1 FAIL, 2 bad input (one line naming it).
 """
 from __future__ import annotations

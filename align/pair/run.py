@@ -3,10 +3,12 @@
     result = align_pair(torch_model, paddle_model, images, name_map=NameMap([("backbone.", "")]),
                         isolate=True, backward=True, reports=Path("reports"), stage="pair_resnet18")
 
-`ModelPair` carries every torch tensor into its Paddle counterpart by name, strictly
-(`carry_weights`; every rule of the name map must select some torch module), and names
+`ModelPair` carries every torch tensor into its Paddle counterpart as the map file says,
+strictly (`carry_weights`: prefixes, tensor rules, class converters; every rule must match
+something), selects what is compared on each side (`align.engine.selection`), calls both
+models on one array or on named arrays (keyword arguments, `align.pair.inputs`), and names
 the outputs of a model that returns one tensor, or a tuple, list or dict of them
-(``output``, ``output[0]``, ``output[name]``). `BuilderPair` is the same pair from two
+(``output``, ``output[0]``, ``output[name]``), after the map's output adapter. `BuilderPair` is the same pair from two
 functions that build the models (``python -m align.forward --torch module:function
 --paddle module:function``); its reference side can be cached, keyed by the torch
 weights, the input and the builder's source.
