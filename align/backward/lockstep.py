@@ -54,7 +54,7 @@ class Bounds:
     lr: float  # learning rate per step
     mean: bool = True
 
-    def pair(self, tol: float) -> tuple[float, float]:
+    def rel_mean(self, tol: float) -> tuple[float, float]:
         """``(rel_tol, mean_tol)`` of a row bounded by ``tol``."""
         return tol, tol if self.mean else math.inf
 
@@ -265,7 +265,7 @@ def _lockstep(pair: TrainingPair, dtype: str, bounds: Bounds, sides: RunSides, d
     last = len(batches)
 
     def tolerance(step: int, name: str) -> tuple[float, float]:
-        return bounds.pair(bounds.lr if name == "lr" else bounds.loss_first if step == 1 else bounds.loss)
+        return bounds.rel_mean(bounds.lr if name == "lr" else bounds.loss_first if step == 1 else bounds.loss)
 
     def at_gradients(step: int) -> list[TensorDiff]:
         # Every step's worst gradient difference is reported; step 1's are also checked one by one.
@@ -273,7 +273,7 @@ def _lockstep(pair: TrainingPair, dtype: str, bounds: Bounds, sides: RunSides, d
             worst_grad[step] = worst_named("grad", ref.gradients(), test.gradients())
             return []
         rows = compare_named("grad", ref.gradients(), test.gradients(), bounds.grad, grad_logs,
-                             mean_tol=bounds.pair(bounds.grad)[1])
+                             mean_tol=bounds.rel_mean(bounds.grad)[1])
         worst_grad[step] = worst_of(rows)
         return rows
 
@@ -288,7 +288,7 @@ def _lockstep(pair: TrainingPair, dtype: str, bounds: Bounds, sides: RunSides, d
         ref_state, test_state = ref.state(), test.state()
         rows: list[TensorDiff] = []
         if step == last:
-            mean_tol = bounds.pair(bounds.state)[1]
+            mean_tol = bounds.rel_mean(bounds.state)[1]
             param_rows = compare_named("param", ref.parameters(), test.parameters(), bounds.state, logs,
                                        mean_tol=mean_tol)
             rows += param_rows

@@ -36,8 +36,10 @@ class BackwardOptions(GhmStageOptions):
     name: str | None = option(None, "with --torch: report file stem (default pair_backward)")
     # The GHM RetinaNet trains with mmengine's optimizer from mmdet's config; a pair with
     # each framework's own optimizer of this kind.
-    optimizer: str | None = option(None, "with --torch: sgd, momentum (0.9), adam or adamw, each framework's own "
-                                         "(default momentum)", choices=OPTIMIZERS)
+    # Checked with the pair's other options (`align.pair.optimizers.OptimizerSettings`), so a bad
+    # value is one line naming it, as a bad --loss is.
+    optimizer: str | None = option(None, f"with --torch: {', '.join(OPTIMIZERS)}, each framework's own "
+                                         "(default momentum, 0.9)", metavar="|".join(OPTIMIZERS))
     weight_decay: float | None = option(None, "with --torch: weight decay (coupled L2 for sgd, momentum and adam, "
                                               "decoupled for adamw; default 1e-4)", type=non_negative_float)
     loss: str | None = option(None, "with --torch: module:factory; factory('torch') and factory('paddle') return "

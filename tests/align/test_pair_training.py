@@ -120,7 +120,7 @@ def test_a_perturbed_parameter_is_named(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("argv, line", [
-    (["--optimizer", "rmsprop"], "argument --optimizer: invalid choice: 'rmsprop'"),
+    (["--optimizer", "rmsprop"], "error: --optimizer 'rmsprop': one of sgd, momentum, adam, adamw"),
     (["--loss", "nowhere.module:factory"], "error: --loss 'nowhere.module:factory': cannot import nowhere.module"),
     (["--loss", "tests.align.pair_builders:no_such_factory"], "error: --loss "
                                                               "'tests.align.pair_builders:no_such_factory': "),
@@ -128,13 +128,10 @@ def test_a_perturbed_parameter_is_named(tmp_path, monkeypatch):
                                                                 "tests.align.pair_builders:not_callable_loss: "),
 ])
 def test_a_bad_optimizer_or_loss_is_one_line_before_any_work(tmp_path, capsys, argv, line):
-    try:
-        status = backward_main(BLOCK + argv + ["--reports", str(tmp_path / "r"), "--build-dir", str(tmp_path / "b")])
-    except SystemExit as stopped:  # argparse: its usage block, then the line
-        status = stopped.code
+    status = backward_main(BLOCK + argv + ["--reports", str(tmp_path / "r"), "--build-dir", str(tmp_path / "b")])
     assert status == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert line in err[-1] and (argv[0] == "--optimizer" or len(err) == 1), err
+    assert len(err) == 1 and err[0].startswith(line), err
     assert not any(tmp_path.iterdir())
 
 
