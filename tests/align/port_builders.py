@@ -95,3 +95,19 @@ def residual_paddle():
 def gamma_to_alpha(name: str, array: np.ndarray, module) -> dict:
     """A registered converter of the ``Packed`` class: its own ``gamma`` is Paddle's ``alpha``."""
     return {"alpha": array} if name == "gamma" else {name: array}
+
+
+def recurrent_torch(kind: str):
+    """A torch ``kind`` ("GRU" or "RNN"), 2 layers, bidirectional, (N, T, 6) -> (N, T, 2 * 5)."""
+    import torch
+
+    torch.manual_seed(0)
+    return getattr(torch.nn, kind)(6, 5, num_layers=2, bidirectional=True, batch_first=True).eval()
+
+
+def recurrent_paddle(kind: str):
+    import paddle
+
+    model = getattr(paddle.nn, {"GRU": "GRU", "RNN": "SimpleRNN"}[kind])(6, 5, num_layers=2, direction="bidirect")
+    model.eval()
+    return model

@@ -169,3 +169,19 @@ def test_inputs_from_an_npz_file_and_a_pickled_one_refused(tmp_path, capsys):
     assert pair_main(base + ["--inputs", str(bad)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: --inputs {bad}: cannot read")
+
+
+@pytest.mark.parametrize("kind", ["GRU", "RNN"])
+def test_the_recurrent_converters_carry_a_gru_and_a_simple_rnn(tmp_path, kind, monkeypatch):
+    from align.pair.run import align_pair
+
+    rng = np.random.default_rng(0)
+    inputs = rng.standard_normal((2, 4, 6)).astype(np.float32)
+    result = align_pair(port_builders.recurrent_torch(kind), port_builders.recurrent_paddle(kind), inputs,
+                        backward=True, reports=tmp_path, build_dir=tmp_path / "build")
+    assert result.passed, first_divergence(result)
+    if kind == "GRU":  # r and z swapped: the outputs part
+        monkeypatch.setitem(converters.GATES, "GRU", ("rzn", "zrn"))
+        result = align_pair(port_builders.recurrent_torch(kind), port_builders.recurrent_paddle(kind), inputs,
+                            reports=tmp_path, build_dir=tmp_path / "build")
+        assert not result.passed and first_divergence(result) == "output[0]"
