@@ -33,9 +33,10 @@ def pair_of(opts: ForwardOptions):
         return builder_pair(opts.torch, opts.paddle, name_map_file=opts.map, carry=opts.carry,
                             shape=parse_shape(opts.shape or PAIR_SHAPE), seed=opts.seed, stage=opts.name or "pair",
                             spill=opts.spill, input_specs=opts.input or (), inputs_file=opts.inputs,
-                            dtype=opts.dtype)
+                            dtype=opts.dtype, positional=opts.positional)
     for flag, given in (("--map", opts.map), ("--no-carry", not opts.carry), ("--inputs", opts.inputs),
-                        ("--input", opts.input), ("--dtype", opts.dtype != "float32")):
+                        ("--input", opts.input), ("--dtype", opts.dtype != "float32"),
+                        ("--positional", opts.positional)):
         if given:
             raise ValueError(f"{flag} is for a pair of --torch and --paddle builders")
     return None

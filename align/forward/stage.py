@@ -61,6 +61,8 @@ class ForwardOptions(GhmStageOptions):
     input: Optional[list] = option(None, "with --torch: a seeded named input name:dtype:shape[:low..high], e.g. "
                                          "ids:int64:2x16:0..1000 or mask:bool:2x16 (repeatable; keyword arguments)",
                                    append=True)
+    positional: bool = option(False, "with --input or --inputs: pass the named inputs positionally, in their "
+                                     "order, not as keyword arguments")
     dtype: str = option("float32", "with --torch: both models and the floating inputs in this dtype; float64 "
                                    "bounds the relative error by 1e-9 (default %(default)s)",
                         choices=("float32", "float64"))

@@ -7,7 +7,8 @@ A spec is ``name:dtype:shape[:low..high]``:
     --input mask:bool:2x16             True / False, each with probability 1/2
     --input x:float32:2x8x32           standard normal (uniform in [low, high) with a range)
 
-Named inputs are passed as keyword arguments, in the order given (`call`); arrays of an
+Named inputs are passed as keyword arguments, in the order given (or positionally in that order:
+`call`); arrays of an
 ``.npz`` file too (``np.load(..., allow_pickle=False)``: a file is never unpickled). With
 ``dtype`` float64 every floating input is widened (integers and booleans kept).
 """
@@ -92,9 +93,12 @@ def floats_as(inputs: Inputs, dtype: str) -> Inputs:
     return {k: v.astype(dtype) if np.issubdtype(v.dtype, np.floating) else v for k, v in inputs.items()}
 
 
-def call(model, inputs: Any, to_tensor: Callable[[np.ndarray], Any]):
-    """``model`` on ``inputs``: one array positionally, a dict of them as keyword arguments."""
+def call(model, inputs: Any, to_tensor: Callable[[np.ndarray], Any], positional: bool = False):
+    """``model`` on ``inputs``: one array positionally, a dict of them as keyword arguments (with
+    ``positional``, positionally in the dict's order)."""
     if isinstance(inputs, dict):
+        if positional:
+            return model(*[to_tensor(v) for v in inputs.values()])
         return model(**{k: to_tensor(v) for k, v in inputs.items()})
     return model(to_tensor(inputs))
 

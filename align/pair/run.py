@@ -56,13 +56,14 @@ class ModelPair:
         code: modules whose source builds the torch model; given, the reference side can be
             cached (the key holds their digest), otherwise not.
         spill: the isolated run's records go to disk.
+        positional: named inputs are passed positionally, in their order.
     """
 
     reference = "torch"
 
     def __init__(self, torch_model, paddle_model, inputs: Any, *, name_map: Optional[NameMap] = None,
                  carry: bool = True, stage: str = "pair", title: str = "", code: Sequence[str] = (),
-                 spill: bool = False):
+                 spill: bool = False, positional: bool = False):
         self.name_map = name_map or NameMap()
         self.name_map.check(torch_model)
         # What is compared is checked before the weights are carried: a bad map leaves no model half-filled.
@@ -75,7 +76,7 @@ class ModelPair:
         self.conversions = conversions
         self._adapt = {side: self.name_map.compare.output_adapter(side) for side in ("torch", "paddle")}
         self._torch_model, self.paddle_model, self.inputs = torch_model, paddle_model, inputs
-        self.stage, self.code, self.spill = stage, tuple(code), spill
+        self.stage, self.code, self.spill, self.positional = stage, tuple(code), spill, positional
         self.title = title or f"{type(paddle_model).__name__} (Paddle) vs {type(torch_model).__name__} (torch)"
         self.meta = {"carried_tensors": len(conversions), "dropped_torch_keys": dropped}
 
@@ -85,13 +86,13 @@ class ModelPair:
     def torch_outputs(self, model, inputs: Any) -> dict[str, Any]:
         import torch
 
-        output = call(model, inputs, torch.from_numpy)
+        output = call(model, inputs, torch.from_numpy, self.positional)
         return named(self._adapt["torch"](output) if self._adapt["torch"] else output)
 
     def paddle_outputs(self, model, inputs: Any) -> dict[str, Any]:
         import paddle
 
-        output = call(model, inputs, paddle.to_tensor)
+        output = call(model, inputs, paddle.to_tensor, self.positional)
         return named(self._adapt["paddle"](output) if self._adapt["paddle"] else output)
 
     def reference_key(self) -> Optional[dict]:
@@ -104,7 +105,7 @@ class ModelPair:
             weights.update(key.encode())
             weights.update(np.ascontiguousarray(tensor.detach().cpu().numpy()).tobytes())
         return {"pair": self.stage, "torch_weights": weights.hexdigest(), "code": source_digest(*self.code),
-                "inputs": _digest(self.inputs),
+                "inputs": _digest(self.inputs), "positional": self.positional,
                 "torch": torch.__version__}
 
     @staticmethod
@@ -172,7 +173,7 @@ def build(spec: str, flag: str, dtype: str = "float32"):
 def builder_pair(torch_spec: str, paddle_spec: str, *, name_map_file: Optional[Path], carry: bool,
                  shape: Optional[Sequence[int]], seed: int, stage: str, spill: bool,
                  input_specs: Sequence[str] = (), inputs_file: Optional[Path] = None,
-                 dtype: str = "float32") -> ModelPair:
+                 dtype: str = "float32", positional: bool = False) -> ModelPair:
     """The pair two builder functions make, on the inputs of ``inputs_file`` (an ``.npz``), of
     ``input_specs`` (seeded, `align.pair.inputs`) or else seeded standard-normal of ``shape``;
     floating inputs and both models in ``dtype``. Cacheable, keyed by the builders' modules'
@@ -189,14 +190,16 @@ def builder_pair(torch_spec: str, paddle_spec: str, *, name_map_file: Optional[P
     paddle_model = build(paddle_spec, "--paddle", dtype)
     modules = sorted({torch_spec.partition(":")[0], paddle_spec.partition(":")[0]})
     pair = ModelPair(torch_model, paddle_model, inputs, name_map=name_map, carry=carry, stage=stage,
-                     code=modules, spill=spill)
+                     code=modules, spill=spill, positional=positional)
     pair.meta["dtype"] = dtype
     if dtype == "float64":
-        pair.meta["float32_outputs_rel_max"] = float32_beside(torch_spec, paddle_spec, name_map, carry, inputs)
+        pair.meta["float32_outputs_rel_max"] = float32_beside(torch_spec, paddle_spec, name_map, carry, inputs,
+                                                              positional)
     return pair
 
 
-def float32_beside(torch_spec: str, paddle_spec: str, name_map: NameMap, carry: bool, inputs: Any) -> dict:
+def float32_beside(torch_spec: str, paddle_spec: str, name_map: NameMap, carry: bool, inputs: Any,
+                   positional: bool = False) -> dict:
     """What the same pair gives in float32 (both built again, the floating inputs narrowed), for the
     report beside a float64 run: each output's max|diff| / max|ref|, unperturbed."""
     import paddle
@@ -204,7 +207,7 @@ def float32_beside(torch_spec: str, paddle_spec: str, name_map: NameMap, carry: 
 
     narrowed = (floats_as(inputs, "float32") if isinstance(inputs, dict) else inputs.astype(np.float32))
     pair = ModelPair(build(torch_spec, "--torch"), build(paddle_spec, "--paddle"), narrowed, name_map=name_map,
-                     carry=carry)
+                     carry=carry, positional=positional)
     with torch.no_grad(), paddle.no_grad():
         ours = pair.paddle_outputs(pair.paddle_model, narrowed)
         theirs = pair.torch_outputs(pair.torch_model(), narrowed)

@@ -166,6 +166,8 @@ def test_inputs_from_an_npz_file_and_a_pickled_one_refused(tmp_path, capsys):
             "align.examples.text_classifier:build_paddle", "--map", str(EXAMPLES / "text_classifier_map.json"),
             "--reports", str(tmp_path / "r"), "--dtype", "float64"]
     assert pair_main(base + ["--inputs", str(good)]) == 0
+    # The file's order is the builders' order of arguments: passed positionally too.
+    assert pair_main(base + ["--inputs", str(good), "--positional"]) == 0
     assert pair_main(base + ["--inputs", str(bad)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: --inputs {bad}: cannot read")
