@@ -187,3 +187,11 @@ def test_the_recurrent_converters_carry_a_gru_and_a_simple_rnn(tmp_path, kind, m
         result = align_pair(port_builders.recurrent_torch(kind), port_builders.recurrent_paddle(kind), inputs,
                             reports=tmp_path, build_dir=tmp_path / "build")
         assert not result.passed and first_divergence(result) == "output[0]"
+
+
+def test_a_fault_float32_rounding_hides_is_named_in_float64(tmp_path):
+    hidden = run(tmp_path, "transformer", dtype="float32", shape=(2, 6, 64), perturb="linear2.weight",
+                 perturb_scale=1e-6)
+    assert hidden.passed
+    named = run(tmp_path, "transformer", shape=(2, 6, 64), perturb="linear2.weight", perturb_scale=1e-6)
+    assert not named.passed and first_divergence(named) == "linear2"
