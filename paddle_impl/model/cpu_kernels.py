@@ -21,20 +21,25 @@ from __future__ import annotations
 import numpy as np
 import paddle
 
-__all__ = ["log1p_", "take"]
+__all__ = ["on_cpu", "view", "log1p_", "take"]
 
 
-def _view(tensor: paddle.Tensor) -> np.ndarray:
-    """A numpy array sharing ``tensor``'s memory (CPU, contiguous)."""
+def on_cpu(tensor: paddle.Tensor) -> bool:
+    """Whether ``tensor``'s memory is the host's, where numpy can work on it."""
+    return tensor.place.is_cpu_place()
+
+
+def view(tensor: paddle.Tensor) -> np.ndarray:
+    """A numpy array sharing a CPU ``tensor``'s memory."""
     return np.from_dlpack(tensor)
 
 
 def log1p_(tensor: paddle.Tensor) -> paddle.Tensor:
     """``log1p`` of a float tensor in place; returns it."""
-    if not tensor.place.is_cpu_place():
+    if not on_cpu(tensor):
         return tensor.log1p_()
-    view = _view(tensor)
-    np.log1p(view, out=view, dtype=np.float64)
+    array = view(tensor)
+    np.log1p(array, out=array, dtype=np.float64)
     return tensor
 
 
@@ -45,7 +50,7 @@ def take(table: paddle.Tensor, ids: paddle.Tensor) -> paddle.Tensor:
         table: (K,) values.
         ids: (...) uint8 or int32 ids in [0, K).
     """
-    if not table.place.is_cpu_place():
+    if not on_cpu(table):
         flat = ids.reshape([-1]) if ids.ndim != 1 else ids
         if flat.dtype != paddle.int32:
             flat = paddle.cast(flat, "int32")
@@ -54,5 +59,5 @@ def take(table: paddle.Tensor, ids: paddle.Tensor) -> paddle.Tensor:
     values = paddle.empty(ids.shape, dtype=table.dtype)
     # Every id is in range (the tables have an entry for each): 'clip'
     # spares the bounds check and the buffered output of 'raise'.
-    np.take(_view(table), _view(ids), out=_view(values), mode="clip")
+    np.take(view(table), view(ids), out=view(values), mode="clip")
     return values

@@ -39,6 +39,7 @@ from mmdet.models.losses import GHMR as MMDetGHMR
 
 from paddle_impl.config import get_config
 from paddle_impl.model import ghm_chunks
+from paddle_impl.model.ghm_elementwise import DeltasASL1
 from paddle_impl.model.ghm_loss import GHMC, GHMR, build_ghmc, build_ghmr
 from paddle_impl.model.gradient_density import (BYTE_TABLE_SIZE, bin_edges, byte_regions, byte_regions_apply,
                                                   exclusion, truncation_is_exact)
@@ -195,9 +196,10 @@ def ghmr_deltas_hitting(g_values: np.ndarray, mu: float) -> dict:
     """Float32 deltas d whose gradient norm |d| / sqrt(d*d + mu*mu) is exactly
     g in float32 in both libraries, for each g where such a d exists.
 
-    Neither library's float32 sqrt is correctly rounded here, and they differ,
-    so the candidates (float32 values around the real solution) are evaluated
-    with torch and with Paddle, with the operations of mmdet and of our module.
+    torch's float32 sqrt is not correctly rounded (numpy's, which our module
+    uses on the CPU, is), so the candidates (float32 values around the real
+    solution) are evaluated with mmdet's operations in torch and by our
+    module's own element-wise step.
 
     Returns:
         {g: d} for the values of ``g_values`` that some d reaches on both sides.
@@ -213,8 +215,10 @@ def ghmr_deltas_hitting(g_values: np.ndarray, mu: float) -> dict:
             candidates = candidates[candidates >= 0]
         c_torch = torch.from_numpy(candidates)
         g_torch = torch.abs(c_torch / torch.sqrt(mu * mu + c_torch * c_torch)).numpy()
-        c_paddle = paddle.to_tensor(candidates)
-        g_paddle = paddle.abs(c_paddle / paddle.sqrt(c_paddle * c_paddle + mu * mu)).numpy()
+        with paddle.no_grad():
+            c_paddle = paddle.to_tensor(candidates)
+            g_paddle = paddle.abs(DeltasASL1(c_paddle, paddle.zeros_like(c_paddle), paddle.ones_like(c_paddle),
+                                             mu).derivative(None)).numpy()
         hits = candidates[(g_torch == g) & (g_paddle == g)]
         if hits.size:
             found[float(g)] = hits[0]
