@@ -30,6 +30,7 @@ from typing import Sequence
 
 os.environ.setdefault("GLOG_minloglevel", "2")
 
+import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 
 from common.arguments import fraction, positive  # noqa: E402
@@ -80,13 +81,23 @@ def check_device(backend: str, device: str) -> None:
             raise InputError("--device gpu: this onnxruntime has no CUDA provider (install onnxruntime-gpu)")
 
 
-def engine_detections(engine: Engine, images: paddle.Tensor, metas: list[dict], test_cfg: dict) -> list[Detections]:
-    """Detections of a preprocessed batch ``(N, 3, H, W)`` through ``engine`` and the dynamic
-    graph's post-processing; ``metas`` per image ``img_shape`` and ``scale_factor``."""
+def preprocessing(spec: dict) -> tuple[tuple[int, int], Collate]:
+    """The resize bound ``(w, h)`` and the normalise-and-pad step an export's ``deploy.json`` records."""
+    pre = spec["preprocess"]
+    collate = Collate(mean=pre["mean_rgb"], std=pre["std_rgb"], bgr_to_rgb=pre["bgr_to_rgb"],
+                      pad_size_divisor=pre["pad_size_divisor"], pad_value=pre["pad_value"])
+    return tuple(pre["resize"]["scale_wh"]), collate
+
+
+def engine_detections(engine: Engine, images: paddle.Tensor, metas: list[dict],
+                      test_cfg: dict) -> tuple[list[np.ndarray], list[Detections]]:
+    """A preprocessed batch ``(N, 3, H, W)`` through ``engine``: its raw outputs (``cls_scores``
+    then ``bbox_preds``, per level) and the detections the dynamic graph's post-processing
+    makes of them; ``metas`` per image ``img_shape`` and ``scale_factor``."""
     outputs = engine.run(images.numpy())
     levels = len(outputs) // 2
     tensors = [paddle.to_tensor(o) for o in outputs]
-    return predict_boxes(tensors[:levels], tensors[levels:], metas, cfg=test_cfg)
+    return outputs, predict_boxes(tensors[:levels], tensors[levels:], metas, cfg=test_cfg)
 
 
 def run(args: argparse.Namespace) -> dict[str, float] | None:
@@ -101,15 +112,12 @@ def run(args: argparse.Namespace) -> dict[str, float] | None:
         raise InputError(f"--out {out}: exists and is not a folder")
     images, cat_ids, ann_file = select_images(args)
     engine = open_engine(args.backend, model, args.device, onednn=not args.no_onednn, threads=args.threads)
-    scale = tuple(spec["preprocess"]["resize"]["scale_wh"])
-    collate = Collate(mean=spec["preprocess"]["mean_rgb"], std=spec["preprocess"]["std_rgb"],
-                      bgr_to_rgb=spec["preprocess"]["bgr_to_rgb"],
-                      pad_size_divisor=spec["preprocess"]["pad_size_divisor"],
-                      pad_value=spec["preprocess"]["pad_value"])
+    scale, collate = preprocessing(spec)
     results = []
     for img_id, path in images:
         batch, meta = prepare_image(img_id, path, scale, collate)
-        results.append(engine_detections(engine, batch, [meta], spec["postprocess"]["test_cfg"])[0])
+        _, (det,) = engine_detections(engine, batch, [meta], spec["postprocess"]["test_cfg"])
+        results.append(det)
     return write_results(images, results, cat_ids, ann_file, out / RESULTS_FILE, metric_backend,
                          draw_dir=out, draw_thr=args.draw_thr)
 

@@ -1,0 +1,1 @@
+"""Deployment alignment stage: ``python -m align.deploy``."""
