@@ -71,13 +71,17 @@ TINY_COCO ?= build/tiny_coco
 SCALE       ?=
 TRAIN_ITERS ?=
 REPEATS     ?=
+# Deployment: WEIGHTS= (.pdparams, .ckpt or mmdet .pth; empty: the seeded checkpoint the stages use,
+# converted), EXPORT_DIR= the export folder.
+WEIGHTS     ?=
+EXPORT_DIR  ?= build/export
 # The order of `make align` (and of the report index): each stage builds on the agreement shown
 # by the ones before it; the one list is align/ghm/stages.txt.
 STAGES  := $(shell awk '!/^\#/ && NF {print $$1}' align/ghm/stages.txt)
 
 COMMON_ARGS = --reports $(REPORTS) --seed $(SEED) $(if $(CKPT),--ckpt $(CKPT)) $(if $(SHAPE),--shape $(SHAPE))
 
-.PHONY: help setup align $(addprefix align-,$(STAGES)) align-example align-examples bench-ghm bench-train bench-coco-eval bench-overhead bench-data train-full tiny-coco \
+.PHONY: help setup align $(addprefix align-,$(STAGES)) align-deploy export bench-infer align-example align-examples bench-ghm bench-train bench-coco-eval bench-overhead bench-data train-full tiny-coco \
         test test-fast clean distclean
 
 help:
@@ -90,6 +94,8 @@ help:
 	@echo "make align-example  ResNet-18, mmdet's vs paddle.vision's, through python -m align.pair; PERTURB="
 	@echo "make align-examples torch's and Paddle's own Transformer layer, LSTM and text classifier, float64, each perturbed once"
 	@echo "make align-data | align-predict | align-metric | align-train   data pipeline, detections, COCO metric, K training iterations on the tiny COCO; SCALE=WxH, TRAIN_ITERS="
+	@echo "make align-deploy   mmdet's predict vs our dynamic graph, Paddle Inference and ONNX Runtime: preprocessing, raw outputs, detections; SCALE=WxH (default 640x384), PERTURB=param.name (in the exported copy)"
+	@echo "make export         the detector as Paddle inference files and ONNX into EXPORT_DIR= (default build/export); WEIGHTS= (default: the seeded checkpoint)"
 	@echo "make train-full     COCO=/path GPUS=0,1 RESUME=1 RESUME_CHANGE=1 (continue with changed options) MMDET_LOG=scalars.json R50=backbone.pdparams KEEP=3 (epoch weight files kept, 0: all) EVAL_BACKEND=faster-coco-eval; no COCO: smoke run on the tiny COCO"
 	@echo "                    NPROC=2 (CPU processes); several machines: NNODES=2 NODE_RANK=0|1 MASTER=node0-ip:port CONNECT_TIMEOUT=60"
 	@echo "make tiny-coco      write the tiny synthetic COCO to $(TINY_COCO)"
@@ -97,6 +103,7 @@ help:
 	@echo "make bench-train    training-step speed, mmdet vs Paddle, batch of 2 at two sizes; CKPT="
 	@echo "make bench-coco-eval COCO box evaluation speed, pycocotools vs faster-coco-eval, same numbers; BENCH_IMAGES= (default 5000)"
 	@echo "make bench-overhead share of a training iteration outside the network, Paddle (as train-full) vs mmdet, one batch; SCALE=WxH (default 1333x800), REPEATS=, CKPT="
+	@echo "make bench-infer    per-image latency, batch 1 and 2: mmdet, our dynamic graph, Paddle Inference (oneDNN), ONNX Runtime, as ratios to mmdet; SCALE=WxH (default 1333x800), REPEATS=, CKPT="
 	@echo "make bench-data     share of a training iteration waiting for data, the training program with 0 and 2 DataLoader workers; SCALE=WxH, TRAIN_ITERS= (default 24)"
 	@echo "make setup          create $(VENV) and install the pinned dependencies"
 
@@ -184,6 +191,15 @@ align-data: $(SETUP)
 align-predict: $(SETUP)
 	$(PY) -m align.predict --reports $(REPORTS) --seed $(SEED) $(if $(CKPT),--ckpt $(CKPT)) $(if $(SCALE),--scale $(SCALE))
 
+align-deploy: $(SETUP)
+	$(PY) -m align.deploy --reports $(REPORTS) --seed $(SEED) $(if $(CKPT),--ckpt $(CKPT)) $(if $(SCALE),--scale $(SCALE)) \
+	  $(if $(PERTURB),--perturb $(PERTURB))
+
+# Without WEIGHTS= the seeded checkpoint of the alignment stages, made and converted once under build/.
+export: $(SETUP)
+	$(PY) -m paddle_impl.export --out $(EXPORT_DIR) --weights "$(if $(WEIGHTS),$(WEIGHTS),$$($(PY) -W ignore -c \
+	  'from align.ghm.pair import prepare_checkpoints; print(prepare_checkpoints(None, $(SEED)).paddle_path)'))"
+
 align-metric: $(SETUP)
 	$(PY) -m align.metric --reports $(REPORTS) --seed $(SEED)
 
@@ -220,6 +236,11 @@ bench-coco-eval: $(SETUP)
 
 bench-overhead: $(SETUP)
 	$(PY) -m bench.overhead --out $(REPORTS)/bench_overhead.json $(if $(CKPT),--ckpt $(CKPT)) \
+	  $(if $(SCALE),--size $(SCALE)) $(if $(REPEATS),--repeats $(REPEATS))
+
+# Per-image latency at 1333x800, batch 1 and 2: mmdet, our dynamic graph, Paddle Inference (oneDNN), ONNX Runtime.
+bench-infer: $(SETUP)
+	$(PY) -m bench.bench_infer --out $(REPORTS)/bench_infer.json $(if $(CKPT),--ckpt $(CKPT)) \
 	  $(if $(SCALE),--size $(SCALE)) $(if $(REPEATS),--repeats $(REPEATS))
 
 bench-data: $(SETUP)

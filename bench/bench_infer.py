@@ -1,0 +1,155 @@
+"""Per-image inference latency: mmdet eager, our dynamic graph, Paddle Inference (oneDNN), ONNX Runtime.
+
+    python -m bench.bench_infer [--repeats 3] [--batches 1,2] [--size 1333x800] [--threads N]
+                                [--ckpt mmdet.pth] [--out reports/bench_infer.json]
+
+Each path takes a seeded batch of images the size the test pipeline makes of
+a 1333x800 picture (padded to 800x1344) and returns detections:
+
+* mmdet: ``model.predict`` of the model built from mmdet's config (network and
+  its post-processing, NMS from mmcv's compiled ops);
+* dynamic: our ``RetinaNet.predict`` in Paddle's dynamic graph;
+* paddle-inference: the exported program on Paddle Inference with oneDNN, then
+  ``predict_boxes`` (as ``python -m paddle_impl.infer``);
+* onnxruntime: the exported ONNX model on ONNX Runtime's CPU provider, then
+  ``predict_boxes``.
+
+Weights: the seeded checkpoint with its classifier sharpened as in the
+predict stage (``align.predict.stage.sharpened_checkpoint``), so the
+post-processing has candidates to filter, sort and suppress; ``--ckpt`` takes
+an mmdet checkpoint instead. The export is made once per run into a temporary
+folder. Per batch size each path runs once to warm up, then ``--repeats``
+times, the paths taking turns so that a change of load on the shared machine
+hits them alike; reported is the median time of a call divided by the batch
+size, and its ratio to mmdet's (above 1: faster than mmdet). All four use
+``--threads`` threads (default: the cores available).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("GLOG_minloglevel", "2")
+
+from bench.machine import load_average, machine_info, set_threads  # noqa: E402
+from common.arguments import non_negative, parse_size, positive  # noqa: E402
+from common.atomic_write import write_json  # noqa: E402
+
+PATHS = ("mmdet", "dynamic", "paddle-inference", "onnxruntime")
+
+
+def mmdet_runner(model, images):
+    """``model.predict`` on ``images`` ``(B, 3, H, W)`` torch, metas of an unscaled H x W picture."""
+    import torch
+    from mmdet.structures import DetDataSample
+
+    height, width = images.shape[-2:]
+    samples = []
+    for _ in range(images.shape[0]):
+        sample = DetDataSample()
+        sample.set_metainfo({"img_shape": (height, width), "ori_shape": (height, width), "scale_factor": (1.0, 1.0),
+                             "pad_shape": (height, width), "batch_input_shape": (height, width)})
+        samples.append(sample)
+
+    def run():
+        with torch.no_grad():
+            return model.predict(images, samples, rescale=True)
+    return run
+
+
+def paddle_runners(ckpts, images_np, threads: int, folder: str) -> dict:
+    """The three Paddle-side paths on ``images_np`` ``(B, 3, H, W)`` float32."""
+    import paddle
+
+    from align.ghm.pair import build_paddle_model
+    from paddle_impl.deploy.backends import open_engine
+    from paddle_impl.deploy.model_dir import ModelDir
+    from paddle_impl.export import export
+    from paddle_impl.infer import engine_detections
+
+    height, width = images_np.shape[-2:]
+    metas = [{"img_shape": (height, width), "scale_factor": (1.0, 1.0)}] * images_np.shape[0]
+    model = build_paddle_model(ckpts)
+    export(str(ckpts.paddle_path), folder, model=build_paddle_model(ckpts))
+    target = ModelDir(__import__("pathlib").Path(folder))
+    engines = {b: open_engine(b, target, threads=threads) for b in ("paddle-inference", "onnxruntime")}
+    images = paddle.to_tensor(images_np)
+    test_cfg = target.spec()["postprocess"]["test_cfg"]
+    runners = {"dynamic": lambda: model.predict(images, metas)}
+    for name, engine in engines.items():
+        runners[name] = (lambda e: lambda: engine_detections(e, images, metas, test_cfg))(engine)
+    return runners
+
+
+def measure(batch: int, size_hw: tuple[int, int], repeats: int, ckpts, threads: int, seed: int) -> dict:
+    import torch
+
+    from align.ghm.pair import build_torch_model, seeded_images
+
+    images = seeded_images((batch, 3) + size_hw, seed)
+    with tempfile.TemporaryDirectory(prefix="bench-infer-") as tmp:
+        runners = {"mmdet": mmdet_runner(build_torch_model(ckpts), torch.from_numpy(images))}
+        runners.update(paddle_runners(ckpts, images, threads, os.path.join(tmp, "model")))
+        times = {name: [] for name in PATHS}
+        for name in PATHS:
+            runners[name]()  # warm-up: first-call allocations, oneDNN primitive creation
+        for _ in range(repeats):
+            for name in PATHS:
+                t0 = time.perf_counter()
+                runners[name]()
+                times[name].append(time.perf_counter() - t0)
+    per_image = {name: statistics.median(t) / batch for name, t in times.items()}
+    return {"batch": batch, "input_hw": list(size_hw), "per_image_s": per_image, "all_calls_s": times,
+            "ratio_to_mmdet": {name: per_image["mmdet"] / per_image[name] for name in PATHS}}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=positive, default=3, help="timed calls per path and batch size")
+    parser.add_argument("--batches", default="1,2", help="comma-separated batch sizes (default %(default)s)")
+    parser.add_argument("--size", type=parse_size, default=(1333, 800),
+                        help="picture size WxH the test pipeline fits (default 1333x800; padded to 32)")
+    parser.add_argument("--ckpt", help="mmdet checkpoint (default: the seeded one, classifier sharpened)")
+    parser.add_argument("--seed", type=non_negative, default=0)
+    parser.add_argument("--threads", type=positive, help="CPU threads of every path (default: the cores available)")
+    parser.add_argument("--out", default="reports/bench_infer.json", help="JSON report path")
+    args = parser.parse_args(argv)
+    try:
+        batches = [positive(b) for b in args.batches.split(",")]
+    except argparse.ArgumentTypeError as err:
+        parser.error(f"--batches: {err}")
+    pad = 32
+    size_hw = tuple(-(-side // pad) * pad for side in args.size[::-1])
+
+    from align.ghm.pair import prepare_checkpoints
+    from align.predict.stage import sharpened_checkpoint
+
+    threads = set_threads(args.threads or len(os.sched_getaffinity(0)))
+    ckpts = prepare_checkpoints(args.ckpt, args.seed)
+    if ckpts.synthetic:
+        from align.ghm.pair import BUILD_DIR
+
+        ckpts = prepare_checkpoints(str(sharpened_checkpoint(ckpts, args.seed, BUILD_DIR)), args.seed)
+    load_before = load_average()
+    started = time.perf_counter()
+    rows = [measure(b, size_hw, args.repeats, ckpts, threads, args.seed) for b in batches]
+    report = {"machine": machine_info(), "threads": threads, "repeats": args.repeats,
+              "checkpoint": str(ckpts.torch_path), "rows": rows, "load_average_before": load_before,
+              "load_average_after": load_average(), "wall_s": time.perf_counter() - started}
+    print(f"per-image latency, median of {args.repeats}, input {size_hw[1]}x{size_hw[0]}, {threads} threads")
+    print(f"{'batch':>5} " + " ".join(f"{name:>22}" for name in PATHS))
+    for row in rows:
+        cells = [f"{row['per_image_s'][n]:7.3f} s ({row['ratio_to_mmdet'][n]:4.2f}x)" for n in PATHS]
+        print(f"{row['batch']:>5} " + " ".join(f"{c:>22}" for c in cells))
+    print("(ratio = mmdet time / path time: above 1 is faster than mmdet)")
+    print(f"load average before {load_before}, after {report['load_average_after']}")
+    print(f"wrote {write_json(args.out, report, indent=2)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
