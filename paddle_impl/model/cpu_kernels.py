@@ -1,4 +1,4 @@
-"""Two operations of the GHM losses that Paddle's CPU kernels compute slowly, run by numpy on the same memory.
+"""numpy on the memory of Paddle's CPU tensors, for the GHM losses' operations Paddle's CPU kernels run slowly.
 
 Measured at 256k float32 elements (Paddle 3.3.1, one thread, AVX-512):
 Paddle's ``log1p`` takes 1.1 ms, one element at a time, where numpy's
@@ -10,8 +10,9 @@ to 2.2e-7); a ``gather`` from a 256-entry table by byte
 ids, with the cast to int32 it needs, 0.69 ms where numpy's ``take`` reads
 the bytes directly in 0.27 ms. On the CPU both run through a zero-copy
 DLPack view of the Paddle tensor (a few microseconds) and write into Paddle
-memory; on any other device Paddle's own kernels run. numpy releases the
-GIL in both, so the chunks of a threaded call (`ghm_chunks`) still overlap.
+memory; on any other device Paddle's own kernels run. `view` serves the
+GHM-R step of `ghm_elementwise` the same way. numpy releases the GIL in
+its kernels, so the chunks of a threaded call (`ghm_chunks`) still overlap.
 
 Nothing here records a gradient: the GHM losses call these under
 ``paddle.no_grad()`` on tensors the call owns.
