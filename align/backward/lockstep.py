@@ -36,6 +36,7 @@ from align.engine.compare import TensorDiff, compare_named, to_numpy, worst_name
 from align.engine.divergence import Explanation, StepEvidence, classify, relu_flips
 from align.engine.paired import PairedStep, train_in_lockstep
 from align.engine.replay import ReplaySide
+from align.engine.weights import NameMap
 
 
 @dataclass(frozen=True)
@@ -82,23 +83,35 @@ class RunSides:
     check_s: float = 0.0
 
 
+class MappedCensus(ReluMaskCensus):
+    """`ReluMaskCensus` with torch's layer names taken through ``name_map`` to Paddle's."""
+
+    def __init__(self, torch_model, paddle_model, name_map: NameMap):
+        self._name_map = name_map
+        super().__init__(torch_model, paddle_model)
+
+    def _torch_hook(self, name: str):
+        return super()._torch_hook(self._name_map.layer(name))
+
+
 class Diagnostics:
     """Per-step diagnostics of a run: the ReLU mask census of both models and its flips as the
     rounding-level cause of a step's disagreement. A client adds its own causes by overriding
     the methods and calling these.
 
-    The census pairs ``nn.ReLU`` calls by layer name and call index, so it runs when every
-    Paddle ReLU layer has a torch one of the same name (a replayed reference: when its
-    recording holds masks); otherwise no step has a ReLU cause.
+    The census pairs ``nn.ReLU`` calls by layer name (torch's through ``name_map``) and call
+    index, so it runs when every Paddle ReLU layer has a torch one of that name (a replayed
+    reference: when its recording holds masks); otherwise no step has a ReLU cause.
 
     ``step_fields``: ``(field, column title)`` of the cells `after_step` returns, in order.
     """
 
     step_fields: Sequence[tuple[str, str]] = (("relu_flips", "ReLU mask flips"),)
 
-    def __init__(self):
+    def __init__(self, name_map: Optional[NameMap] = None):
         self.census: Optional[ReluMaskCensus] = None
         self.relu_layers: dict[str, list] = {}
+        self.name_map = name_map or NameMap()
         self._test_model = None
 
     def attach(self, sides: RunSides) -> None:
@@ -109,11 +122,12 @@ class Diagnostics:
         self._test_model = sides.test_model
         if sides.reference_model is None:
             return  # decided by the recording, at the first step
-        torch_relus = {n for n, m in sides.reference_model.named_modules() if isinstance(m, torch.nn.ReLU)}
+        torch_relus = {self.name_map.layer(n) for n, m in sides.reference_model.named_modules()
+                       if isinstance(m, torch.nn.ReLU)}
         paddle_relus = {n for n, m in sides.test_model.named_sublayers() if isinstance(m, paddle.nn.ReLU)}
         # A torch ReLU that is never called (mmdet's RetinaHead has one) has no Paddle counterpart.
         if paddle_relus and paddle_relus <= torch_relus:
-            self.census = ReluMaskCensus(sides.reference_model, sides.test_model)
+            self.census = MappedCensus(sides.reference_model, sides.test_model, self.name_map)
 
     def reference_extras(self) -> dict[str, np.ndarray]:
         """What a recording keeps per step of what the hooks saw of the reference's forward pass."""
@@ -126,7 +140,7 @@ class Diagnostics:
         masks = None if recorded is None else {name[len("relu/"):]: a for name, a in recorded.items()
                                                if name.startswith("relu/")}
         if step == 1 and masks:
-            self.census = ReluMaskCensus(None, self._test_model)
+            self.census = MappedCensus(None, self._test_model, self.name_map)
         if self.census is not None:
             self.census.start_step(masks)
 

@@ -198,7 +198,7 @@ class BuilderTraining:
         return out
 
     def diagnostics(self, dtype: str) -> Diagnostics:
-        return Diagnostics()
+        return Diagnostics(self.pair.name_map)
 
     def _models(self, dtype: str):
         """Both models in ``dtype`` holding the initial weights."""
