@@ -61,47 +61,55 @@ def mmdet_runner(model, images):
     return run
 
 
-def paddle_runners(ckpts, images_np, threads: int, folder: str) -> dict:
-    """The three Paddle-side paths on ``images_np`` ``(B, 3, H, W)`` float32."""
-    import paddle
+class Paths:
+    """The four paths' models and engines, built once: mmdet's model, ours, and the two
+    engines on an export of ours made into ``folder``."""
 
-    from align.ghm.pair import build_paddle_model
-    from paddle_impl.deploy.backends import open_engine
-    from paddle_impl.deploy.model_dir import ModelDir
-    from paddle_impl.export import export
-    from paddle_impl.infer import engine_detections
+    def __init__(self, ckpts, threads: int, folder: str):
+        from pathlib import Path
 
-    height, width = images_np.shape[-2:]
-    metas = [{"img_shape": (height, width), "scale_factor": (1.0, 1.0)}] * images_np.shape[0]
-    model = build_paddle_model(ckpts)
-    export(str(ckpts.paddle_path), folder, model=build_paddle_model(ckpts))
-    target = ModelDir(__import__("pathlib").Path(folder))
-    engines = {b: open_engine(b, target, threads=threads) for b in ("paddle-inference", "onnxruntime")}
-    images = paddle.to_tensor(images_np)
-    test_cfg = target.spec()["postprocess"]["test_cfg"]
-    runners = {"dynamic": lambda: model.predict(images, metas)}
-    for name, engine in engines.items():
-        runners[name] = (lambda e: lambda: engine_detections(e, images, metas, test_cfg))(engine)
-    return runners
+        from align.ghm.pair import build_paddle_model, build_torch_model
+        from paddle_impl.deploy.backends import open_engine
+        from paddle_impl.deploy.model_dir import ModelDir
+        from paddle_impl.export import export
+
+        self.torch_model = build_torch_model(ckpts)
+        self.model = build_paddle_model(ckpts)
+        # The export converts the layer it is given to a static graph: a second copy goes there.
+        target = export(str(ckpts.paddle_path), Path(folder), model=build_paddle_model(ckpts))
+        self.test_cfg = target.spec()["postprocess"]["test_cfg"]
+        self.engines = {b: open_engine(b, ModelDir(target.root), threads=threads)
+                        for b in ("paddle-inference", "onnxruntime")}
+
+    def runners(self, images_np) -> dict:
+        """One callable per path on ``images_np`` ``(B, 3, H, W)`` float32."""
+        import paddle
+        import torch
+
+        from paddle_impl.infer import engine_detections
+
+        height, width = images_np.shape[-2:]
+        metas = [{"img_shape": (height, width), "scale_factor": (1.0, 1.0)}] * images_np.shape[0]
+        images = paddle.to_tensor(images_np)
+        runners = {"mmdet": mmdet_runner(self.torch_model, torch.from_numpy(images_np)),
+                   "dynamic": lambda: self.model.predict(images, metas)}
+        for name, engine in self.engines.items():
+            runners[name] = (lambda e: lambda: engine_detections(e, images, metas, self.test_cfg))(engine)
+        return runners
 
 
-def measure(batch: int, size_hw: tuple[int, int], repeats: int, ckpts, threads: int, seed: int) -> dict:
-    import torch
+def measure(paths: Paths, batch: int, size_hw: tuple[int, int], repeats: int, seed: int) -> dict:
+    from align.ghm.pair import seeded_images
 
-    from align.ghm.pair import build_torch_model, seeded_images
-
-    images = seeded_images((batch, 3) + size_hw, seed)
-    with tempfile.TemporaryDirectory(prefix="bench-infer-") as tmp:
-        runners = {"mmdet": mmdet_runner(build_torch_model(ckpts), torch.from_numpy(images))}
-        runners.update(paddle_runners(ckpts, images, threads, os.path.join(tmp, "model")))
-        times = {name: [] for name in PATHS}
+    runners = paths.runners(seeded_images((batch, 3) + size_hw, seed))
+    times = {name: [] for name in PATHS}
+    for name in PATHS:
+        runners[name]()  # warm-up: first-call allocations, oneDNN primitive creation
+    for _ in range(repeats):
         for name in PATHS:
-            runners[name]()  # warm-up: first-call allocations, oneDNN primitive creation
-        for _ in range(repeats):
-            for name in PATHS:
-                t0 = time.perf_counter()
-                runners[name]()
-                times[name].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            runners[name]()
+            times[name].append(time.perf_counter() - t0)
     per_image = {name: statistics.median(t) / batch for name, t in times.items()}
     return {"batch": batch, "input_hw": list(size_hw), "per_image_s": per_image, "all_calls_s": times,
             "ratio_to_mmdet": {name: per_image["mmdet"] / per_image[name] for name in PATHS}}
@@ -136,7 +144,9 @@ def main(argv=None) -> int:
         ckpts = prepare_checkpoints(str(sharpened_checkpoint(ckpts, args.seed, BUILD_DIR)), args.seed)
     load_before = load_average()
     started = time.perf_counter()
-    rows = [measure(b, size_hw, args.repeats, ckpts, threads, args.seed) for b in batches]
+    with tempfile.TemporaryDirectory(prefix="bench-infer-") as tmp:
+        paths = Paths(ckpts, threads, os.path.join(tmp, "model"))
+        rows = [measure(paths, b, size_hw, args.repeats, args.seed) for b in batches]
     report = {"machine": machine_info(), "threads": threads, "repeats": args.repeats,
               "checkpoint": str(ckpts.torch_path), "rows": rows, "load_average_before": load_before,
               "load_average_after": load_average(), "wall_s": time.perf_counter() - started}
