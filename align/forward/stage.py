@@ -146,6 +146,7 @@ def run_forward(opts: ForwardOptions, pair: Optional[ForwardPair] = None) -> Sta
     reprod = reprod_log_diff(paddle_out, torch_out, opts.reports, pair.stage, opts.mean_tol)
     grad_rows = gradient_rows(pair, opts) if opts.backward else []
     isolated: list[TensorDiff] = []
+    own: list[TensorDiff] = []
     tables = []
     meta = {**pair.meta, "seed": opts.seed, "input_shape": describe_inputs(pair.inputs),
             "perturbed_parameter": opts.perturb, "perturbation_std": perturb_sigma,
@@ -156,7 +157,8 @@ def run_forward(opts: ForwardOptions, pair: Optional[ForwardPair] = None) -> Sta
         t0 = time.perf_counter()
         forward_rows, backward_rows, kinds, recorded = run_isolated(pair, opts)
         timings["isolated_s"] = time.perf_counter() - t0
-        isolated = forward_rows + backward_rows
+        own = forward_rows + backward_rows
+        isolated = in_place_of_unisolated(forward_rows, layer_rows) + backward_rows
         accumulated = layer_rows + [dataclasses.replace(r, name=f"{r.name[len('grad.'):]}.grad") for r in grad_rows]
         tables = isolation_tables(forward_rows, backward_rows, accumulated, kinds)
         meta.update(isolated_layer_calls=len(isolated), recorded_gb=round(recorded / 2 ** 30, 2),
@@ -182,10 +184,26 @@ def run_forward(opts: ForwardOptions, pair: Optional[ForwardPair] = None) -> Sta
         extra_tables=tables,
         reprod_log=reprod,
         reprod_log_check=opts.mean_tol,
-        headline=(Headline.worst(isolated, opts.rel_tol, "worst own layer error (isolated)") if opts.isolate
+        headline=(Headline.worst(own, opts.rel_tol, "worst own layer error (isolated)") if opts.isolate
                   else Headline.worst(tensors, opts.rel_tol, "worst output, max|diff| / max|ref|")),
         seconds={pair.reference: timings["torch_forward_s"], "paddle": timings["paddle_forward_s"]},
     ), opts.reports)
+
+
+def in_place_of_unisolated(forward_rows: list[TensorDiff], layer_rows: list[TensorDiff]) -> list[TensorDiff]:
+    """The isolated forward rows in execution order, with the accumulated row of each layer call
+    isolation could not run (several outputs, keyword inputs: an attention, an LSTM) in its place,
+    its reason saying so: a fault in such a layer is then still named at it, after every
+    isolated layer before it passed."""
+    own = {row.name: row for row in forward_rows}
+    merged = []
+    for row in layer_rows:
+        if row.name in own:
+            merged.append(own.pop(row.name))
+        else:
+            merged.append(dataclasses.replace(row, reason="; ".join(
+                r for r in ("not isolated: accumulated error", row.reason) if r)))
+    return merged + list(own.values())
 
 
 def reference_outputs(pair: ForwardPair, opts: ForwardOptions):

@@ -195,3 +195,13 @@ def test_a_fault_float32_rounding_hides_is_named_in_float64(tmp_path):
     assert hidden.passed
     named = run(tmp_path, "transformer", shape=(2, 6, 64), perturb="linear2.weight", perturb_scale=1e-6)
     assert not named.passed and first_divergence(named) == "linear2"
+
+
+@pytest.mark.parametrize("example, shape, parameter, named", [
+    ("transformer", (2, 6, 64), "self_attn.q_proj.weight", "self_attn"),
+    ("lstm", (2, 5, 16), "lstm.weight_ih_l0", "lstm[0]")])
+def test_with_isolation_a_layer_isolation_cannot_run_is_still_named(tmp_path, example, shape, parameter, named):
+    result = run(tmp_path, example, shape=shape, perturb=parameter, isolate=True, backward=True)
+    assert not result.passed and first_divergence(result) == named
+    row = next(r for r in result.layers if r.name == named)
+    assert row.reason.startswith("not isolated: accumulated error")
