@@ -8,7 +8,9 @@
 - `paired`: the protocol of a training "side" and the loop that trains two
   sides in lockstep and compares every step.
 - `isolate`: each layer on the reference's recorded input and output gradient;
-  `weights`: a torch model's weights into a Paddle model by name;
+  `weights`: a torch model's weights into a Paddle model as a map file says, with
+  `converters` (tensor rules, per-class converters) and `selection` (what each
+  side compares, output adapters);
   `divergence`: whether each step's first disagreement has a rounding-level cause.
 - `report`: one JSON and one self-contained HTML page per stage, and an index;
   `environment`: the provenance every report records.

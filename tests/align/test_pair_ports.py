@@ -205,3 +205,15 @@ def test_with_isolation_a_layer_isolation_cannot_run_is_still_named(tmp_path, ex
     assert not result.passed and first_divergence(result) == named
     row = next(r for r in result.layers if r.name == named)
     assert row.reason.startswith("not isolated: accumulated error")
+
+
+def test_builders_that_carry_the_weights_themselves_are_compared_through_the_same_conversions(tmp_path):
+    from align.examples import transformer
+    from align.pair.run import align_pair
+
+    t, p = transformer.build_torch(16, 2, 32), transformer.build_paddle(16, 2, 32)
+    carry_weights(t, p, NameMap())  # the user's own weight code, as --no-carry expects
+    inputs = np.random.default_rng(0).standard_normal((2, 5, 16)).astype(np.float32)
+    result = align_pair(t, p, inputs, carry=False, backward=True, reports=tmp_path, build_dir=tmp_path / "build")
+    assert result.passed, first_divergence(result)
+    assert {"grad.self_attn.q_proj.weight", "grad.self_attn.v_proj.bias"} <= {r.name for r in result.tensors}
