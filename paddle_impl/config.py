@@ -89,6 +89,9 @@ GHM_RETINANET: dict[str, Any] = dict(
         test_batch_size=1,
         pad_value=0.0,  # DetDataPreprocessor's default, applied after normalisation
     ),
+    runtime=dict(
+        log_interval=50,  # mmdet's LoggerHook interval: iterations per training log line
+    ),
     deploy=dict(
         opset_version=11,  # paddle2onnx's opset for the exported network (onnxruntime matches it within 2e-6)
         # paddle.jit.save's file prefix inside an export folder: <prefix>.json, <prefix>.pdiparams

@@ -108,6 +108,45 @@ def append_jsonl(path: Path, record: dict[str, Any]) -> None:
         raise write_error(path, err) from err
 
 
+class ThroughputLog:
+    """The training log line every ``interval`` iterations, with the throughput figures
+    Paddle's model-reproduction logs give (TIPC's ``avg_reader_cost``, ``avg_batch_cost``,
+    ``avg_samples``, ``avg_ips``), averaged over the iterations since the previous line.
+
+    ``add(record, samples)`` takes one iteration's ``log.jsonl`` record (its ``data_time``
+    is the wait for the batch, ``time`` the whole iteration) and the images it trained on,
+    and returns the line when one is due (``flush`` returns the rest at the end).
+    """
+
+    def __init__(self, interval: int, total_iters: int):
+        self.interval = max(1, int(interval))
+        self.total_iters = total_iters
+        self._reader = self._batch = 0.0
+        self._samples = self._count = 0
+        self._last: dict | None = None
+
+    def add(self, record: dict, samples: int) -> str | None:
+        self._reader += record["data_time"]
+        self._batch += record["time"]
+        self._samples += samples
+        self._count += 1
+        self._last = record
+        due = record["iter"] % self.interval == 0 or record["iter"] >= self.total_iters
+        return self.flush() if due else None
+
+    def flush(self) -> str | None:
+        if not self._count:
+            return None
+        r, n = self._last, self._count
+        line = (f"[train] epoch {r['epoch']} iter {r['iter']}/{self.total_iters}: loss {r['loss']:.4f}, "
+                f"lr {r['lr']:.6g}, avg_reader_cost: {self._reader / n:.5f} s, avg_batch_cost: "
+                f"{self._batch / n:.5f} s, avg_samples: {self._samples / n:g}, avg_ips: "
+                f"{self._samples / self._batch if self._batch > 0 else float('nan'):.5f} samples/s, eta {r['eta']}")
+        self._reader = self._batch = 0.0
+        self._samples = self._count = 0
+        return line
+
+
 def format_eta(seconds: float) -> str:
     return str(_dt.timedelta(seconds=int(round(seconds))))
 

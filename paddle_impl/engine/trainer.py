@@ -28,7 +28,7 @@ from paddle_impl.engine.fault_injection import maybe_fail
 from paddle_impl.engine.lr_schedule import WarmupMultiStepLR
 from paddle_impl.engine.optimizer import SGD, scaled_lr
 from paddle_impl.engine.run_config import changes_on_resume, training_config
-from paddle_impl.engine.report import (append_jsonl, format_eta, read_mmdet_log, render_report,
+from paddle_impl.engine.report import (ThroughputLog, append_jsonl, format_eta, read_mmdet_log, render_report,
                                        truncate_jsonl)
 from paddle_impl.engine.train_step import LossForward, train_step
 from paddle_impl.engine.weights import load_weights, load_weights_file, set_ghm_buffers
@@ -366,6 +366,9 @@ class Trainer:
         args = self.args
         self._started, self._done_here = time.perf_counter(), 0
         evaluated_at = -1
+        # Without a progress bar the log lines say how training goes (per process: its own images).
+        lines = ThroughputLog(get_config()["runtime"]["log_interval"], self.total_iters) \
+            if bar is None and self.main else None
         while self.iter < self.total_iters:
             epoch = self.position["epoch"]
             if self.position["batch"] > 0:
@@ -378,6 +381,10 @@ class Trainer:
                 if bar is not None:
                     bar.set_postfix(epoch=epoch + 1, loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
                     bar.update(1)
+                if lines is not None:
+                    line = lines.add(record, len(batch["img_ids"]))
+                    if line:
+                        print(line, file=sys.stderr)
                 if args.ckpt_interval_iters and self.iter % args.ckpt_interval_iters == 0:
                     self.save_checkpoint()
                 if self.iter >= self.total_iters:
