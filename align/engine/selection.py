@@ -103,6 +103,9 @@ class Selection:
     paddle: list[str]
     torch_adapters: dict[str, Callable] = field(default_factory=dict)
     paddle_adapters: dict[str, Callable] = field(default_factory=dict)
+    # What the report says of the selection: torch modules compared whole, parents compared
+    # beside their children (they own parameters), modules left out.
+    summary: dict[str, list[str]] = field(default_factory=dict)
 
 
 def select(torch_model, paddle_model, layer_name: Callable[[str], str], spec: CompareSpec) -> Selection:
@@ -157,4 +160,7 @@ def select(torch_model, paddle_model, layer_name: Callable[[str], str], spec: Co
             continue
         adapters_t[name] = adapter(sides.get("torch"))
         adapters_p[layer_name(name)] = adapter(sides.get("paddle"))
-    return Selection(chosen, paddle_names, adapters_t, adapters_p)
+    summary = {"compared_whole": sorted(n for n in whole if n in chosen),
+               "compared_beside_children": [n for n in chosen if n not in whole and next(t_modules[n].children(), None)],
+               "ignored": sorted(n for n in ignored_t if not _strictly_under(n, ignored_t))}
+    return Selection(chosen, paddle_names, adapters_t, adapters_p, summary)

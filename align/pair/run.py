@@ -16,6 +16,7 @@ weights, the input and the builder's source.
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 import importlib
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -78,7 +79,8 @@ class ModelPair:
         self._torch_model, self.paddle_model, self.inputs = torch_model, paddle_model, inputs
         self.stage, self.code, self.spill, self.positional = stage, tuple(code), spill, positional
         self.title = title or f"{type(paddle_model).__name__} (Paddle) vs {type(torch_model).__name__} (torch)"
-        self.meta = {"carried_tensors": len(conversions), "dropped_torch_keys": dropped}
+        self.meta = {"carried_tensors": len(conversions), "dropped_torch_keys": dropped,
+                     "converted_by": dict(Counter(c.how for c in conversions)), **self.selection.summary}
 
     def torch_model(self):
         return self._torch_model
