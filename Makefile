@@ -81,7 +81,7 @@ STAGES  := $(shell awk '!/^\#/ && NF {print $$1}' align/ghm/stages.txt)
 
 COMMON_ARGS = --reports $(REPORTS) --seed $(SEED) $(if $(CKPT),--ckpt $(CKPT)) $(if $(SHAPE),--shape $(SHAPE))
 
-.PHONY: help setup align $(addprefix align-,$(STAGES)) align-deploy export bench-infer align-example align-examples bench-ghm bench-train bench-coco-eval bench-overhead bench-data train-full tiny-coco \
+.PHONY: help setup align $(addprefix align-,$(STAGES)) align-deploy export tipc bench-infer align-example align-examples bench-ghm bench-train bench-coco-eval bench-overhead bench-data train-full tiny-coco \
         test test-fast clean distclean
 
 help:
@@ -96,6 +96,7 @@ help:
 	@echo "make align-data | align-predict | align-metric | align-train   data pipeline, detections, COCO metric, K training iterations on the tiny COCO; SCALE=WxH, TRAIN_ITERS="
 	@echo "make align-deploy   mmdet's predict vs our dynamic graph, Paddle Inference and ONNX Runtime: preprocessing, raw outputs, detections; SCALE=WxH (default 640x384), PERTURB=param.name (in the exported copy)"
 	@echo "make export         the detector as Paddle inference files and ONNX into EXPORT_DIR= (default build/export); WEIGHTS= (default: the seeded checkpoint)"
+	@echo "make tipc           train TRAIN_ITERS= (default 4) iterations on the tiny COCO, export, infer on Paddle Inference and ONNX Runtime: 12 COCO numbers and detections equal the dynamic graph's"
 	@echo "make train-full     COCO=/path GPUS=0,1 RESUME=1 RESUME_CHANGE=1 (continue with changed options) MMDET_LOG=scalars.json R50=backbone.pdparams KEEP=3 (epoch weight files kept, 0: all) EVAL_BACKEND=faster-coco-eval; no COCO: smoke run on the tiny COCO"
 	@echo "                    NPROC=2 (CPU processes); several machines: NNODES=2 NODE_RANK=0|1 MASTER=node0-ip:port CONNECT_TIMEOUT=60"
 	@echo "make tiny-coco      write the tiny synthetic COCO to $(TINY_COCO)"
@@ -194,6 +195,11 @@ align-predict: $(SETUP)
 align-deploy: $(SETUP)
 	$(PY) -m align.deploy --reports $(REPORTS) --seed $(SEED) $(if $(CKPT),--ckpt $(CKPT)) $(if $(SCALE),--scale $(SCALE)) \
 	  $(if $(PERTURB),--perturb $(PERTURB))
+
+# Train a few iterations on the tiny COCO, export, infer on both engines: their COCO numbers and
+# detections equal the dynamic graph's. TRAIN_ITERS= (default 4), SCALE= (default 320x192).
+tipc: $(SETUP)
+	$(PY) -m align.deploy.tipc --seed $(SEED) $(if $(TRAIN_ITERS),--iters $(TRAIN_ITERS)) $(if $(SCALE),--scale $(SCALE))
 
 # Without WEIGHTS= the seeded checkpoint of the alignment stages, made and converted once under build/.
 export: $(SETUP)
