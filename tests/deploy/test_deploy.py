@@ -118,7 +118,9 @@ def test_infer_gives_the_detections_of_predict(exported, weights, coco, backend,
     (["--model", "{empty}"], "no deploy.json"),
     (["--model", "{model}", "--backend", "tensorrt"], "--backend tensorrt: not one of"),
     (["--model", "{model}", "--device", "npu"], "--device npu: not one of"),
-])
+] + ([] if paddle.is_compiled_with_cuda() else [
+    (["--model", "{model}", "--device", "gpu"], "--device gpu: this paddlepaddle has no CUDA"),
+]))
 def test_bad_model_or_backend_is_one_line_and_writes_nothing(exported, coco, tmp_path, capsys, args, message):
     (tmp_path / "empty").mkdir()
     names = {"missing": tmp_path / "missing", "empty": tmp_path / "empty", "model": exported.root}
