@@ -133,6 +133,8 @@ def export(weights: str, out: str | os.PathLike, scale: tuple[int, int] | None =
 
     ``model``: an already loaded detector to export instead of loading ``weights``
     (which is then only recorded); the deploy stage exports a perturbed copy this way.
+    ``paddle.jit.to_static`` converts the layer it is given in place, so a ``model``
+    passed here runs as a static program afterwards: pass a copy that is not used again.
     """
     out = Path(out)
     _check_out(out)
