@@ -20,6 +20,10 @@ error: a wrong layer fails and the layers after it still pass.
    gradients are compared (``autograd.grad`` on both sides: the models'
    accumulated ``.grad`` are left alone).
 
+torch's ``MultiheadAttention`` (compared whole, see `align.engine.selection`) is recorded
+batch first with its masks and run through Paddle's ``MultiHeadAttention`` with the masks
+turned into Paddle's additive ``attn_mask`` (`attention_inputs`, `paddle_attention`).
+
 In-place layers (``ReLU(inplace=True)``) are switched to out-of-place while
 recording and isolating: same values, but the recorded input is not
 overwritten and gradients can be taken with respect to it.
@@ -131,10 +135,15 @@ class TorchCallRecorder:
     def _pre(self, name: str):
         import torch
 
-        def hook(_module, args):
+        def hook(_module, args, kwargs):
             key = call_key(name, self._counts[name])
             self._counts[name] += 1
             self._open[name] = key
+            if isinstance(_module, torch.nn.MultiheadAttention):
+                for part, tensor in attention_inputs(_module, args, kwargs).items():
+                    self.store.put(f"{key}/{part}", tensor.detach().cpu().numpy().copy())
+                self.calls.append(LayerCall(key, name, layer_kind(_module), 3))
+                return
             tensors = [a for a in args if isinstance(a, torch.Tensor)]
             for i, tensor in enumerate(tensors):
                 self.store.put(f"{key}/in{i}", tensor.detach().cpu().numpy().copy())
@@ -146,6 +155,9 @@ class TorchCallRecorder:
 
         def hook(_module, _args, output):
             key = self._open.pop(name)
+            if isinstance(_module, torch.nn.MultiheadAttention):
+                # (attention output, weights or None); batch first as its inputs were recorded.
+                output = output[0] if _module.batch_first else output[0].transpose(0, 1)
             if not isinstance(output, torch.Tensor):
                 return
             self.store.put(f"{key}/out", output.detach().cpu().numpy().copy())
@@ -156,7 +168,7 @@ class TorchCallRecorder:
     def __enter__(self) -> "TorchCallRecorder":
         self._inplace.__enter__()
         for name, layer in self._layers.items():
-            self._handles.append(layer.register_forward_pre_hook(self._pre(name)))
+            self._handles.append(layer.register_forward_pre_hook(self._pre(name), with_kwargs=True))
             self._handles.append(layer.register_forward_hook(self._post(name)))
         return self
 
@@ -190,9 +202,51 @@ def isolated_forward(calls: list[LayerCall], store: SpillStore, paddle_model, na
                 rows.append(missing_row(key, ref_shape=reference.shape, reason="missing in paddle"))
                 continue
             inputs = [paddle.to_tensor(store.get(f"{call.key}/in{i}")) for i in range(call.inputs)]
-            output = layer(*inputs)
+            output = paddle_attention(layer, inputs, store, call.key) if call.kind == "MultiheadAttention" \
+                else layer(*inputs)
             rows.append(diff_arrays(key, reference, output.numpy(), rel_tol=rel_tol, mean_tol=mean_tol))
     return rows
+
+
+def attention_inputs(module, args: tuple, kwargs: dict) -> dict:
+    """The tensors of a call of torch's ``MultiheadAttention``: ``in0``, ``in1``, ``in2`` the query
+    ``(N, L, E)``, key and value ``(N, S, E)`` batch first, and the ``key_padding_mask`` ``(N, S)``
+    and ``attn_mask`` ``(L, S)`` or ``(N * heads, L, S)`` that were given (bool: True masks out;
+    float: added to the scores)."""
+    import inspect
+
+    import torch
+
+    bound = inspect.signature(module.forward).bind(*args, **kwargs).arguments
+    first = (lambda t: t) if module.batch_first else (lambda t: t.transpose(0, 1))
+    parts = {f"in{i}": first(bound[name]) for i, name in enumerate(("query", "key", "value"))}
+    parts.update({name: bound[name] for name in ("key_padding_mask", "attn_mask")
+                  if isinstance(bound.get(name), torch.Tensor)})
+    return parts
+
+
+def paddle_attention(layer, inputs: list, store: "SpillStore", key: str):
+    """Paddle's ``MultiHeadAttention`` on a recorded torch call (`attention_inputs`): torch's masks
+    summed into one additive ``attn_mask`` ``(N, heads or 1, L, S)``, as Paddle takes it."""
+    import paddle
+
+    query = inputs[0]
+    n, length, source = query.shape[0], query.shape[1], inputs[1].shape[1]
+    mask = np.zeros((n, 1, length, source), dtype=np.float64)
+    padding, attention = store.get(f"{key}/key_padding_mask"), store.get(f"{key}/attn_mask")
+    if padding is not None:
+        mask = mask + _additive(padding)[:, None, None, :]
+    if attention is not None:
+        attention = _additive(attention)
+        mask = mask + (attention.reshape(n, -1, length, source) if attention.ndim == 3 else attention)
+    if padding is None and attention is None:
+        return layer(*inputs)
+    return layer(*inputs, attn_mask=paddle.to_tensor(mask.astype(query.numpy().dtype)))
+
+
+def _additive(mask: np.ndarray) -> np.ndarray:
+    """A torch attention mask as scores to add: a bool mask's True is -inf."""
+    return np.where(mask, -np.inf, 0.0) if mask.dtype == bool else mask.astype(np.float64)
 
 
 def isolated_backward(calls: list[LayerCall], store: SpillStore, torch_model, paddle_model, name_map: NameMap,

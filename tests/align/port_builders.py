@@ -111,3 +111,41 @@ def recurrent_paddle(kind: str):
     model = getattr(paddle.nn, {"GRU": "GRU", "RNN": "SimpleRNN"}[kind])(6, 5, num_layers=2, direction="bidirect")
     model.eval()
     return model
+
+
+def attention_torch():
+    """torch's attention, sequence first (``batch_first=False``), under a bool padding mask:
+    ``x`` ``(N, S, 8)`` and ``mask`` ``(N, S)`` True at padding -> ``(N, S, 8)``."""
+    import torch
+
+    class Attend(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = torch.nn.MultiheadAttention(8, 2)
+
+        def forward(self, x, mask):
+            mask = mask.clone()
+            mask[:, 0] = False
+            x = x.transpose(0, 1)
+            return self.attn(x, x, x, mask, need_weights=False)[0].transpose(0, 1)
+
+    torch.manual_seed(0)
+    return Attend().eval()
+
+
+def attention_paddle():
+    import paddle
+
+    class Attend(paddle.nn.Layer):
+        def __init__(self):
+            super().__init__()
+            self.attn = paddle.nn.MultiHeadAttention(8, 2)
+
+        def forward(self, x, mask):
+            mask = mask.clone()
+            mask[:, 0] = False
+            return self.attn(x, x, x, attn_mask=paddle.logical_not(mask).unsqueeze([1, 2]))
+
+    model = Attend()
+    model.eval()
+    return model

@@ -197,14 +197,34 @@ def test_a_fault_float32_rounding_hides_is_named_in_float64(tmp_path):
     assert not named.passed and first_divergence(named) == "linear2"
 
 
-@pytest.mark.parametrize("example, shape, parameter, named", [
-    ("transformer", (2, 6, 64), "self_attn.q_proj.weight", "self_attn"),
-    ("lstm", (2, 5, 16), "lstm.weight_ih_l0", "lstm[0]")])
-def test_with_isolation_a_layer_isolation_cannot_run_is_still_named(tmp_path, example, shape, parameter, named):
+@pytest.mark.parametrize("example, shape, parameter, named, isolated", [
+    ("transformer", (2, 6, 64), "self_attn.q_proj.weight", "self_attn", True),
+    ("lstm", (2, 5, 16), "lstm.weight_ih_l0", "lstm[0]", False)])
+def test_with_isolation_a_perturbed_layer_is_named(tmp_path, example, shape, parameter, named, isolated):
     result = run(tmp_path, example, shape=shape, perturb=parameter, isolate=True, backward=True)
     assert not result.passed and first_divergence(result) == named
     row = next(r for r in result.layers if r.name == named)
-    assert row.reason.startswith("not isolated: accumulated error")
+    # The attention runs on its own; the LSTM (outputs (out, (h, c))) keeps its accumulated row.
+    assert row.reason.startswith("not isolated: accumulated error") != isolated
+
+
+def test_an_attention_under_a_bool_padding_mask_is_isolated_sequence_first(tmp_path):
+    from align.engine.isolate import TorchCallRecorder, isolated_forward, spill_store
+    from align.engine.selection import select
+
+    t, p = port_builders.attention_torch(), port_builders.attention_paddle()
+    carry_weights(t, p, NameMap())
+    rng = np.random.default_rng(0)
+    x, mask = rng.standard_normal((2, 5, 8)).astype(np.float32), rng.random((2, 5)) < 0.5
+    selection = select(t, p, NameMap().layer, NameMap().compare)
+    import torch
+
+    with spill_store(False) as store:
+        with TorchCallRecorder(t, store, names=selection.torch) as recorder, torch.no_grad():
+            t(torch.from_numpy(x), torch.from_numpy(mask))
+        assert store.get("attn/key_padding_mask").dtype == bool
+        rows = isolated_forward(recorder.calls, store, p, NameMap())
+    assert [r.name for r in rows] == ["attn"] and rows[0].passed and rows[0].rel_max < 1e-6
 
 
 def test_builders_that_carry_the_weights_themselves_are_compared_through_the_same_conversions(tmp_path):
