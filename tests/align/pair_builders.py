@@ -52,3 +52,18 @@ def squared_loss(framework: str):
 
 def not_callable_loss(framework: str):
     return 1.0
+
+
+def block_torch_wrapped():
+    """The torch block one level down (``body.conv1``, ``body.relu``, ...): a pair that needs a name map."""
+    import torch
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = block_torch()
+
+        def forward(self, x):
+            return self.body(x)
+
+    return Wrapped().eval()

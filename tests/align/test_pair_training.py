@@ -166,3 +166,15 @@ def test_the_torch_side_is_replayed_from_the_cache_and_a_fault_is_still_caught(t
         self, model, dataclasses.replace(settings, weight_decay=0.0), loss))
     status, faulty = run(tmp_path / "r3", cached)
     assert status == 1 and faulty["meta"]["reference_cache"] == "hit"
+
+
+def test_the_relu_census_goes_through_the_name_map(tmp_path):
+    names = tmp_path / "names.json"
+    names.write_text(json.dumps({"prefixes": [["body.", ""]]}))
+    argv = BLOCK + ["--map", str(names), "--steps", "1", "--extra-dtype", "none"]
+    argv[1] = "tests.align.pair_builders:block_torch_wrapped"
+    status, report = run(tmp_path / "r", argv)
+    assert status == 0, failed(report)[:3]
+    census = next(t for t in report["extra_tables"] if t["title"].startswith("ReLU mask disagreements"))
+    # Both calls of the block's one ReLU, 2 x 8 x 16 x 16 elements each, paired by their mapped name.
+    assert census["rows"][-1][0] == "all ReLU layers" and census["rows"][-1][-1] == 2 * 2 * 8 * 16 * 16
