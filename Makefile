@@ -132,7 +132,7 @@ $(STAMP): requirements/build.txt requirements/reference.txt requirements/lock.tx
 	$(PIP) install -q -c requirements/lock.txt $(MMCV_WHEELS)/mmcv-*.whl
 	rm -rf $(MMCV_ENV) $(MMCV_WHEELS)
 	$(PY) -c "import mmcv.ops; print('  mmcv', mmcv.__version__, 'ops ok')"
-	@echo "==> [5/5] mmengine, mmdet, reprod_log, pycocotools, faster-coco-eval, tools"
+	@echo "==> [5/5] mmengine, mmdet, reprod_log, pycocotools, faster-coco-eval, paddle2onnx, onnxruntime, tools"
 	$(PIP) install -q -r requirements/reference.txt -c requirements/lock.txt "$(TORCH_PKG)" "$(PADDLE_PKG)" "$(MMCV_PKG)"
 	$(PY) -W ignore -c "import torch, paddle, mmcv, mmdet, mmengine, reprod_log; print('  torch', torch.__version__, '| paddle', paddle.__version__, '| mmcv', mmcv.__version__, '| mmdet', mmdet.__version__)"
 	$(PIP) check
