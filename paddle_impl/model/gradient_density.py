@@ -33,6 +33,8 @@ from typing import Optional
 import numpy as np
 import paddle
 
+from paddle_impl.model import cpu_kernels
+
 __all__ = ["EDGE_CHECK_ULPS", "BYTE_TABLE_SIZE", "bin_edges", "truncation_is_exact", "region_ids",
            "byte_regions_apply", "exclusion", "byte_regions", "region_table"]
 
@@ -142,7 +144,7 @@ def exclusion(valid: paddle.Tensor, broadcasts: bool, bins: int) -> tuple:
         value of one masked fill.
     """
     if not broadcasts:
-        return paddle.logical_not(valid), paddle.full([], float(bins + 1), dtype="float32")
+        return cpu_kernels.logical_not(valid), paddle.full([], float(bins + 1), dtype="float32")
     ones = valid.astype("float32")
     return paddle.scale(ones, float(bins)), paddle.scale(ones, -float(bins + 1), float(bins + 1))
 

@@ -109,3 +109,20 @@ def test_asl1_host_path_broadcasts_a_target():
     eps = float(np.finfo(np.float32).eps)
     np.testing.assert_allclose(host[0].numpy(), device[0].numpy(), rtol=4 * eps)
     np.testing.assert_allclose(host[1].numpy(), device[1].numpy(), rtol=4 * eps, atol=4 * eps * 0.02)
+
+
+@pytest.mark.parametrize("values", [
+    np.array([0.0, -0.0, 1e-45, -1e-45, np.nan, np.inf, -np.inf, 2.0], np.float32),
+    np.array([[0.5, 0.0], [np.nan, 3.0]], np.float64),
+    np.array([0, 1, -1, 7], np.int64),
+    np.array([True, False, True]),
+    np.array(0.25, np.float32),
+])
+def test_positive_and_logical_not_are_paddles(values):
+    tensor = paddle.to_tensor(values)
+    mask = cpu_kernels.positive(tensor)
+    assert mask.dtype == paddle.bool and mask.shape == tensor.shape
+    np.testing.assert_array_equal(mask.numpy(), (tensor > 0).numpy())
+    negation = cpu_kernels.logical_not(mask)
+    assert negation.dtype == paddle.bool and negation.shape == tensor.shape
+    np.testing.assert_array_equal(negation.numpy(), paddle.logical_not(mask).numpy())
