@@ -245,10 +245,11 @@ class DeltasASL1(Elementwise):
             np.multiply(diff, diff, out=root)
             np.add(root, self.np_dtype(self.mu * self.mu), out=root)
             np.sqrt(root, out=root)
-            np.divide(diff, root, out=cpu_kernels.view(d))
+            derivative = cpu_kernels.view(d)
+            np.divide(diff, root, out=derivative)
             np.subtract(root, mu, out=root)
             # NaN where d is (see `_device_derivative`).
-            np.multiply(cpu_kernels.view(d), self.np_dtype(0), out=diff)
+            np.multiply(derivative, self.np_dtype(0), out=diff)
             np.add(root, diff, out=root)
         return d, loss
 
