@@ -10,7 +10,7 @@ from tests.paths import ROOT
 BLOCKED = ("paddle_impl", "torch_ref", "weights_convert", "mmdet", "mmengine", "mmcv", "align.ghm", "align.examples",
            "align.pair",
            "align.forward", "align.loss", "align.backward", "align.data", "align.predict", "align.metric",
-           "align.train")
+           "align.train", "align.deploy")
 
 # A meta-path finder that refuses the blocked packages, then every engine module imported,
 # and a scan of the engine's source for GHM names.
