@@ -98,17 +98,18 @@ def builtin_converters() -> list[tuple[type, str, Converter]]:
 
 
 def load_function(spec: str, where: str) -> Callable:
-    """``"pkg.module:function"`` -> the function; a ``ValueError`` naming ``where`` otherwise."""
+    """``"pkg.module:function"`` -> the function; a ``ValueError`` naming ``where`` (an option, a
+    map entry) otherwise."""
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
-        raise ValueError(f"{where}: {spec!r}: expected module:function")
+        raise ValueError(f"{where} {spec!r}: expected module:function")
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise ValueError(f"{where}: {spec!r}: cannot import {module_name} ({err})") from None
+        raise ValueError(f"{where} {spec!r}: cannot import {module_name} ({err})") from None
     function = getattr(module, attr, None)
     if not callable(function):
-        raise ValueError(f"{where}: {spec!r}: {module_name} has no function {attr}")
+        raise ValueError(f"{where} {spec!r}: {module_name} has no function {attr}")
     return function
 
 

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-import importlib
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
 from align.engine.compare import DEFAULT_MEAN_TOL, DEFAULT_REL_TOL, diff_arrays
+from align.engine.converters import load_function
 from align.engine.environment import environment_info, source_digest
 from align.engine.report import StageResult, write_stage_report
 from align.engine.selection import select
@@ -136,17 +136,7 @@ def _digest(inputs: Any) -> str:
 
 def load_builder(spec: str, flag: str):
     """``"pkg.module:function"`` -> the function; a bad spec is a ``ValueError`` naming the option."""
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise ValueError(f"{flag} {spec!r}: expected module:function")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(f"{flag} {spec!r}: cannot import {module_name} ({err})") from None
-    builder = getattr(module, attr, None)
-    if not callable(builder):
-        raise ValueError(f"{flag} {spec!r}: {module_name} has no function {attr}")
-    return builder
+    return load_function(spec, flag)
 
 
 def build(spec: str, flag: str, dtype: str = "float32"):
