@@ -130,3 +130,21 @@ def run_stage(run: Callable[[], StageResult], *, label: Callable[[StageResult], 
         print(f"first divergence: {first_divergence(result)}")
     print(f"report: {report}")
     return 0 if result.passed else 1
+
+
+def stage_command(stage: str, description: str, options_class: type, run: Callable[..., StageResult],
+                  argv: Optional[list[str]] = None, **outcome) -> int:
+    """``python -m align.<stage>`` for a stage whose options are ``options_class``: parse them, run
+    ``run(options)`` and print its outcome through `run_stage`, with the report at
+    ``<reports>/<stage>.html``.
+
+    Args:
+        outcome: `run_stage`'s keywords (``summary``, ``first_divergence``, ``details``,
+            ``traceback_env``; ``label`` defaults to the stage's name).
+    """
+    from .options import options_from
+
+    args = options_parser(stage, description, options_class).parse_args(argv)
+    opts = options_from(options_class, args)
+    outcome.setdefault("label", lambda result: stage)
+    return run_stage(lambda: run(opts), verbose=args.verbose, report=opts.reports / f"{stage}.html", **outcome)
