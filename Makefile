@@ -92,7 +92,7 @@ help:
 	@echo "make align-loss     anchors, targets, GHM losses; CKPT=, SHAPE=2x3xHxW, SEED=, ITERS="
 	@echo "make align-backward training steps and the whole lr schedule; CKPT=, SHAPE=, SEED=, STEPS=, ITERS_PER_EPOCH=, ISOLATE=1"
 	@echo "make align-example  ResNet-18, mmdet's vs paddle.vision's, through python -m align.pair; PERTURB="
-	@echo "make align-examples torch's and Paddle's own Transformer layer, LSTM and text classifier, float64, each perturbed once"
+	@echo "make align-examples torch's and Paddle's own Transformer layer, LSTM and text classifier, float64: forward, isolated, 3 lockstep AdamW steps, each perturbed once"
 	@echo "make align-data | align-predict | align-metric | align-train   data pipeline, detections, COCO metric, K training iterations on the tiny COCO; SCALE=WxH, TRAIN_ITERS="
 	@echo "make align-deploy   mmdet's predict vs our dynamic graph, Paddle Inference and ONNX Runtime: preprocessing, raw outputs, detections; SCALE=WxH (default 640x384), PERTURB=param.name (in the exported copy)"
 	@echo "make export         the detector as Paddle inference files and ONNX into EXPORT_DIR= (default build/export); WEIGHTS= (default: the seeded checkpoint)"
@@ -167,12 +167,16 @@ align-example: $(SETUP)
 	  --name example $(if $(PERTURB),--perturb $(PERTURB))
 
 # One example pair: forward, every layer isolated and every gradient in float64 (report
-# example_<name>), then one parameter perturbed, which must be named as the first divergence.
+# example_<name>), 3 lockstep AdamW steps in float64 through the same map and inputs (report
+# example_<name>_train), then one parameter perturbed, which must be named as the first divergence.
 # $(1) the example, $(2) its inputs, $(3) the parameter, $(4) the layer that must be named.
 define align_pair_example
 	$(PY) -m align.pair --torch align.examples.$(1):build_torch --paddle align.examples.$(1):build_paddle \
 	  --map align/examples/$(1)_map.json $(2) --isolate --backward --dtype float64 --reports $(REPORTS) \
 	  --seed $(SEED) --name example_$(1)
+	$(PY) -m align.backward --torch align.examples.$(1):build_torch --paddle align.examples.$(1):build_paddle \
+	  --map align/examples/$(1)_map.json $(2) --train-steps 3 --optimizer adamw --dtype float64 \
+	  --reports $(REPORTS) --seed $(SEED) --name example_$(1)_train
 	@status=0; out=$$($(PY) -m align.pair --torch align.examples.$(1):build_torch --paddle align.examples.$(1):build_paddle \
 	  --map align/examples/$(1)_map.json $(2) --dtype float64 --perturb $(3) --reports $(REPORTS) --seed $(SEED) \
 	  --name example_$(1)_perturbed 2>&1) || status=$$?; echo "$$out" | grep -v -i warn || true; \

@@ -21,7 +21,7 @@ PAIR_LR = 1e-3
 # A pair's default weight decay: the configuration's.
 PAIR_WEIGHT_DECAY = 1e-4
 PAIR_ONLY = ("map", "--map"), ("name", "--name"), ("optimizer", "--optimizer"), ("weight_decay", "--weight-decay"), \
-    ("loss", "--loss")
+    ("loss", "--loss"), ("inputs", "--inputs"), ("input", "--input")
 GHM_ONLY = ("warmup_iters", "--warmup-iters"), ("isolate", "--isolate")
 
 
@@ -32,11 +32,13 @@ def training_pair(opts: BackwardOptions):
         for field, flag in PAIR_ONLY:
             if getattr(opts, field) is not None:
                 raise ValueError(f"{flag} is for a pair of --torch and --paddle builders")
-        if not opts.carry:
-            raise ValueError("--no-carry is for a pair of --torch and --paddle builders")
+        for flag, given in (("--no-carry", not opts.carry), ("--positional", opts.positional)):
+            if given:
+                raise ValueError(f"{flag} is for a pair of --torch and --paddle builders")
         return None
+    from align.pair.inputs import one_way
     from align.pair.optimizers import OptimizerSettings
-    from align.pair.run import builder_pair, load_builder
+    from align.pair.run import build, builder_pair, load_builder
     from align.pair.training import BuilderTraining
 
     if not (opts.torch and opts.paddle):
@@ -52,12 +54,17 @@ def training_pair(opts: BackwardOptions):
                                  clip=opts.clip_max_norm)
     if opts.loss:
         load_builder(opts.loss, "--loss")
+    one_way(opts.shape, opts.input, opts.inputs)
     name = opts.name or "pair_backward"
+    # The inputs as the forward stage takes them; the models' weights converted as it converts them.
     pair = builder_pair(opts.torch, opts.paddle, name_map_file=opts.map, carry=opts.carry,
-                        shape=parse_shape(opts.shape or PAIR_SHAPE), seed=opts.seed, stage=name, spill=False)
+                        shape=parse_shape(opts.shape or PAIR_SHAPE), seed=opts.seed, stage=name, spill=False,
+                        input_specs=opts.input or (), inputs_file=opts.inputs, positional=opts.positional)
     dtypes = [opts.dtype] + ([opts.extra_dtype] if opts.extra_dtype not in (None, opts.dtype) else [])
     return BuilderTraining(pair, settings, steps=opts.steps, dtypes=dtypes, loss=opts.loss, seed=opts.seed,
-                           cache_dir=opts.build_dir / "cache" if opts.cache else None, fresh=opts.fresh)
+                           cache_dir=opts.build_dir / "cache" if opts.cache else None, fresh=opts.fresh,
+                           input_specs=opts.input or (), inputs_file=opts.inputs,
+                           paddle_builder=lambda dtype: build(opts.paddle, "--paddle", dtype))
 
 
 def main(argv: list[str] | None = None) -> int:

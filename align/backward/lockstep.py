@@ -37,6 +37,7 @@ from align.engine.divergence import Explanation, StepEvidence, classify, relu_fl
 from align.engine.paired import PairedStep, train_in_lockstep
 from align.engine.replay import ReplaySide
 from align.engine.weights import NameMap
+from align.forward.stage import layer_scaled
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,11 @@ class Bounds:
     state: float  # parameters and optimizer state after the last step
     lr: float  # learning rate per step
     mean: bool = True
+    # A failed gradient, parameter or state row passes when its max|diff| is within its bound of
+    # the largest value of the same kind in its layer (`align.forward.stage.layer_scaled`): a
+    # tensor that is zero in exact arithmetic (an attention key projection's bias, its gradient
+    # and moments) holds rounding noise on both sides, whose relative difference means nothing.
+    layer_scaled: bool = False
 
     def rel_mean(self, tol: float) -> tuple[float, float]:
         """``(rel_tol, mean_tol)`` of a row bounded by ``tol``."""
@@ -278,6 +284,9 @@ def _lockstep(pair: TrainingPair, dtype: str, bounds: Bounds, sides: RunSides, d
     steps: list = []
     last = len(batches)
 
+    def scaled(rows: list[TensorDiff], tol: float, what: str) -> list[TensorDiff]:
+        return layer_scaled(rows, tol, what) if bounds.layer_scaled else rows
+
     def tolerance(step: int, name: str) -> tuple[float, float]:
         return bounds.rel_mean(bounds.lr if name == "lr" else bounds.loss_first if step == 1 else bounds.loss)
 
@@ -286,8 +295,8 @@ def _lockstep(pair: TrainingPair, dtype: str, bounds: Bounds, sides: RunSides, d
         if step > 1:
             worst_grad[step] = worst_named("grad", ref.gradients(), test.gradients())
             return []
-        rows = compare_named("grad", ref.gradients(), test.gradients(), bounds.grad, grad_logs,
-                             mean_tol=bounds.rel_mean(bounds.grad)[1])
+        rows = scaled(compare_named("grad", ref.gradients(), test.gradients(), bounds.grad, grad_logs,
+                                    mean_tol=bounds.rel_mean(bounds.grad)[1]), bounds.grad, "gradient")
         worst_grad[step] = worst_of(rows)
         return rows
 
@@ -303,13 +312,13 @@ def _lockstep(pair: TrainingPair, dtype: str, bounds: Bounds, sides: RunSides, d
         rows: list[TensorDiff] = []
         if step == last:
             mean_tol = bounds.rel_mean(bounds.state)[1]
-            param_rows = compare_named("param", ref.parameters(), test.parameters(), bounds.state, logs,
-                                       mean_tol=mean_tol)
+            param_rows = scaled(compare_named("param", ref.parameters(), test.parameters(), bounds.state, logs,
+                                              mean_tol=mean_tol), bounds.state, "parameter")
             rows += param_rows
             worst_param, worst_state = worst_of(param_rows), []
             for group in groups:
-                group_rows = compare_named(group, ref_state.get(group, {}), test_state.get(group, {}), bounds.state,
-                                           logs, mean_tol=mean_tol)
+                group_rows = scaled(compare_named(group, ref_state.get(group, {}), test_state.get(group, {}),
+                                                  bounds.state, logs, mean_tol=mean_tol), bounds.state, group)
                 rows += group_rows
                 worst_state.append(worst_of(group_rows)[0])
         else:

@@ -8,7 +8,8 @@ from typing import Any
 
 from align.engine.compare import TensorDiff
 from align.engine.divergence import Divergence
-from align.engine.options import cache_option, fresh_option, option
+from align.engine.options import cache_option, fresh_option, option, same_option
+from align.forward.stage import ForwardOptions
 from align.ghm.pair import GhmStageOptions, dtype_option, extra_dtype_option
 from common.arguments import non_negative, non_negative_float, positive, positive_float, tensor_shape
 
@@ -31,7 +32,8 @@ class BackwardOptions(GhmStageOptions):
     torch: str | None = option(None, "module:function building a torch model to train instead of mmdet's GHM "
                                      "RetinaNet (with --paddle; see align.pair.training)")
     paddle: str | None = option(None, "module:function building the Paddle model to train beside it")
-    map: Path | None = option(None, "with --torch: JSON name map {\"prefixes\": [[torch, paddle], ...]}", type=Path)
+    map: Path | None = option(None, "with --torch: the forward stage's JSON map file; its prefixes, tensor rules "
+                                    "and converters carry the weights and name what is trained", type=Path)
     carry: bool = option(True, "with --torch: the builders load equal weights themselves", flag="--no-carry")
     name: str | None = option(None, "with --torch: report file stem (default pair_backward)")
     # The GHM RetinaNet trains with mmengine's optimizer from mmdet's config; a pair with
@@ -46,6 +48,10 @@ class BackwardOptions(GhmStageOptions):
                                     "loss(output, inputs) -> scalar (default: sum(output * R), R seeded)")
     shape: str | None = option(None, f"batch NxCxHxW (default {DEFAULT_SHAPE}; with --torch 2x3x32x32)",
                                type=tensor_shape())
+    # A pair's named inputs, as the forward stage takes them (seeded again for every step).
+    inputs: Path | None = same_option(ForwardOptions, "inputs")
+    input: list | None = same_option(ForwardOptions, "input")
+    positional: bool = same_option(ForwardOptions, "positional")
     steps: int = option(10, "training steps (default %(default)s)", type=positive, aliases=("--train-steps",))
     lr: float | None = option(None, "base learning rate (default: the config's 0.01 for 16 images, scaled "
                                     "linearly to the batch size; with --torch 0.001)", type=positive_float)

@@ -60,7 +60,8 @@ class ParameterRow(NamedTuple):
 
 
 def summarize(run: PairRun, steps: int, state_labels: dict[str, str]) -> list[CategoryRow]:
-    """The worst row of each category of the run, with the category's bound."""
+    """The worst row of each category of the run, with the category's bound (rows passed on
+    their layer's scale ranked only when nothing else is)."""
     groups: dict[str, list[TensorDiff]] = {}
     for row in run.rows:
         groups.setdefault(row_category(row.name, steps, state_labels), []).append(row)
@@ -68,7 +69,9 @@ def summarize(run: PairRun, steps: int, state_labels: dict[str, str]) -> list[Ca
     for category, tol in category_tolerances(run.bounds, steps, state_labels).items():
         rows = groups.get(category, [])
         if rows:
-            worst = worst_row(rows)
+            # A row that passed over the bound passed on its layer's scale (`Bounds.layer_scaled`):
+            # its relative figure is rounding noise over a zero tensor, not the category's worst.
+            worst = worst_row(r for r in rows if not (r.passed and r.rel_max > tol)) or worst_row(rows)
             out.append(CategoryRow(run.dtype, category, len(rows), worst.rel_max, worst.name, tol,
                                    all(r.passed for r in rows)))
     return out

@@ -101,3 +101,12 @@ def cache_option() -> Any:
 
 def fresh_option() -> Any:
     return option(False, "with --cache: recompute the reference side regardless")
+
+
+def same_option(options_class: type, name: str) -> Any:
+    """A new field declaring option ``name`` exactly as ``options_class`` declares it (default,
+    help, type, flag): a stage that takes another stage's options reuses their one declaration."""
+    declared = {f.name: f for f in dataclasses.fields(options_class)}[name]
+    if _KEY not in declared.metadata:
+        raise TypeError(f"{options_class.__name__}.{name} is not a command-line option")
+    return dataclasses.field(default=declared.default, metadata=declared.metadata)

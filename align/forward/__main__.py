@@ -19,6 +19,7 @@ F64_TOL = 1e-9
 def pair_of(opts: ForwardOptions):
     """The pair two builders make (``--torch``, ``--paddle``); None for the GHM RetinaNet, the default."""
     if opts.torch or opts.paddle:
+        from align.pair.inputs import one_way
         from align.pair.run import builder_pair
 
         if not (opts.torch and opts.paddle):
@@ -26,10 +27,7 @@ def pair_of(opts: ForwardOptions):
         if opts.ckpt:
             raise ValueError(f"--ckpt {opts.ckpt}: the mmdet checkpoint of the GHM RetinaNet; with --torch and "
                              "--paddle the builders load the weights")
-        named = [flag for flag, given in (("--inputs", opts.inputs), ("--input", opts.input), ("--shape", opts.shape))
-                 if given]
-        if len(named) > 1:
-            raise ValueError(f"{' and '.join(named)}: give the inputs one way")
+        one_way(opts.shape, opts.input, opts.inputs)
         return builder_pair(opts.torch, opts.paddle, name_map_file=opts.map, carry=opts.carry,
                             shape=parse_shape(opts.shape or PAIR_SHAPE), seed=opts.seed, stage=opts.name or "pair",
                             spill=opts.spill, input_specs=opts.input or (), inputs_file=opts.inputs,

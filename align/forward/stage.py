@@ -307,12 +307,13 @@ def gradient_rows(pair: ForwardPair, opts: ForwardOptions) -> list[TensorDiff]:
     return layer_scaled(rows, opts.rel_tol)
 
 
-def layer_scaled(rows: list[TensorDiff], rel_tol: float) -> list[TensorDiff]:
+def layer_scaled(rows: list[TensorDiff], rel_tol: float, what: str = "gradient") -> list[TensorDiff]:
     """``rows`` with a failed gradient passed when its max|diff| is within ``rel_tol`` of the largest
     gradient of its layer's parameters. A gradient that cancels to zero (an attention key
     projection's bias: softmax ignores what every key shares) is rounding noise on both sides,
     whose relative error means nothing; measured against its layer it is still caught when it is
-    wrong by as little as ``rel_tol`` of what the layer's other gradients are."""
+    wrong by as little as ``rel_tol`` of what the layer's other gradients are. ``what`` names the
+    rows' kind in the reason (the training stage scales parameters and optimizer state alike)."""
     scale: dict[str, float] = {}
     for row in rows:
         layer = row.name.rpartition(".")[0]
@@ -324,7 +325,7 @@ def layer_scaled(rows: list[TensorDiff], rel_tol: float) -> list[TensorDiff]:
                 and row.max_abs <= bound:
             row = dataclasses.replace(row, passed=True, reason=(
                 f"{row.reason}, but max|diff| {row.max_abs:.1e} is within {rel_tol:g} of its layer's largest "
-                f"gradient {bound / rel_tol:.1e}"))
+                f"{what} {bound / rel_tol:.1e}"))
         out.append(row)
     return out
 

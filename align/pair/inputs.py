@@ -88,6 +88,13 @@ def npz_inputs(path: Path) -> Inputs:
             from None
 
 
+def one_way(shape: Optional[str], specs: Optional[Sequence[str]], inputs_file: Optional[Path]) -> None:
+    """An `InputError` when the inputs are given more than one way (``--shape``, ``--input``, ``--inputs``)."""
+    given = [flag for flag, value in (("--inputs", inputs_file), ("--input", specs), ("--shape", shape)) if value]
+    if len(given) > 1:
+        raise InputError(f"{' and '.join(given)}: give the inputs one way")
+
+
 def floats_as(inputs: Inputs, dtype: str) -> Inputs:
     """Every floating array in ``dtype``; integers and booleans as they are."""
     return {k: v.astype(dtype) if np.issubdtype(v.dtype, np.floating) else v for k, v in inputs.items()}

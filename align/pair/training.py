@@ -1,28 +1,39 @@
 """Any pair trained in lockstep: the backward stage's `TrainingPair` of two models that functions build.
 
-Both models start from the same weights (carried by the name map, as the forward stage
-does), take the same seeded standard-normal ``(N, C, H, W)`` batch at every step (a new one
-each step) and minimise the same loss: ``sum(output * R)`` over the first output (``R``
-seeded, `align.forward.stage.projection`), or the user's (``--loss module:factory``:
-``factory("torch")`` and ``factory("paddle")`` each return ``loss(output, inputs)`` giving a
-scalar tensor). Each side steps with its framework's own optimizer and clipping
-(`align.pair.optimizers`); the stage compares every step's loss, gradient norm before
-clipping and learning rate, every gradient at step 1 and every parameter and optimizer
-state tensor (momentum, Adam's moments) after the last step, under Paddle's names (Linear
-weights in Paddle's layout).
+Both models start from the same weights (carried by the map file's conversions, as the
+forward stage carries them), take the same inputs at every step (a new seeded draw each
+step: one standard-normal array of ``--shape``, or the named arrays of the ``--input``
+specs; the arrays of an ``--inputs`` file at every step), called as the forward stage calls
+them (keyword arguments, or positionally), and minimise the same loss: ``sum(output * R)``
+over the first output (``R`` seeded, `align.forward.stage.projection`), or the user's
+(``--loss module:factory``: ``factory("torch")`` and ``factory("paddle")`` each return
+``loss(output, inputs)`` giving a scalar tensor). Each side steps with its framework's own
+optimizer and clipping (`align.pair.optimizers`); the stage compares every step's loss,
+gradient norm before clipping and learning rate, every gradient at step 1 and every
+parameter and optimizer state tensor (momentum, Adam's moments) after the last step, under
+Paddle's names and in Paddle's layout: torch's values go through the same conversions as
+the weights (`align.engine.weights.convert_arrays`: Linear weights transposed, a packed
+``in_proj_weight`` and its moments split into ``q_proj``, ``k_proj``, ``v_proj``, a recurrent
+layer's gate blocks reordered, the map's tensor rules and converters); these only rearrange
+elements, which is all the element-wise optimizer states allow. Integer and boolean inputs
+(token ids, masks) take no gradient. Paddle's recurrent layers without dropout train in
+training mode (`align.forward.stage.recurrent_layers_differentiable`).
 
 Bounds are relative (the pair's scale is unknown): 1e-9 for everything in float64, where
 two correct implementations agree to about 1e-12 and a missing weight decay moves a
 parameter by about 1e-6, but 1e-8 for the state after the last step with Adam and AdamW
-(`ADAPTIVE_STATE_FLOAT64`); in float32 1e-5 at step 1 and 1e-4 after it. The informational
-run's disagreements are listed with their ReLU-flip causes where the census finds them;
-they do not decide the verdict.
+(`ADAPTIVE_STATE_FLOAT64`); in float32 1e-5 at step 1 and 1e-4 after it. A row over its
+bound passes when its difference is within the bound of its layer's largest value of the
+same kind (`Bounds.layer_scaled`: a tensor that is zero in exact arithmetic holds rounding
+noise). The informational run's disagreements are listed with their ReLU-flip causes where
+the census finds them; they do not decide the verdict.
 """
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Callable, Iterator, Optional
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -31,8 +42,10 @@ from align.engine.cache import ReferenceCache, cache_key
 from align.engine.environment import source_digest
 from align.engine.paired import StepValues
 from align.engine.replay import RecordingSide, ReplaySide
-from align.engine.weights import NameMap, is_linear_weight
-from align.forward.stage import paddle_projected_loss, torch_projected_loss
+from align.engine.weights import Conversion, NameMap, convert_arrays, is_linear_weight
+from align.forward.stage import (describe_inputs, paddle_projected_loss, recurrent_layers_differentiable,
+                                 torch_projected_loss)
+from align.pair.inputs import floats_as, npz_inputs, seeded_inputs
 from align.pair.optimizers import (STATE_LABELS, OptimizerSettings, PaddleClip, global_norm, paddle_optimizer,
                                    paddle_state, torch_optimizer)
 from align.pair.run import ModelPair, load_builder, named
@@ -65,21 +78,43 @@ def loss_functions(spec: Optional[str], seed: int) -> tuple[Callable, Callable, 
     return made[0], made[1], spec
 
 
+def forward(model, batch: Any, to_tensor: Callable[[np.ndarray], Any]) -> tuple[Any, Any]:
+    """``(output, inputs)``: ``model`` on ``batch`` as the framework's tensors, called as the forward
+    stage calls it: one array positionally, name -> array as keyword arguments, a tuple of arrays
+    (``--positional``) positionally in order. The loss gets ``inputs`` in the same form."""
+    if isinstance(batch, dict):
+        inputs = {k: to_tensor(v) for k, v in batch.items()}
+        return model(**inputs), inputs
+    if isinstance(batch, tuple):
+        inputs = tuple(to_tensor(v) for v in batch)
+        return model(*inputs), inputs
+    inputs = to_tensor(batch)
+    return model(inputs), inputs
+
+
 class TorchTraining:
-    """The torch model as a `Side`: its optimizer, ``clip_grad_norm_``, values under Paddle's names."""
+    """The torch model as a `Side`: its optimizer, ``clip_grad_norm_``, values under Paddle's names.
+
+    Args:
+        conversions: the weights' conversions (`align.pair.run.ModelPair.conversions`), which
+            name and lay out the gradients, parameters and optimizer state as Paddle's; empty:
+            ``name_map.tensor`` renames them and Linear weights are transposed.
+    """
 
     name = "torch"
 
-    def __init__(self, model, name_map: NameMap, settings: OptimizerSettings, loss: Callable):
+    def __init__(self, model, name_map: NameMap, settings: OptimizerSettings, loss: Callable,
+                 conversions: Sequence[Conversion] = ()):
         self.model, self.name_map, self.settings, self.loss = model, name_map, settings, loss
+        self.conversions = list(conversions)
         self.optimizer = torch_optimizer(model.parameters(), settings)
 
-    def train_step(self, batch: np.ndarray, after_backward: Optional[Callable[[], None]] = None) -> StepValues:
+    def train_step(self, batch: Any, after_backward: Optional[Callable[[], None]] = None) -> StepValues:
         import torch
 
         self.optimizer.zero_grad(set_to_none=True)
-        inputs = torch.from_numpy(batch)
-        loss = self.loss(self.model(inputs), inputs)
+        output, inputs = forward(self.model, batch, torch.from_numpy)
+        loss = self.loss(output, inputs)
         loss.backward()
         if after_backward is not None:
             after_backward()
@@ -90,14 +125,15 @@ class TorchTraining:
         return StepValues({"loss": float(loss.detach())}, float(norm), float(lr))
 
     def _by_paddle_name(self, value: Callable[[Any], Any]) -> dict[str, np.ndarray]:
-        out = {}
+        """``value(parameter)`` of every trainable parameter, under Paddle's names in Paddle's layout."""
+        arrays = {}
         for name, param in self.model.named_parameters():
             array = value(param) if param.requires_grad else None
-            if array is None:
-                continue
-            array = array.detach().cpu().numpy()
-            out[self.name_map.tensor(name)] = array.T if is_linear_weight(self.model, name) else array
-        return out
+            arrays[name] = None if array is None else array.detach().cpu().numpy()
+        if self.conversions:
+            return {k: v for k, v in convert_arrays(self.conversions, arrays).items() if v is not None}
+        return {self.name_map.tensor(name): array.T if is_linear_weight(self.model, name) else array
+                for name, array in arrays.items() if array is not None}
 
     def gradients(self) -> dict[str, np.ndarray]:
         return self._by_paddle_name(lambda p: p.grad)
@@ -121,13 +157,14 @@ class PaddleTraining:
         self.clip = PaddleClip(settings.clip) if settings.clip else None
         self.optimizer = paddle_optimizer(list(self.trained.values()), settings, self.clip)
 
-    def train_step(self, batch: np.ndarray, after_backward: Optional[Callable[[], None]] = None) -> StepValues:
+    def train_step(self, batch: Any, after_backward: Optional[Callable[[], None]] = None) -> StepValues:
         import paddle
 
         self.optimizer.clear_grad(set_to_zero=False)
-        inputs = paddle.to_tensor(batch)
-        loss = self.loss(self.model(inputs), inputs)
-        loss.backward()
+        with recurrent_layers_differentiable(self.model):
+            output, inputs = forward(self.model, batch, paddle.to_tensor)
+            loss = self.loss(output, inputs)
+            loss.backward()
         if after_backward is not None:
             after_backward()
         norm = global_norm(p.grad for p in self.trained.values() if p.grad is not None)
@@ -159,6 +196,12 @@ class BuilderTraining:
         steps: training steps; dtypes: the checked precision, then an informational one.
         loss: ``--loss`` (None: the projected loss); seed: of ``R`` and of the batches.
         cache_dir: keep the torch side there and replay it when nothing it depends on changed.
+        input_specs: the ``--input`` specs of ``pair.inputs``, drawn again for every step;
+            inputs_file: the ``--inputs`` file of ``pair.inputs``, the same arrays at every step;
+            neither: one standard-normal array of ``pair.inputs``' shape per step.
+        paddle_builder: ``dtype -> Paddle model`` built with that default dtype, for a run in a
+            dtype other than the pair's (Paddle's LSTM cannot be cast by ``Layer.to``); None:
+            the pair's model cast.
     """
 
     reference = "torch"
@@ -166,19 +209,23 @@ class BuilderTraining:
     informational_decides = False
 
     def __init__(self, pair: ModelPair, settings: OptimizerSettings, *, steps: int, dtypes: list[str],
-                 loss: Optional[str], seed: int, cache_dir=None, fresh: bool = False):
+                 loss: Optional[str], seed: int, cache_dir=None, fresh: bool = False,
+                 input_specs: Sequence[str] = (), inputs_file: Optional[Path] = None,
+                 paddle_builder: Optional[Callable[[str], Any]] = None):
         import torch
 
         self.pair, self.settings, self.steps, self.dtypes, self.seed = pair, settings, steps, dtypes, seed
         self.torch_loss, self.paddle_loss, loss_text = loss_functions(loss, seed)
         self.loss_spec, self.cache_dir, self.fresh = loss, cache_dir, fresh
+        self.input_specs, self.inputs_file, self.paddle_builder = tuple(input_specs), inputs_file, paddle_builder
         self.stage, self.write_report = pair.stage, pair.write_report
         self.title = f"Training in lockstep ({settings.kind}): {pair.title}"
         self.state_labels = {g: STATE_LABELS[g] for g in settings.state_groups()}
         # Every run starts from these weights (a run trains the models in place).
         self._torch_initial = {k: v.detach().clone() for k, v in pair.torch_model().state_dict().items()}
         self._paddle_initial = {k: v.numpy().copy() for k, v in pair.paddle_model.state_dict().items()}
-        self.meta = {**pair.meta, "seed": seed, "input_shape": list(pair.inputs.shape), "steps": steps,
+        self.meta = {**pair.meta, "seed": seed, "input_shape": describe_inputs(pair.inputs),
+                     "input_specs": list(self.input_specs) or None, "positional": pair.positional, "steps": steps,
                      "optimizer": settings.kind, "base_lr": settings.lr, "momentum": settings.momentum,
                      "betas": list(settings.betas), "eps": settings.eps, "weight_decay": settings.weight_decay,
                      "clip_max_norm": settings.clip, "loss": loss_text, "torch_threads": torch.get_num_threads()}
@@ -187,13 +234,24 @@ class BuilderTraining:
         first, later, state = TOLERANCES[dtype]
         if dtype == "float64" and self.settings.kind in ("adam", "adamw"):
             state = ADAPTIVE_STATE_FLOAT64
-        return Bounds(grad=first, loss_first=first, loss=later, state=state, lr=1e-12, mean=False)
+        return Bounds(grad=first, loss_first=first, loss=later, state=state, lr=1e-12, mean=False, layer_scaled=True)
 
-    def batches(self, dtype: str) -> list[tuple[np.ndarray, np.ndarray]]:
-        shape = self.pair.inputs.shape
+    def batches(self, dtype: str) -> list[tuple[Any, Any]]:
+        """Per step the same batch for both sides: one array, name -> array, or with ``--positional``
+        those arrays as a tuple (floating ones in ``dtype``; see `forward`)."""
         out = []
         for k in range(self.steps):
-            batch = np.random.default_rng(self.seed + 1000 * (k + 1)).standard_normal(shape).astype(dtype)
+            seed = self.seed + 1000 * (k + 1)
+            if self.inputs_file is not None:
+                batch = floats_as(npz_inputs(self.inputs_file), dtype)
+            elif self.input_specs:
+                batch = floats_as(seeded_inputs(self.input_specs, seed), dtype)
+            elif isinstance(self.pair.inputs, dict):
+                batch = floats_as(self.pair.inputs, dtype)
+            else:
+                batch = np.random.default_rng(seed).standard_normal(self.pair.inputs.shape).astype(dtype)
+            if isinstance(batch, dict) and self.pair.positional:
+                batch = tuple(batch.values())
             out.append((batch, batch))
         return out
 
@@ -209,7 +267,11 @@ class BuilderTraining:
         torch_model.to({"float64": torch.float64, "float32": torch.float32}[dtype])
         torch_model.load_state_dict(self._torch_initial)
         paddle_model = self.pair.paddle_model
-        paddle_model.to(dtype=dtype)
+        if _dtype_of(paddle_model) != dtype:
+            if self.paddle_builder is not None:
+                paddle_model = self.paddle_builder(dtype)
+            else:
+                paddle_model.to(dtype=dtype)
         paddle_model.set_state_dict({k: paddle.to_tensor(v.astype(dtype) if v.dtype.kind == "f" else v)
                                      for k, v in self._paddle_initial.items()})
         return torch_model, paddle_model
@@ -220,7 +282,8 @@ class BuilderTraining:
         import torch
 
         torch_model, paddle_model = self._models(dtype)
-        live = TorchTraining(torch_model, self.pair.name_map, self.settings, self.torch_loss)
+        live = TorchTraining(torch_model, self.pair.name_map, self.settings, self.torch_loss,
+                             conversions=self.pair.conversions)
         test = PaddleTraining(paddle_model, self.settings, self.paddle_loss)
         clip = self.settings.clip
         reference = self.pair.reference_key() if self.cache_dir is not None else None
@@ -230,9 +293,9 @@ class BuilderTraining:
             return
         cache = ReferenceCache(self.cache_dir)
         loss_code = source_digest(self.loss_spec.partition(":")[0]) if self.loss_spec else None
-        key = cache_key({"stage": "backward", "format": 2, **reference, "settings": repr(self.settings),
+        key = cache_key({"stage": "backward", "format": 3, "input_specs": list(self.input_specs), **reference, "settings": repr(self.settings),
                          "loss": self.loss_spec, "loss_code": loss_code, "steps": self.steps, "dtype": dtype, "seed": self.seed,
-                         "shape": list(self.pair.inputs.shape), "torch_threads": torch.get_num_threads()})
+                         "inputs": describe_inputs(self.pair.inputs), "torch_threads": torch.get_num_threads()})
         name = f"{self.stage}-{dtype}"
         arrays = None if self.fresh else cache.load(name, key)
         if arrays is not None:
@@ -245,3 +308,12 @@ class BuilderTraining:
 
     def finish(self, runs) -> Extras:
         return Extras()
+
+
+def _dtype_of(paddle_model) -> Optional[str]:
+    """The dtype of the model's first floating parameter ("float32", "float64"), None without one."""
+    for param in paddle_model.parameters():
+        name = str(param.dtype).replace("paddle.", "")
+        if name.startswith("float"):
+            return name
+    return None

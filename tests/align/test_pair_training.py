@@ -178,3 +178,79 @@ def test_the_relu_census_goes_through_the_name_map(tmp_path):
     census = next(t for t in report["extra_tables"] if t["title"].startswith("ReLU mask disagreements"))
     # Both calls of the block's one ReLU, 2 x 8 x 16 x 16 elements each, paired by their mapped name.
     assert census["rows"][-1][0] == "all ReLU layers" and census["rows"][-1][-1] == 2 * 2 * 8 * 16 * 16
+
+
+EXAMPLES = {
+    "transformer": ["--shape", "2x6x64"],
+    "lstm": ["--shape", "2x5x16"],
+    "text_classifier": ["--input", "ids:int64:2x8:0..1000", "--input", "mask:bool:2x8"],
+}
+
+
+def example(name: str) -> list[str]:
+    """The example pair ``align.examples.<name>`` with its map, inputs and 3 AdamW steps in float64."""
+    return ["--torch", f"align.examples.{name}:build_torch", "--paddle", f"align.examples.{name}:build_paddle",
+            "--map", f"align/examples/{name}_map.json", *EXAMPLES[name], "--train-steps", "3", "--optimizer",
+            "adamw", "--dtype", "float64", "--extra-dtype", "none"]
+
+
+@pytest.mark.parametrize("name, converted", [
+    # A packed in_proj_weight's gradient and moments split into q, k, v (transposed) as the weight was.
+    ("transformer", "moment1.self_attn.k_proj.weight"),
+    # The LSTM's gate tensors under Paddle's names, trained in Paddle's training mode.
+    ("lstm", "moment2.lstm.weight_hh_l1_reverse"),
+    # Token ids and a mask as keyword arguments; the embedding's weight is trained, the ids take no gradient.
+    ("text_classifier", "grad.encoder.layers.1.self_attn.v_proj.weight"),
+])
+def test_an_example_pair_trains_in_lockstep_through_its_conversions(tmp_path, name, converted):
+    status, report = run(tmp_path, example(name))
+    assert status == 0, failed(report)[:3]
+    names = {t["name"] for t in report["tensors"]}
+    assert converted in names
+    assert not any(n.endswith(("in_proj_weight", "in_proj_bias")) for n in names)
+    worst = {row[1]: row[3] for row in report["extra_tables"][0]["rows"]}
+    assert max(worst.values()) < 1e-9 and report["meta"]["optimizer"] == "adamw"
+
+
+def test_keyword_inputs_are_drawn_again_each_step_and_passed_positionally_when_asked(tmp_path):
+    status, report = run(tmp_path, example("text_classifier") + ["--positional", "--train-steps", "2"])
+    assert status == 0, failed(report)[:3]
+    assert report["meta"]["input_shape"] == {"ids": "int64[2, 8]", "mask": "bool[2, 8]"}
+    assert report["meta"]["positional"] is True
+    losses = [t for t in report["tensors"] if t["name"].endswith(".loss")]
+    assert len(losses) == 2
+
+
+def test_a_perturbed_gate_tensor_fails_the_training_comparison_and_is_ranked_first(tmp_path, monkeypatch):
+    real = training.PaddleTraining.__init__
+
+    def perturbed(self, model, settings, loss):
+        weight = dict(model.named_parameters())["lstm.weight_hh_l1_reverse"]
+        weight.set_value(weight * (1 + 1e-6))
+        real(self, model, settings, loss)
+
+    monkeypatch.setattr(training.PaddleTraining, "__init__", perturbed)
+    status, report = run(tmp_path, example("lstm"))
+    assert status == 1 and failed(report)[0] == "step1.loss"
+    assert "param.lstm.weight_hh_l1_reverse" in failed(report)
+    ranked = next(t for t in report["extra_tables"] if t["title"].startswith("Parameters ranked"))
+    assert ranked["rows"][0][0] == "lstm.weight_hh_l1_reverse"
+
+
+def test_a_wrong_gate_order_fails_the_training_comparison(tmp_path, monkeypatch):
+    from align.engine import converters
+
+    monkeypatch.setitem(converters.GATES, "LSTM", ("ifgo", "figo"))
+    status, report = run(tmp_path, example("lstm"))
+    assert status == 1 and failed(report)[0] == "step1.loss"
+    assert any(name.startswith("grad.lstm.") for name in failed(report))
+
+
+def test_inputs_given_two_ways_or_to_the_ghm_model_are_one_line(tmp_path, capsys):
+    assert backward_main(BLOCK + ["--input", "x:float32:2x3x16x16", "--reports", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.splitlines() == ["error: --input and --shape: give the inputs one way"]
+    for argv in (["--input", "x:float32:2x3"], ["--positional"]):
+        assert backward_main(argv + ["--reports", str(tmp_path)]) == 2
+        assert capsys.readouterr().err.splitlines() == [f"error: {argv[0]} is for a pair of --torch and --paddle "
+                                                        "builders"]
+    assert not any(tmp_path.iterdir())
