@@ -45,11 +45,10 @@ from align.engine.options import option
 from align.engine.reprod import reprod_log_diff
 from align.engine.report import Headline, StageResult
 from align.engine.rows import abs_row, exact_row
-from align.ghm.pair import (GhmStageOptions, build_paddle_model, build_torch_model, check_perturb,
-                            prepare_checkpoints)
-from align.ghm.pipelines import mmdet_batch, mmdet_dataset, mmdet_setup, our_dataset, tiny_coco_root
+from align.ghm.pair import GhmStageOptions, build_paddle_model, build_torch_model, check_perturb
+from align.ghm.pipelines import mmdet_batch
 from align.ghm.suite import write_report
-from align.predict.stage import compare_run, sharpened_checkpoint
+from align.predict.stage import compare_run, test_sets_and_runs
 from common.arguments import format_size, non_negative_float, parse_size, positive_float
 from paddle_impl.config import get_config
 from paddle_impl.deploy.backends import BACKENDS
@@ -194,17 +193,7 @@ def run_deploy(opts: DeployOptions) -> StageResult:
     from paddle_impl.deploy.model_dir import ModelDir
 
     check_perturb(opts.perturb)
-    root = tiny_coco_root(opts.build_dir, opts.seed)
-    mm_ds = mmdet_dataset(mmdet_setup(), root, train=False, scale=opts.scale)
-    our_ds = our_dataset(root, train=False, scale=opts.scale)
-    if [mm_ds.get_data_info(i)["img_id"] for i in range(len(mm_ds))] != our_ds.img_ids:
-        raise ValueError("the two test sets list different images; run python -m align.data first")
-
-    given = prepare_checkpoints(opts.ckpt, opts.seed, opts.build_dir)
-    runs = [("as_given", given)]
-    if given.synthetic:
-        runs.append(("sharpened", prepare_checkpoints(str(sharpened_checkpoint(given, opts.seed, opts.build_dir)),
-                                                      opts.seed, opts.build_dir)))
+    root, mm_ds, our_ds, runs = test_sets_and_runs(opts)
 
     rows: list[TensorDiff] = []
     table = []

@@ -219,20 +219,33 @@ def compare_run(name: str, ref: list[dict], got: list[dict], opts: PredictOption
     return rows, table
 
 
-def run_predict(opts: PredictOptions) -> StageResult:
-    """Predict on both sides, diff, write ``predict*`` files into ``opts.reports``."""
+def test_sets_and_runs(opts) -> tuple:
+    """What every stage that predicts on the tiny COCO's test set starts from.
+
+    Args:
+        opts: a stage's options with ``build_dir``, ``seed``, ``scale`` and ``ckpt``.
+    Returns:
+        ``(root, mmdet's test set, ours, runs)``: the tiny COCO's folder, the two
+        datasets (the same images, checked), and the checkpoints to predict with as
+        ``[(name, Checkpoints)]``: ``as_given``, and ``sharpened`` for the seeded
+        checkpoint (`sharpened_checkpoint`).
+    """
     root = tiny_coco_root(opts.build_dir, opts.seed)
-    cfg = mmdet_setup()
-    mm_ds = mmdet_dataset(cfg, root, train=False, scale=opts.scale)
+    mm_ds = mmdet_dataset(mmdet_setup(), root, train=False, scale=opts.scale)
     our_ds = our_dataset(root, train=False, scale=opts.scale)
     if [mm_ds.get_data_info(i)["img_id"] for i in range(len(mm_ds))] != our_ds.img_ids:
         raise ValueError("the two test sets list different images; run python -m align.data first")
-
     given = prepare_checkpoints(opts.ckpt, opts.seed, opts.build_dir)
     runs = [("as_given", given)]
     if given.synthetic:
         sharp = sharpened_checkpoint(given, opts.seed, opts.build_dir)
         runs.append(("sharpened", prepare_checkpoints(str(sharp), opts.seed, opts.build_dir)))
+    return root, mm_ds, our_ds, runs
+
+
+def run_predict(opts: PredictOptions) -> StageResult:
+    """Predict on both sides, diff, write ``predict*`` files into ``opts.reports``."""
+    root, mm_ds, our_ds, runs = test_sets_and_runs(opts)
 
     rows: list[TensorDiff] = []
     table: list[ImageRow] = []
@@ -268,7 +281,7 @@ def run_predict(opts: PredictOptions) -> StageResult:
         "worst_score_abs_diff": max((row.max_abs for row in rows if row.name.endswith(".scores")),
                                     default=float("nan")),
         "checkpoints": {name: {"path": str(c.torch_path), "sha256": c.sha256} for name, c in runs},
-        "checkpoint_synthetic": given.synthetic,
+        "checkpoint_synthetic": runs[0][1].synthetic,
         **{k: round(v, 2) for k, v in seconds.items()},
     }
     return write_report(StageResult(
