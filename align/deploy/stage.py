@@ -43,7 +43,7 @@ from align.engine.cli import progress
 from align.engine.compare import TensorDiff, diff_arrays, first_failed_name
 from align.engine.options import option
 from align.engine.reprod import reprod_log_diff
-from align.engine.report import Headline, StageResult
+from align.engine.report import Headline, StageResult, layer_profile_png
 from align.engine.rows import abs_row, exact_row
 from align.ghm.pair import GhmStageOptions, build_paddle_model, build_torch_model, check_perturb
 from align.ghm.pipelines import mmdet_batch
@@ -234,6 +234,7 @@ def run_deploy(opts: DeployOptions) -> StageResult:
             table += t
 
     reprod = reprod_log_diff(paddle_out, torch_out, opts.reports, "deploy", opts.score_atol)
+    raw = [r for r in rows if ".raw." in r.name]
     meta = {
         "seed": opts.seed,
         "tiny_coco": str(root),
@@ -246,7 +247,7 @@ def run_deploy(opts: DeployOptions) -> StageResult:
         "checkpoints": {name: {"path": str(c.torch_path), "sha256": c.sha256} for name, c in runs},
         "detections_per_run": {name: int(sum(row.detections_mmdet for row in table if row.run == f"{name}.dynamic"))
                                for name, _ in runs},
-        "worst_raw_rel": max((r.rel_max for r in rows if ".raw." in r.name), default=float("nan")),
+        "worst_raw_rel": max((r.rel_max for r in raw), default=float("nan")),
         **{f"{k}_s": round(v, 2) for k, v in seconds.items()},
     }
     return write_report(StageResult(
@@ -264,10 +265,15 @@ def run_deploy(opts: DeployOptions) -> StageResult:
         reprod_log=reprod,
         reprod_log_threshold=opts.score_atol,
         reprod_log_check=opts.score_atol,
-        headline=Headline.worst([r for r in rows if ".raw." in r.name], opts.raw_rtol,
-                                "worst raw output, max|diff| / max|ref|"),
+        headline=Headline.worst(raw, opts.raw_rtol, "worst raw output, max|diff| / max|ref|"),
+        figures=[(RAW_FIGURE, layer_profile_png(raw, opts.raw_rtol, xlabel="raw output, by run, image and path"))],
         seconds={k: round(v, 2) for k, v in seconds.items()},
     ), opts.reports)
+
+
+RAW_FIGURE = ("Raw head outputs of every path and image: the dynamic graph against mmdet, Paddle Inference and "
+              "ONNX Runtime against the dynamic graph; max|diff| / max|ref| of each output (blue within the bound, "
+              "red over it), dashed: the bound")
 
 
 def first_divergence(result: StageResult) -> str | None:

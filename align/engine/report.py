@@ -167,7 +167,7 @@ def _environment() -> jinja2.Environment:
 
 
 def layer_profile_png(rows: Sequence[TensorDiff], rel_tol: float | None,
-                      accumulated: Sequence[TensorDiff] = ()) -> bytes:
+                      accumulated: Sequence[TensorDiff] = (), xlabel: str = "layer output, execution order") -> bytes:
     """PNG of each row's relative max difference along execution order (log scale).
 
     Passing rows are blue, failing rows red, non-finite ones red triangles at
@@ -213,7 +213,7 @@ def layer_profile_png(rows: Sequence[TensorDiff], rel_tol: float | None,
     axes.set_yscale("log")
     axes.set_ylim(floor / 3, top * 5)
     axes.set_xlim(-1, max(len(rows), 1))
-    axes.set_xlabel("layer output, execution order")
+    axes.set_xlabel(xlabel)
     axes.set_ylabel("max|diff| / max|ref|")
     axes.legend(loc="lower left", bbox_to_anchor=(0, 1), ncol=4, fontsize=8, frameon=False)
     figure.tight_layout()

@@ -7,6 +7,7 @@ import pytest
 
 from align.deploy.__main__ import main
 from align.deploy.stage import DeployOptions, first_divergence, run_deploy
+from tests.align.test_report_layout import assert_figures_lead
 
 SMALL_SCALE = (320, 192)
 
@@ -36,6 +37,8 @@ def test_the_stage_passes_and_catches_a_perturbed_export(tmp_path_factory):
     assert result.meta["worst_raw_rel"] <= 1e-5
     for suffix in ("_paddle.npy", "_torch.npy", ".json", ".html"):
         assert (reports / f"deploy{suffix}").is_file(), suffix
+    # The page leads with the verdict and the raw outputs' figure, the tables below.
+    assert_figures_lead((reports / "deploy.html").read_text(), figures=1)
 
     perturbed = run_deploy(DeployOptions(scale=SMALL_SCALE, reports=tmp_path_factory.mktemp("perturbed"),
                                          build_dir=build, perturb="neck.fpn_convs.0.conv.weight"))
