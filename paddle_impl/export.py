@@ -21,7 +21,6 @@ Exit status 0, or 2 on bad input.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import shutil
 import sys
@@ -36,6 +35,7 @@ import paddle  # noqa: E402
 
 from common.arguments import parse_size  # noqa: E402
 from common.atomic_write import write_json  # noqa: E402
+from common.digest import sha256_of  # noqa: E402
 from common.errors import InputError  # noqa: E402
 from paddle_impl.config import get_config  # noqa: E402
 from paddle_impl.deploy.model_dir import SPEC_VERSION, ModelDir, output_names, preprocessing_spec  # noqa: E402
@@ -65,14 +65,6 @@ def load_detector(weights: str, flag: str = "--weights") -> RetinaNet:
         load_weights(model, load_weights_file(path, flag), f"{flag} {weights}")
     model.eval()
     return model
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def save_static(model: RetinaNet, target: ModelDir) -> None:
@@ -164,7 +156,7 @@ def export(weights: str, out: str | os.PathLike, scale: tuple[int, int] | None =
             "files": {"paddle": [target.program.name, target.params.name],
                       "onnx": target.onnx.name if onnx else None},
             "opset_version": get_config()["deploy"]["opset_version"] if onnx else None,
-            "weights": {"path": str(weights), "sha256": _sha256(weights) if Path(weights).is_file() else None},
+            "weights": {"path": str(weights), "sha256": sha256_of(weights) if Path(weights).is_file() else None},
             "versions": {"paddlepaddle": paddle.__version__, "paddle2onnx": paddle2onnx.__version__},
             "seconds": seconds,
         }, indent=1)

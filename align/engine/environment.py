@@ -10,17 +10,9 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+
 # The checkout whose commit a report records.
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def sha256_of(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in chunks (checkpoints are hundreds of MB)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def package_version(module: str, distributions: Sequence[str]) -> str:

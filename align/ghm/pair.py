@@ -6,13 +6,13 @@ and builds both models. Stages share it so they all start from one place.
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from align.engine.options import build_dir_option, option, reports_option, seed_option
+from common.digest import sha256_of
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILD_DIR = REPO_ROOT / "build"
@@ -28,14 +28,6 @@ class Checkpoints:
     paddle_path: Path
     sha256: str
     synthetic: bool
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass
@@ -66,7 +58,7 @@ def prepare_checkpoints(ckpt: str | None, seed: int, build_dir: Path = BUILD_DIR
         torch_path = Path(ckpt)
         if not torch_path.is_file():
             raise FileNotFoundError(f"CKPT not found: {torch_path}")
-    sha = file_sha256(torch_path)
+    sha = sha256_of(torch_path)
     paddle_path = build_dir / "converted" / f"{torch_path.stem}-{sha[:12]}.pdparams"
     if not paddle_path.is_file():
         mmdet_to_paddle(torch_path, paddle_path)

@@ -11,7 +11,8 @@ import pytest
 
 from align.engine.compare import diff_arrays, first_failure
 from align.engine.reprod import echo_reprod_log, reprod_log_diff, reprod_log_passed
-from align.engine.environment import environment_info, sha256_of
+from align.engine.environment import environment_info
+from common.digest import sha256_of
 from align.engine.report import Headline, StageResult, write_index, write_stage_report
 from align.ghm.suite import PACKAGES
 
