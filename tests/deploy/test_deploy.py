@@ -22,6 +22,7 @@ from paddle_impl.export import export, load_detector
 from paddle_impl.infer import main as infer_main
 from paddle_impl.model.detector import RetinaNet
 from paddle_impl.predict import main as predict_main
+from tests.seeded_detector import save_seeded_weights
 
 # The full-size detector: `make test-fast` skips these.
 pytestmark = pytest.mark.slow
@@ -31,12 +32,7 @@ RTOL = 1e-5
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory) -> Path:
-    paddle.seed(0)
-    model = RetinaNet.from_config()
-    paddle.assign(paddle.zeros_like(model.bbox_head.retina_cls.bias), output=model.bbox_head.retina_cls.bias)
-    path = tmp_path_factory.mktemp("weights") / "model.pdparams"
-    paddle.save(model.state_dict(), str(path))
-    return path
+    return save_seeded_weights(tmp_path_factory.mktemp("weights"))
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,8 @@ import pytest
 from PIL import Image
 
 from paddle_impl.data.coco_classes import COCO_CATEGORY_IDS
-from paddle_impl.model.detector import RetinaNet
 from paddle_impl.predict import main as predict_main
+from tests.seeded_detector import save_seeded_weights
 from paddle_impl.data.tiny_coco import generate
 
 # Whole stages, processes or the full-size model: `make test-fast` skips these.
@@ -34,12 +34,7 @@ def coco(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory) -> Path:
-    paddle.seed(0)
-    model = RetinaNet.from_config()
-    paddle.assign(paddle.zeros_like(model.bbox_head.retina_cls.bias), output=model.bbox_head.retina_cls.bias)
-    path = tmp_path_factory.mktemp("weights") / "model.pdparams"
-    paddle.save(model.state_dict(), str(path))
-    return path
+    return save_seeded_weights(tmp_path_factory.mktemp("weights"))
 
 
 def val_images(coco: Path) -> list[Path]:
