@@ -9,10 +9,13 @@ a 1333x800 picture (padded to 800x1344) and returns detections:
 * mmdet: ``model.predict`` of the model built from mmdet's config (network and
   its post-processing, NMS from mmcv's compiled ops);
 * dynamic: our ``RetinaNet.predict`` in Paddle's dynamic graph;
-* paddle-inference: the exported program on Paddle Inference with oneDNN, then
-  ``predict_boxes`` (as ``python -m paddle_impl.infer``);
-* onnxruntime: the exported ONNX model on ONNX Runtime's CPU provider, then
-  ``predict_boxes``.
+* paddle-inference: the exported program (network and post-processing) on
+  Paddle Inference with oneDNN, as ``python -m paddle_impl.infer`` runs it;
+* onnxruntime: the exported ONNX model (network and post-processing) on ONNX
+  Runtime's CPU provider, image by image (its NMS is converted for one image).
+
+Every path's time includes its post-processing, from the network input to the
+detections.
 
 Weights: the seeded checkpoint with its classifier sharpened as in the
 predict stage (``align.predict.stage.sharpened_checkpoint``), so the
@@ -77,7 +80,6 @@ class Paths:
         self.model = build_paddle_model(ckpts)
         # The export converts the layer it is given to a static graph: a second copy goes there.
         target = export(str(ckpts.paddle_path), Path(folder), model=build_paddle_model(ckpts))
-        self.test_cfg = target.spec()["postprocess"]["test_cfg"]
         self.engines = {b: open_engine(b, ModelDir(target.root), threads=threads)
                         for b in ("paddle-inference", "onnxruntime")}
 
@@ -94,7 +96,7 @@ class Paths:
         runners = {"mmdet": mmdet_runner(self.torch_model, torch.from_numpy(images_np)),
                    "dynamic": lambda: self.model.predict(images, metas)}
         for name, engine in self.engines.items():
-            runners[name] = (lambda e: lambda: engine_detections(e, images, metas, self.test_cfg))(engine)
+            runners[name] = (lambda e: lambda: engine_detections(e, images, metas))(engine)
         return runners
 
 

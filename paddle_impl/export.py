@@ -10,10 +10,10 @@ a training checkpoint ``.ckpt``, or an mmdet ``.pth``, converted by
 checkpoint the alignment stages use.
 
 ``DIR`` gets ``model.json`` + ``model.pdiparams`` (``paddle.jit.save`` of the
-network, input ``(N, 3, H, W)`` with N, H and W free), ``model.onnx``
-(paddle2onnx, opset from ``get_config()['deploy']``) and ``deploy.json`` (the
-preprocessing, the outputs, the test_cfg, provenance; see
-:mod:`paddle_impl.deploy.model_dir`). The folder is built beside ``DIR`` and
+network and its post-processing, :mod:`paddle_impl.deploy.network`, with the
+batch size, H and W free), ``model.onnx`` (paddle2onnx, opset from
+``get_config()['deploy']``) and ``deploy.json`` (the preprocessing, the inputs
+and outputs, the test_cfg, provenance; see :mod:`paddle_impl.deploy.model_dir`). The folder is built beside ``DIR`` and
 moved into place when complete: an interrupted export leaves the previous one.
 A ``DIR`` that exists and is not an earlier export is refused.
 Exit status 0, or 2 on bad input.
@@ -38,7 +38,9 @@ from common.atomic_write import write_json  # noqa: E402
 from common.digest import sha256_of  # noqa: E402
 from common.errors import InputError  # noqa: E402
 from paddle_impl.config import get_config  # noqa: E402
-from paddle_impl.deploy.model_dir import SPEC_VERSION, ModelDir, output_names, preprocessing_spec  # noqa: E402
+from paddle_impl.deploy.model_dir import (  # noqa: E402
+    DETECTION_NAMES, SPEC_VERSION, ModelDir, output_names, preprocessing_spec)
+from paddle_impl.deploy.network import DeployedRetinaNet, input_specs  # noqa: E402
 from paddle_impl.engine.weights import convert_torch_checkpoint, load_weights, load_weights_file  # noqa: E402
 from paddle_impl.errors import run_command  # noqa: E402
 from paddle_impl.model.detector import RetinaNet  # noqa: E402
@@ -68,9 +70,8 @@ def load_detector(weights: str, flag: str = "--weights") -> RetinaNet:
 
 
 def save_static(model: RetinaNet, target: ModelDir) -> None:
-    """``model``'s network as a static program with input ``images`` ``(N, 3, H, W)``, all three free."""
-    spec = [paddle.static.InputSpec([None, 3, None, None], "float32", name="images")]
-    static = paddle.jit.to_static(model, input_spec=spec, full_graph=True)
+    """``model``'s network and post-processing as a static program (:mod:`paddle_impl.deploy.network`)."""
+    static = paddle.jit.to_static(DeployedRetinaNet(model), input_spec=input_specs(), full_graph=True)
     paddle.jit.save(static, str(target.prefix))
 
 
@@ -148,11 +149,15 @@ def export(weights: str, out: str | os.PathLike, scale: tuple[int, int] | None =
 
         write_json(target.spec_path, {
             "spec_version": SPEC_VERSION,
-            "input": {"name": "images", "shape": ["N", 3, "H", "W"], "dtype": "float32"},
-            "outputs": output_names(),
+            "inputs": [{"name": "images", "shape": ["N", 3, "H", "W"], "dtype": "float32"},
+                       {"name": "img_shape", "shape": ["N", 2], "dtype": "float32", "value": "(h, w) resized"},
+                       {"name": "inv_scale_factor", "shape": ["N", 2], "dtype": "float32",
+                        "value": "(1 / w_scale, 1 / h_scale), the reciprocals in float64, then rounded"}],
+            "outputs": output_names() + list(DETECTION_NAMES),
             "preprocess": preprocessing_spec(scale),
-            "postprocess": {"test_cfg": get_config()["test_cfg"],
-                            "code": "paddle_impl.boxes.postprocess.predict_boxes on the outputs"},
+            "postprocess": {"test_cfg": model.test_cfg, "in_program": True,
+                            "code": "paddle_impl.boxes.postprocess.detect"},
+            "onnx_batch": "1 per run (paddle2onnx converts the NMS for one image)" if onnx else None,
             "files": {"paddle": [target.program.name, target.params.name],
                       "onnx": target.onnx.name if onnx else None},
             "opset_version": get_config()["deploy"]["opset_version"] if onnx else None,

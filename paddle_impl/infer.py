@@ -9,10 +9,10 @@ Usage::
 ``--model``: a folder written by ``python -m paddle_impl.export``. Each image
 goes through the preprocessing its ``deploy.json`` records (our test pipeline:
 resize keeping the ratio, normalise, pad to 32), the network runs on the
-engine, and the detections come from the head's outputs by the dynamic graph's
-own post-processing (``paddle_impl.boxes.postprocess.predict_boxes``: score
-threshold, per-level top-k, decode, class-wise NMS, at most 100), mapped back
-to original pixels. Image and category ids as ``python -m paddle_impl.predict``
+engine with the exported post-processing (the dynamic graph's own,
+``paddle_impl.boxes.postprocess.detect``: score threshold, per-level top-k,
+decode, class-wise NMS, at most 100), which maps the boxes back to original
+pixels. Image and category ids as ``python -m paddle_impl.predict``
 gives them (``--ann-file`` / ``--img-prefix`` as there).
 
 ``OUT_DIR`` gets ``detections.json`` (COCO results), one ``<stem>.png`` per
@@ -36,10 +36,11 @@ import paddle  # noqa: E402
 from common.arguments import fraction, positive  # noqa: E402
 from common.errors import InputError  # noqa: E402
 from paddle_impl.arguments import add_eval_backend, eval_backend  # noqa: E402
-from paddle_impl.boxes.postprocess import Detections, predict_boxes  # noqa: E402
+from paddle_impl.boxes.postprocess import Detections, image_tensors  # noqa: E402
 from paddle_impl.data.transforms import Collate  # noqa: E402
 from paddle_impl.deploy.backends import BACKENDS, DEVICES, Engine, open_engine  # noqa: E402
 from paddle_impl.deploy.model_dir import ModelDir  # noqa: E402
+from paddle_impl.deploy.network import unpack  # noqa: E402
 from paddle_impl.errors import run_command  # noqa: E402
 from paddle_impl.predict import prepare_image, select_images, write_results  # noqa: E402
 
@@ -89,15 +90,13 @@ def preprocessing(spec: dict) -> tuple[tuple[int, int], Collate]:
     return tuple(pre["resize"]["scale_wh"]), collate
 
 
-def engine_detections(engine: Engine, images: paddle.Tensor, metas: list[dict],
-                      test_cfg: dict) -> tuple[list[np.ndarray], list[Detections]]:
+def engine_detections(engine: Engine, images: paddle.Tensor,
+                      metas: list[dict]) -> tuple[list[np.ndarray], list[Detections]]:
     """A preprocessed batch ``(N, 3, H, W)`` through ``engine``: its raw outputs (``cls_scores``
-    then ``bbox_preds``, per level) and the detections the dynamic graph's post-processing
-    makes of them; ``metas`` per image ``img_shape`` and ``scale_factor``."""
-    outputs = engine.run(images.numpy())
-    levels = len(outputs) // 2
-    tensors = [paddle.to_tensor(o) for o in outputs]
-    return outputs, predict_boxes(tensors[:levels], tensors[levels:], metas, cfg=test_cfg)
+    then ``bbox_preds``, per level) and its detections per image; ``metas`` per image
+    ``img_shape`` and ``scale_factor``."""
+    img_shape, inv_scale_factor = image_tensors(metas)
+    return unpack(engine.run(images.numpy(), img_shape.numpy(), inv_scale_factor.numpy()))
 
 
 def run(args: argparse.Namespace) -> dict[str, float] | None:
@@ -116,7 +115,7 @@ def run(args: argparse.Namespace) -> dict[str, float] | None:
     results = []
     for img_id, path in images:
         batch, meta = prepare_image(img_id, path, scale, collate)
-        _, (det,) = engine_detections(engine, batch, [meta], spec["postprocess"]["test_cfg"])
+        _, (det,) = engine_detections(engine, batch, [meta])
         results.append(det)
     return write_results(images, results, cat_ids, ann_file, out / RESULTS_FILE, metric_backend,
                          draw_dir=out, draw_thr=args.draw_thr)

@@ -8,8 +8,9 @@ On the tiny COCO's val images and the same weights, four paths predict:
 - ``paddle-inference`` (oneDNN on, unless ``--no-onednn``) and ``onnxruntime``:
   the folder ``python -m paddle_impl.export`` writes from the same weights, each
   image prepared as ``python -m paddle_impl.infer`` prepares it (from the
-  export's ``deploy.json``), the engine's raw outputs post-processed by the same
-  ``predict_boxes``.
+  export's ``deploy.json``), the detections those of the exported program's own
+  post-processing (:func:`paddle_impl.boxes.postprocess.detect`, the code
+  ``predict_boxes`` runs in the dynamic graph).
 
 Compared per image:
 
@@ -149,7 +150,7 @@ def engine_path(engine, model_dir, dataset) -> list[Prediction]:
     out = []
     for record in dataset.records:
         images, meta = prepare_image(record.img_id, record.path, scale, collate)
-        raw, (det,) = engine_detections(engine, images, [meta], spec["postprocess"]["test_cfg"])
+        raw, (det,) = engine_detections(engine, images, [meta])
         out.append(Prediction(images.numpy(), meta, raw, _detections(record.img_id, det.bboxes.numpy(),
                                                                         det.scores.numpy(), det.labels.numpy())))
     return out

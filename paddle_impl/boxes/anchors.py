@@ -50,6 +50,7 @@ class AnchorGenerator:
         octave_scales = np.array([2 ** (i / scales_per_octave) for i in range(scales_per_octave)])
         self.scales = (octave_scales * octave_base_scale).astype(np.float32)
         self.base_anchors = [self._level_base_anchors(s) for s in self.strides]
+        self._base_anchor_values = [a.numpy() for a in self.base_anchors]
 
     @classmethod
     def from_config(cls, cfg: dict | None = None) -> "AnchorGenerator":
@@ -97,6 +98,26 @@ class AnchorGenerator:
         shifts = paddle.stack([shift_xx, shift_yy, shift_xx, shift_yy], axis=-1)
         anchors = self.base_anchors[level].unsqueeze(0) + shifts.unsqueeze(1)
         return anchors.reshape([-1, 4])
+
+    def anchors_at(self, level: int, anchor_idxs: paddle.Tensor, feat_w) -> paddle.Tensor:
+        """The anchors of flat indices ``anchor_idxs`` (any shape, int64) into one level's
+        ``(H * W * A, 4)`` layout, on a feature map ``feat_w`` wide (an int or a 0-d tensor).
+
+        Returns ``anchor_idxs.shape + (4,)`` float32, equal bit for bit to the rows of
+        :meth:`single_level_anchors`; only the asked rows are formed, and the feature
+        height is not needed, so an exported program takes it from the input's shape.
+        """
+        num_anchors = len(self._base_anchor_values[level])
+        location = anchor_idxs // num_anchors
+        stride = self.strides[level]
+        shift_x = (location % feat_w).astype("float32") * stride
+        shift_y = (location // feat_w).astype("float32") * stride
+        shifts = paddle.stack([shift_x, shift_y, shift_x, shift_y], axis=-1)
+        # A table look-up keeps the index's shape, whose batch size an exported program leaves
+        # free; the table is made from its values here, so a traced program holds it as a constant.
+        table = paddle.assign(self._base_anchor_values[level])
+        base = paddle.nn.functional.embedding(anchor_idxs % num_anchors, table)
+        return base + shifts
 
     def grid_anchors(self, featmap_sizes: Sequence[Sequence[int]]) -> list[paddle.Tensor]:
         """Anchors of every level.

@@ -98,10 +98,12 @@ class DeltaXYWHBBoxCoder:
         Returns:
             Boxes ``(x1, y1, x2, y2)`` of ``deltas``' shape.
         """
-        assert bboxes.shape[-1] == 4 and deltas.shape[-1] % 4 == 0, "boxes (.., 4), deltas (.., 4k)"
-        assert deltas.shape[:-1] == bboxes.shape[:-1], "one box per row of deltas"
-        if deltas.shape[-2] == 0:
-            return deltas
+        if paddle.in_dynamic_mode():
+            # A traced program (export) has free sizes, known only when it runs.
+            assert bboxes.shape[-1] == 4 and deltas.shape[-1] % 4 == 0, "boxes (.., 4), deltas (.., 4k)"
+            assert deltas.shape[:-1] == bboxes.shape[:-1], "one box per row of deltas"
+            if deltas.shape[-2] == 0:
+                return deltas
 
         out_shape = deltas.shape
         num_sets = out_shape[-1] // 4
@@ -134,14 +136,14 @@ class DeltaXYWHBBoxCoder:
     @staticmethod
     def _clip_limits(max_shape, boxes: paddle.Tensor) -> paddle.Tensor:
         """Upper bounds ``(w, h, w, h)`` shaped to broadcast against ``boxes (..., N, k, 4)``."""
-        if isinstance(max_shape, paddle.Tensor):
-            shape = max_shape.astype(boxes.dtype)
-        else:
+        if isinstance(max_shape, (list, tuple)):
             shape = paddle.to_tensor(max_shape, dtype=boxes.dtype)
+        else:
+            shape = max_shape.astype(boxes.dtype)
         hw = shape[..., :2]
         limits = paddle.concat([hw[..., 1:2], hw[..., 0:1], hw[..., 1:2], hw[..., 0:1]], axis=-1)
         if limits.ndim == 2:
             # One shape per image: (B, 4) -> (B, 1, 1, 4).
-            assert boxes.ndim == 4 and limits.shape[0] == boxes.shape[0], "one max_shape per image"
+            assert boxes.ndim == 4, "one max_shape per image of a batch"
             limits = limits.reshape([limits.shape[0], 1, 1, 4])
         return limits

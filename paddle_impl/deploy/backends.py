@@ -1,9 +1,11 @@
 """The exported network run by an inference engine: Paddle Inference or ONNX Runtime.
 
 Both take a normalised, padded batch ``(N, 3, H, W)`` float32 (any N, any H and
-W that are multiples of 32) and return the head's raw outputs as numpy arrays
-in the export's output order (``cls_scores`` P3..P7, then ``bbox_preds``
-P3..P7; see :mod:`paddle_impl.deploy.model_dir`).
+W that are multiples of 32) with its ``img_shape`` and ``inv_scale_factor``
+``(N, 2)``, and return the program's outputs as numpy arrays in its output
+order: the head's raw maps, then the detections (see
+:mod:`paddle_impl.deploy.model_dir`; :func:`paddle_impl.deploy.network.unpack`
+splits them).
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
-from paddle_impl.deploy.model_dir import ModelDir
+from paddle_impl.deploy.model_dir import INPUT_NAMES, ModelDir
 
 BACKENDS = ("paddle-inference", "onnxruntime")
 DEVICES = ("cpu", "gpu")
@@ -21,8 +23,8 @@ DEVICES = ("cpu", "gpu")
 class Engine(Protocol):
     name: str
 
-    def run(self, images: np.ndarray) -> list[np.ndarray]:
-        """Raw head outputs of ``images`` ``(N, 3, H, W)`` float32."""
+    def run(self, images: np.ndarray, img_shape: np.ndarray, inv_scale_factor: np.ndarray) -> list[np.ndarray]:
+        """The program's outputs for ``images`` ``(N, 3, H, W)`` float32."""
 
 
 class PaddleInferenceEngine:
@@ -53,18 +55,22 @@ class PaddleInferenceEngine:
         self.device = device
         self.onednn = onednn and device == "cpu"
 
-    def run(self, images: np.ndarray) -> list[np.ndarray]:
-        (name,) = self.predictor.get_input_names()
-        handle = self.predictor.get_input_handle(name)
-        handle.reshape(list(images.shape))
-        handle.copy_from_cpu(np.ascontiguousarray(images, dtype=np.float32))
+    def run(self, images: np.ndarray, img_shape: np.ndarray, inv_scale_factor: np.ndarray) -> list[np.ndarray]:
+        for name, value in zip(INPUT_NAMES, (images, img_shape, inv_scale_factor)):
+            handle = self.predictor.get_input_handle(name)
+            handle.reshape(list(value.shape))
+            handle.copy_from_cpu(np.ascontiguousarray(value, dtype=np.float32))
         self.predictor.run()
         return [self.predictor.get_output_handle(n).copy_to_cpu() for n in self.predictor.get_output_names()]
 
 
 class OnnxRuntimeEngine:
     """ONNX Runtime on the exported ``.onnx``: the CPU provider, or CUDA's first on ``gpu``
-    (with the onnxruntime-gpu package in place of onnxruntime)."""
+    (with the onnxruntime-gpu package in place of onnxruntime).
+
+    paddle2onnx converts the program's NMS for a batch of one, so a batch runs
+    image by image and the outputs are joined as the Paddle program gives them.
+    """
 
     name = "onnxruntime"
 
@@ -80,9 +86,11 @@ class OnnxRuntimeEngine:
         self.session = ort.InferenceSession(str(model.onnx), options, providers=providers)
         self.device = device
 
-    def run(self, images: np.ndarray) -> list[np.ndarray]:
-        (inp,) = self.session.get_inputs()
-        return self.session.run(None, {inp.name: np.ascontiguousarray(images, dtype=np.float32)})
+    def run(self, images: np.ndarray, img_shape: np.ndarray, inv_scale_factor: np.ndarray) -> list[np.ndarray]:
+        runs = [self.session.run(None, {name: np.ascontiguousarray(value[i:i + 1], dtype=np.float32)
+                                        for name, value in zip(INPUT_NAMES, (images, img_shape, inv_scale_factor))})
+                for i in range(len(images))]
+        return [np.concatenate(parts) for parts in zip(*runs)]
 
 
 def open_engine(backend: str, model: ModelDir, device: str = "cpu", onednn: bool = True,

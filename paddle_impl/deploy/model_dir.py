@@ -2,22 +2,21 @@
 
 Layout (names from ``get_config()['deploy']``)::
 
-    DIR/model.json        Paddle's static program (PIR), input ``images`` (N, 3, H, W) float32
+    DIR/model.json        Paddle's static program (PIR): network and post-processing
     DIR/model.pdiparams   its weights
-    DIR/model.onnx        the same network converted by paddle2onnx
-    DIR/deploy.json       the preprocessing, the outputs, the test_cfg and the provenance
+    DIR/model.onnx        the same program converted by paddle2onnx
+    DIR/deploy.json       the preprocessing, the inputs and outputs, the test_cfg and the provenance
 
-The network's outputs are the head's raw maps, level by level: ``cls_scores``
-P3..P7 ``(N, A*C, H_l, W_l)`` logits, then ``bbox_preds`` P3..P7
-``(N, A*4, H_l, W_l)`` deltas. The post-processing (decode, score threshold,
-per-level top-k, NMS, ``max_per_img``) runs on them through
-:func:`paddle_impl.boxes.postprocess.predict_boxes`, the dynamic graph's own code
-(docs/deploy.md says why it is not inside the exported program).
+The program (:mod:`paddle_impl.deploy.network`) takes ``images`` ``(N, 3, H, W)``,
+``img_shape`` ``(N, 2)`` and ``inv_scale_factor`` ``(N, 2)``, and returns the head's
+raw maps level by level (``cls_scores`` P3..P7, then ``bbox_preds`` P3..P7) followed
+by the detections ``bboxes``, ``scores``, ``labels``, ``num``. paddle2onnx converts
+the NMS for one image per run, so the ONNX model is run image by image.
 
 ``deploy.json`` holds what a user of the model needs to feed it: the test
 Resize bound (keep ratio), the BGR->RGB swap, the per-channel mean and std in
-RGB order, the padding divisor and value; the 12 output names in order; the
-test_cfg; the weights' sha256 and the package versions that made it.
+RGB order, the padding divisor and value; the input and output names in order;
+the test_cfg; the weights' sha256 and the package versions that made it.
 """
 from __future__ import annotations
 
@@ -29,12 +28,14 @@ from typing import Any
 from common.errors import InputError
 from paddle_impl.config import get_config
 
-SPEC_VERSION = 1
+SPEC_VERSION = 2
 LEVELS = ("P3", "P4", "P5", "P6", "P7")
+INPUT_NAMES = ("images", "img_shape", "inv_scale_factor")
+DETECTION_NAMES = ("bboxes", "scores", "labels", "num")
 
 
 def output_names(levels: int = len(LEVELS)) -> list[str]:
-    """Names of the exported network's outputs, in its output order."""
+    """Names of the head's raw outputs, in the program's output order (the detections follow them)."""
     return [f"cls_score_{name}" for name in LEVELS[:levels]] + [f"bbox_pred_{name}" for name in LEVELS[:levels]]
 
 

@@ -1,5 +1,5 @@
-"""Export and inference: the exported network on Paddle Inference (oneDNN on) and ONNX Runtime
-against the dynamic graph, the detections of ``python -m paddle_impl.infer`` against
+"""Export and inference: the exported network and post-processing on Paddle Inference (oneDNN on)
+and ONNX Runtime against the dynamic graph, the detections of ``python -m paddle_impl.infer`` against
 ``python -m paddle_impl.predict``, a perturbed exported weight caught, and bad input refused.
 
 One export (about 15 s) serves every test; the inputs are small.
@@ -15,9 +15,12 @@ import numpy as np
 import paddle
 import pytest
 
+from align.predict.stage import pair_order
+from paddle_impl.boxes.postprocess import Detections, image_tensors, predict_boxes
 from paddle_impl.data.tiny_coco import generate
 from paddle_impl.deploy.backends import open_engine
 from paddle_impl.deploy.model_dir import ModelDir, output_names
+from paddle_impl.deploy.network import unpack
 from paddle_impl.export import export, load_detector
 from paddle_impl.infer import main as infer_main
 from paddle_impl.model.detector import RetinaNet
@@ -45,10 +48,35 @@ def coco(tmp_path_factory) -> Path:
     return generate(tmp_path_factory.mktemp("coco") / "tiny", train=1, val=2, seed=0)
 
 
-def raw_outputs(model: RetinaNet, images: np.ndarray) -> list[np.ndarray]:
+def metas_of(images: np.ndarray) -> list[dict]:
+    """Each image resized to a little less than the batch, from a picture of another size."""
+    height, width = images.shape[-2:]
+    return [{"img_shape": (height - 3 * i, width - 5 * i), "scale_factor": (0.75 + 0.5 * i, 0.8 + 0.25 * i)}
+            for i in range(len(images))]
+
+
+def dynamic_outputs(model: RetinaNet, images: np.ndarray) -> tuple[list[np.ndarray], list[Detections]]:
     with paddle.no_grad():
         cls_scores, bbox_preds = model(paddle.to_tensor(images))
-    return [t.numpy() for t in cls_scores + bbox_preds]
+    return [t.numpy() for t in cls_scores + bbox_preds], predict_boxes(cls_scores, bbox_preds, metas_of(images))
+
+
+def engine_outputs(engine, images: np.ndarray) -> tuple[list[np.ndarray], list[Detections]]:
+    img_shape, inv_scale_factor = image_tensors(metas_of(images))
+    return unpack(engine.run(images, img_shape.numpy(), inv_scale_factor.numpy()))
+
+
+def assert_same_detections(got: list[Detections], want: list[Detections]) -> None:
+    """Per image the same count and, paired as the predict stage pairs them (scores a few ulps
+    apart may swap places), the same labels, boxes within 1e-3 px and scores within 1e-5."""
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        g, w = ({field: getattr(d, field).numpy() for field in Detections._fields} for d in (g, w))
+        assert len(g["scores"]) == len(w["scores"])
+        order, _ = pair_order(w, g, box_atol=1e-3, score_atol=1e-5)
+        np.testing.assert_array_equal(g["labels"][order], w["labels"])
+        np.testing.assert_allclose(g["bboxes"][order], w["bboxes"], rtol=0, atol=1e-3)
+        np.testing.assert_allclose(g["scores"][order], w["scores"], rtol=0, atol=1e-5)
 
 
 def worst_relative(got: list[np.ndarray], want: list[np.ndarray]) -> float:
@@ -60,7 +88,9 @@ def test_export_folder_describes_the_model(exported, weights):
     for path in (exported.program, exported.params, exported.onnx, exported.spec_path):
         assert path.is_file(), path
     spec = exported.spec()
-    assert spec["outputs"] == output_names()
+    assert spec["outputs"] == output_names() + ["bboxes", "scores", "labels", "num"]
+    assert [i["name"] for i in spec["inputs"]] == ["images", "img_shape", "inv_scale_factor"]
+    assert spec["postprocess"]["in_program"]
     assert spec["preprocess"]["resize"]["scale_wh"] == [320, 192]
     assert spec["preprocess"]["mean_rgb"] == [123.675, 116.28, 103.53]
     assert spec["preprocess"]["pad_size_divisor"] == 32
@@ -75,19 +105,23 @@ def test_each_engine_equals_the_dynamic_graph_at_free_batch_and_size(exported, w
     model = load_detector(str(weights))
     engine = open_engine(backend, exported, threads=2)
     rng = np.random.default_rng(0)
-    for shape in [(1, 3, 64, 96), (2, 3, 96, 64)]:
+    for shape in [(1, 3, 64, 96), (2, 3, 96, 64), (3, 3, 128, 160)]:
         images = rng.standard_normal(shape).astype(np.float32)
-        assert worst_relative(engine.run(images), raw_outputs(model, images)) <= RTOL, (backend, shape)
+        raw, detections = engine_outputs(engine, images)
+        want_raw, want_detections = dynamic_outputs(model, images)
+        assert worst_relative(raw, want_raw) <= RTOL, (backend, shape)
+        assert all(len(d.scores) > 0 for d in want_detections), shape
+        assert_same_detections(detections, want_detections)
 
 
 def test_a_perturbed_exported_weight_is_caught(weights, tmp_path):
     model = load_detector(str(weights))
     images = np.random.default_rng(1).standard_normal((1, 3, 64, 64)).astype(np.float32)
-    want = raw_outputs(model, images)
+    want, _ = dynamic_outputs(model, images)
     conv = model.neck.fpn_convs[0].conv.weight
     paddle.assign(conv * (1 + 1e-3), output=conv)
     target = export(str(weights), tmp_path / "perturbed", model=model, onnx=False)
-    got = open_engine("paddle-inference", target, threads=2).run(images)
+    got, _ = engine_outputs(open_engine("paddle-inference", target, threads=2), images)
     assert worst_relative(got, want) > 10 * RTOL
 
 
@@ -102,10 +136,16 @@ def test_infer_gives_the_detections_of_predict(exported, weights, coco, backend,
     got = json.loads((out / "detections.json").read_text())
     want = json.loads((tmp_path / "predict.json").read_text())
     assert got and len(got) == len(want)
-    for g, w in zip(got, want):
-        assert (g["image_id"], g["category_id"]) == (w["image_id"], w["category_id"])
-        assert np.allclose(g["bbox"], w["bbox"], atol=1e-3, rtol=0)
-        assert abs(g["score"] - w["score"]) <= 1e-5
+    assert [g["image_id"] for g in got] == [w["image_id"] for w in want]
+    for image_id in sorted({w["image_id"] for w in want}):
+        g, w = ({"labels": np.array([d["category_id"] for d in results if d["image_id"] == image_id]),
+                 "bboxes": np.array([d["bbox"] for d in results if d["image_id"] == image_id]),
+                 "scores": np.array([d["score"] for d in results if d["image_id"] == image_id])}
+                for results in (got, want))
+        order, _ = pair_order(w, g, box_atol=1e-3, score_atol=1e-5)
+        np.testing.assert_array_equal(g["labels"][order], w["labels"])
+        np.testing.assert_allclose(g["bboxes"][order], w["bboxes"], rtol=0, atol=1e-3)
+        np.testing.assert_allclose(g["scores"][order], w["scores"], rtol=0, atol=1e-5)
     assert sorted(p.name for p in out.glob("*.png")) == sorted(Path(p).stem + ".png" for p in images)
 
 

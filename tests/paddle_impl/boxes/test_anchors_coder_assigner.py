@@ -101,6 +101,20 @@ def test_grid_anchors_equal_mmdet(generators, sizes):
         np.testing.assert_array_equal(npy(g), npy(w))
 
 
+def test_anchors_at_indices_equal_mmdet_grid_rows(generators):
+    """The rows the exported post-processing forms from flat indices alone, on a wide P3 map."""
+    ours, ref = generators
+    sizes = [(100, 168), (50, 84), (25, 42), (13, 21), (7, 11)]
+    want = ref.grid_priors(sizes, device="cpu")
+    rng = np.random.default_rng(0)
+    for level, (feat_h, feat_w) in enumerate(sizes):
+        count = feat_h * feat_w * ours.num_base_anchors[level]
+        idxs = np.concatenate([[0, count - 1], rng.integers(0, count, (2, 49)).ravel()]).reshape(2, 50)
+        got = ours.anchors_at(level, paddle.to_tensor(idxs), feat_w)
+        assert tuple(got.shape) == (2, 50, 4) and got.dtype == paddle.float32
+        np.testing.assert_array_equal(npy(got), npy(want[level])[idxs])
+
+
 def test_anchor_layout_is_location_major_ratio_major(generators):
     ours, _ = generators
     feat_h, feat_w, level = 3, 5, 1

@@ -64,6 +64,12 @@ def head_outputs(case: str):
         view = cls[1].reshape(2, NUM_ANCHORS, NUM_CLASSES, *FEATS[1])
         view[:, :, 5, 3, 4] = 0.3
         view[:, :5, 9, 3, 5] = 0.3
+    elif case == "first_image_empty":
+        # Image 0 has no candidate at all, image 1 many: the batch's detections
+        # are listed image after image, so image 1's must not shift into image 0.
+        cls = [seeded(c.shape, seed=30 + i, scale=1.5) - 2.5 for i, c in enumerate(cls)]
+        for c in cls:
+            c[0] = -8.0
     else:
         assert case == "none", case
     return cls, reg
@@ -96,7 +102,8 @@ def test_test_cfg_matches_reference(mmdet_head):
     assert test_cfg.nms == dict(type="nms", iou_threshold=ours["nms_iou_threshold"])
 
 
-@pytest.mark.parametrize("case", ["dense", "sparse", "none", "identical_boxes", "overlapping_ties"])
+@pytest.mark.parametrize("case", ["dense", "sparse", "none", "identical_boxes", "overlapping_ties",
+                                  "first_image_empty"])
 def test_predict_boxes_equal_mmdet(mmdet_head, case):
     cls, reg = head_outputs(case)
     ref, ours = run_both(mmdet_head, cls, reg)
@@ -117,6 +124,8 @@ def test_predict_boxes_equal_mmdet(mmdet_head, case):
         np.testing.assert_allclose(ours[1].bboxes.numpy(), [[0, 0, w / sw, h / sh]] * 3, atol=1e-3)
     elif case == "overlapping_ties":
         assert 1 < counts[0] < 14
+    elif case == "first_image_empty":
+        assert counts == [0, 100]
 
 
 def test_filter_scores_and_topk_equals_mmdet():
