@@ -81,7 +81,7 @@ STAGES  := $(shell awk '!/^\#/ && NF {print $$1}' align/ghm/stages.txt)
 
 COMMON_ARGS = --reports $(REPORTS) --seed $(SEED) $(if $(CKPT),--ckpt $(CKPT)) $(if $(SHAPE),--shape $(SHAPE))
 
-.PHONY: help setup align $(addprefix align-,$(STAGES)) align-deploy export tipc bench-infer align-example align-examples bench-ghm bench-train bench-coco-eval bench-overhead bench-data train-full tiny-coco \
+.PHONY: help setup align $(addprefix align-,$(STAGES)) align-deploy export tipc bench-infer bench-postprocess align-example align-examples bench-ghm bench-train bench-coco-eval bench-overhead bench-data train-full tiny-coco \
         test test-fast clean distclean
 
 help:
@@ -96,7 +96,7 @@ help:
 	@echo "make align-data | align-predict | align-metric | align-train   data pipeline, detections, COCO metric, K training iterations on the tiny COCO; SCALE=WxH, TRAIN_ITERS="
 	@echo "make align-deploy   mmdet's predict vs our dynamic graph, Paddle Inference and ONNX Runtime: preprocessing, raw outputs, detections; SCALE=WxH (default 640x384), PERTURB=param.name (in the exported copy)"
 	@echo "make export         the detector as Paddle inference files and ONNX into EXPORT_DIR= (default build/export); WEIGHTS= (default: the seeded checkpoint)"
-	@echo "make tipc           train TRAIN_ITERS= (default 4) iterations on the tiny COCO, export, infer on Paddle Inference and ONNX Runtime: 12 COCO numbers and detections equal the dynamic graph's"
+	@echo "make tipc           train TRAIN_ITERS= (default 4) iterations on the tiny COCO, export, infer on Paddle Inference and ONNX Runtime: detections and 12 COCO numbers (tiny COCO and a reference from the dynamic graph) equal the dynamic graph's"
 	@echo "make train-full     COCO=/path GPUS=0,1 RESUME=1 RESUME_CHANGE=1 (continue with changed options) MMDET_LOG=scalars.json R50=backbone.pdparams KEEP=3 (epoch weight files kept, 0: all) EVAL_BACKEND=faster-coco-eval; no COCO: smoke run on the tiny COCO"
 	@echo "                    NPROC=2 (CPU processes); several machines: NNODES=2 NODE_RANK=0|1 MASTER=node0-ip:port CONNECT_TIMEOUT=60"
 	@echo "make tiny-coco      write the tiny synthetic COCO to $(TINY_COCO)"
@@ -105,6 +105,7 @@ help:
 	@echo "make bench-coco-eval COCO box evaluation speed, pycocotools vs faster-coco-eval, same numbers; BENCH_IMAGES= (default 5000)"
 	@echo "make bench-overhead share of a training iteration outside the network, Paddle (as train-full) vs mmdet, one batch; SCALE=WxH (default 1333x800), REPEATS=, CKPT="
 	@echo "make bench-infer    per-image latency, batch 1 and 2: mmdet, our dynamic graph, Paddle Inference (oneDNN), ONNX Runtime, as ratios to mmdet; SCALE=WxH (default 1333x800), REPEATS=, CKPT="
+	@echo "make bench-postprocess  post-processing alone (score filter, top-k, decode, NMS): mmdet predict_by_feat vs our predict_boxes on the same head outputs, as ratios; SCALE=, REPEATS="
 	@echo "make bench-data     share of a training iteration waiting for data, the training program with 0 and 2 DataLoader workers; SCALE=WxH, TRAIN_ITERS= (default 24)"
 	@echo "make setup          create $(VENV) and install the pinned dependencies"
 
@@ -252,6 +253,10 @@ bench-overhead: $(SETUP)
 bench-infer: $(SETUP)
 	$(PY) -m bench.bench_infer --out $(REPORTS)/bench_infer.json $(if $(CKPT),--ckpt $(CKPT)) \
 	  $(if $(SCALE),--size $(SCALE)) $(if $(REPEATS),--repeats $(REPEATS))
+
+bench-postprocess: $(SETUP)
+	$(PY) -m bench.bench_postprocess --out $(REPORTS)/bench_postprocess.json $(if $(SCALE),--size $(SCALE)) \
+	  $(if $(REPEATS),--repeats $(REPEATS))
 
 bench-data: $(SETUP)
 	$(PY) -m bench.data_wait --out $(REPORTS)/bench_data.json $(if $(SCALE),--size $(SCALE)) \

@@ -79,30 +79,35 @@ def top_candidates(
         row's candidates are not valid (index 0, score ``-inf``).
     """
     assert k > 0, "nms_pre must be positive"
-    candidate = scores > score_thr
-    # Padding to at least k columns keeps top-k defined on small maps.
-    # (paddle.where does not broadcast in a traced program: both sides get the condition's shape.)
-    pad_scores = paddle.full_like(scores[:, :1], float("-inf")).tile([1, k])
-    masked = paddle.concat([paddle.where(candidate, scores, paddle.full_like(scores, float("-inf"))), pad_scores],
-                           axis=1)
-    candidate = paddle.concat([candidate, paddle.zeros_like(candidate[:, :1]).tile([1, k])], axis=1)
-    # top-k alone would cut ties at the k-th score anywhere; the lowest indices
-    # among them are taken instead, as a stable sort would.
-    kth = paddle.topk(masked, k, axis=1)[0][:, -1:]
-    above = candidate & (masked > kth)
-    at_kth = (candidate & (masked == kth)).astype("int64")
-    room = k - above.astype("int64").sum(axis=1, keepdim=True)
-    chosen = above | ((at_kth > 0) & (paddle.cumsum(at_kth, axis=1) <= room))
-    # The chosen in ascending index (unique keys), then stably by score.
-    width = paddle.shape(masked)[1].astype("int64")
-    position = paddle.arange(width, dtype="int64").unsqueeze(0)
-    keys, idxs = paddle.topk((width - position) * chosen.astype("int64"), k, axis=1)
-    valid = keys > 0
-    idxs = paddle.where(valid, idxs, paddle.zeros_like(idxs))
-    slot_scores = paddle.where(valid, paddle.take_along_axis(masked, idxs, axis=1), pad_scores)
-    order = paddle.argsort(slot_scores, axis=1, descending=True, stable=True)
-    slot_scores = paddle.take_along_axis(slot_scores, order, axis=1)
-    return slot_scores, paddle.take_along_axis(idxs, order, axis=1), slot_scores > float("-inf")
+    # A one-element threshold broadcasts; a Python number would be expanded to the scores' size.
+    candidate = paddle.greater_than(scores, paddle.full([1], score_thr, scores.dtype))
+    # Only the candidates are sorted (usually a small share of the level), in
+    # one stable sort on the key row * 4 - score: rows apart, within a row by
+    # descending score, equal scores in index order (nonzero's). In float64 the
+    # key holds the float32 score exactly for scores above 1e-6 in batches of
+    # up to 64 images.
+    where = paddle.nonzero(candidate)
+    rows = where[:, 0]
+    values = paddle.gather_nd(scores, where)
+    order = paddle.argsort(rows.astype("float64") * 4 - values.astype("float64"), stable=True)
+    # Sorted, row n's candidates start at first[n]: the row and the rank of each
+    # sorted position follow from the counts, and only the k best of each row
+    # are gathered (a gather of every candidate costs more than the sort).
+    images = paddle.arange(paddle.shape(scores)[0], dtype="int64").unsqueeze(1)
+    counts = (rows.unsqueeze(0) == images).astype("int64").sum(axis=1)
+    first = paddle.cumsum(counts) - counts
+    position = paddle.arange(paddle.shape(rows)[0], dtype="int64")
+    row_at = (first.unsqueeze(1) <= position.unsqueeze(0)).astype("int64").sum(axis=0) - 1
+    rank = position - paddle.gather(first, row_at)
+    kept = paddle.nonzero(rank < k).reshape([-1])
+    picked = paddle.gather(order, kept)
+    slots = paddle.gather(row_at * k + rank, kept)
+    values, cols = paddle.gather(values, picked), paddle.gather(where[:, 1], picked)
+    empty = paddle.full_like(scores[:, :1], float("-inf")).tile([1, k]).reshape([-1])
+    slot_scores = paddle.scatter(empty, slots, values)
+    slot_idxs = paddle.scatter(paddle.zeros_like(empty, "int64"), slots, cols)
+    slot_scores, slot_idxs = slot_scores.reshape([-1, k]), slot_idxs.reshape([-1, k])
+    return slot_scores, slot_idxs, slot_scores > float("-inf")
 
 
 def filter_scores_and_topk(
