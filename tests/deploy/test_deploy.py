@@ -15,6 +15,7 @@ import numpy as np
 import paddle
 import pytest
 
+from align.deploy.tipc import same_detections
 from align.predict.stage import pair_order
 from paddle_impl.boxes.postprocess import Detections, image_tensors, predict_boxes
 from paddle_impl.data.tiny_coco import generate
@@ -137,15 +138,7 @@ def test_infer_gives_the_detections_of_predict(exported, weights, coco, backend,
     want = json.loads((tmp_path / "predict.json").read_text())
     assert got and len(got) == len(want)
     assert [g["image_id"] for g in got] == [w["image_id"] for w in want]
-    for image_id in sorted({w["image_id"] for w in want}):
-        g, w = ({"labels": np.array([d["category_id"] for d in results if d["image_id"] == image_id]),
-                 "bboxes": np.array([d["bbox"] for d in results if d["image_id"] == image_id]),
-                 "scores": np.array([d["score"] for d in results if d["image_id"] == image_id])}
-                for results in (got, want))
-        order, _ = pair_order(w, g, box_atol=1e-3, score_atol=1e-5)
-        np.testing.assert_array_equal(g["labels"][order], w["labels"])
-        np.testing.assert_allclose(g["bboxes"][order], w["bboxes"], rtol=0, atol=1e-3)
-        np.testing.assert_allclose(g["scores"][order], w["scores"], rtol=0, atol=1e-5)
+    assert same_detections(want, got)
     assert sorted(p.name for p in out.glob("*.png")) == sorted(Path(p).stem + ".png" for p in images)
 
 
