@@ -31,9 +31,11 @@ defaults; ``--threads 0`` keeps each library's default.
 
 Beside each speed:
 
-* passes: the share of our call's time spent in the two element-wise passes
-  over the chunks; the rest is per-call work (input checks, the region
-  table, the reduction). Measured on extra calls with the passes timed.
+* passes: the share of our call's time spent in the element-wise work: the
+  two passes over the chunks or, for calls on the numpy path of
+  ``paddle_impl.model.ghm_host``, its element-wise steps; the rest is
+  per-call work (input checks, the region table, the reduction). Measured on
+  extra calls with the passes timed.
 * elem err: the largest error of an element's loss against the same loss in
   float64 on the same float32 inputs, for mmdet's element-wise loss and ours;
   relative to the loss for GHM-C (BCE on logits), relative to
@@ -59,7 +61,7 @@ from common.arguments import non_negative, positive
 from common.atomic_write import write_json
 from bench.machine import load_average, machine_info
 from paddle_impl.config import get_config
-from paddle_impl.model import ghm_chunks
+from paddle_impl.model import ghm_chunks, ghm_host
 from paddle_impl.model.ghm_elementwise import DeltasASL1, LogitsBCE
 from paddle_impl.model.ghm_loss import GHMC, GHMR
 
@@ -146,23 +148,33 @@ def alternating_medians_ms(runs, repeats: int) -> list[float]:
     return [1e3 * statistics.median(spent) for spent in times]
 
 
+# The element-wise work of a call: the chunked passes, or the numpy steps of
+# a call on `ghm_host`'s path.
+ELEMENTWISE_STEPS = ((ghm_chunks, "run"), (ghm_host, "ghmc_arrays"), (ghm_host, "ghmr_arrays"),
+                     (ghm_host, "byte_ids"), (ghm_host, "weighted_loss"))
+
+
 @contextlib.contextmanager
 def timed_passes(spent: list):
-    """Appends the wall time of every element-wise pass of our losses to ``spent``."""
-    run = ghm_chunks.run
+    """Appends the wall time of every element-wise pass or step of our losses to ``spent``."""
+    originals = [(owner, name, getattr(owner, name)) for owner, name in ELEMENTWISE_STEPS]
 
-    def timed(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return run(*args, **kwargs)
-        finally:
-            spent.append(time.perf_counter() - start)
+    def timed(function):
+        def call(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                spent.append(time.perf_counter() - start)
+        return call
 
-    ghm_chunks.run = timed
+    for owner, name, function in originals:
+        setattr(owner, name, timed(function))
     try:
         yield
     finally:
-        ghm_chunks.run = run
+        for owner, name, function in originals:
+            setattr(owner, name, function)
 
 
 def passes_share(module, inputs_per_call, backward: bool, repeats: int) -> float:
@@ -179,11 +191,14 @@ def passes_share(module, inputs_per_call, backward: bool, repeats: int) -> float
 
 
 def elementwise_error(kind: str, arrays) -> dict:
-    """The largest error of an element's loss against float64, mmdet's and ours (see the module docstring)."""
+    """The largest error of an element's loss against float64, mmdet's and ours on
+    the path our call of the level takes (see the module docstring)."""
     import torch.nn.functional as F
 
     pred, target, weights = arrays
     mu = get_config()["bbox_head"]["loss_bbox"]["mu"]
+    # Ours on the path the level's call takes.
+    host = ghm_host.takes_size(pred.size)
     worst = {"mmdet": 0.0, "paddle": 0.0}
     for start in range(0, len(pred), PRECISION_ROWS):
         rows = slice(start, start + PRECISION_ROWS)
@@ -198,7 +213,11 @@ def elementwise_error(kind: str, arrays) -> dict:
             theirs = F.binary_cross_entropy_with_logits(torch.from_numpy(p), torch.from_numpy(onehot),
                                                         reduction="none").numpy()
             with paddle.no_grad():
-                ours = LogitsBCE(paddle.to_tensor(p), paddle.to_tensor(t), paddle.to_tensor(w)).loss(None).numpy()
+                inputs = paddle.to_tensor(p), paddle.to_tensor(t), paddle.to_tensor(w)
+                if host:
+                    ours = ghm_host.ghmc_arrays(*inputs, True, ghm_host.Scratch()).loss
+                else:
+                    ours = LogitsBCE(*inputs).loss(None).numpy()
         else:
             d = p.astype(np.float64) - t.astype(np.float64)
             scale = np.sqrt(d * d + mu * mu)
@@ -206,9 +225,13 @@ def elementwise_error(kind: str, arrays) -> dict:
             diff = torch.from_numpy(p) - torch.from_numpy(t)
             theirs = (torch.sqrt(diff * diff + mu * mu) - mu).numpy()
             with paddle.no_grad():
-                problem = DeltasASL1(paddle.to_tensor(p), paddle.to_tensor(t), paddle.to_tensor(w), mu)
-                problem.derivative(None)
-                ours = problem.to_pred_shape(problem.loss(None)).numpy()
+                inputs = paddle.to_tensor(p), paddle.to_tensor(t), paddle.to_tensor(w)
+                if host:
+                    ours = ghm_host.ghmr_arrays(*inputs, mu, ghm_host.Scratch()).loss
+                else:
+                    problem = DeltasASL1(*inputs, mu)
+                    problem.derivative(None)
+                    ours = problem.to_pred_shape(problem.loss(None)).numpy()
         for name, value in (("mmdet", theirs), ("paddle", ours)):
             worst[name] = max(worst[name], float(np.max(np.abs(value - exact) / scale)))
     return worst

@@ -25,7 +25,7 @@ import paddle.nn.functional as F
 from paddle_impl.model import cpu_kernels, ghm_chunks
 from paddle_impl.model.ghm_inputs import as_float32, check_prediction_dtype, difference_dtype, ghmc_index_targets
 
-__all__ = ["Elementwise", "LogitsBCE", "DeltasASL1"]
+__all__ = ["Elementwise", "LogitsBCE", "DeltasASL1", "asl1_into"]
 
 _NUMPY_DTYPES = {paddle.float32: np.float32, paddle.float64: np.float64}
 
@@ -237,21 +237,31 @@ class DeltasASL1(Elementwise):
             np.broadcast_shapes(tuple(values.shape), tuple(target.shape)))
         d = paddle.empty(shape, dtype=self.dtype) if out is None else out
         loss = paddle.empty(shape, dtype=self.dtype)
-        mu = self.np_dtype(self.mu)
-        # Infinite and NaN inputs are handled as in mmdet, silently as torch does.
-        with np.errstate(over="ignore", invalid="ignore"):
-            diff = np.subtract(cpu_kernels.view(values), cpu_kernels.view(target))
-            root = cpu_kernels.view(loss)
-            np.multiply(diff, diff, out=root)
-            np.add(root, self.np_dtype(self.mu * self.mu), out=root)
-            np.sqrt(root, out=root)
-            derivative = cpu_kernels.view(d)
-            np.divide(diff, root, out=derivative)
-            np.subtract(root, mu, out=root)
-            # NaN where d is (see `_device_derivative`).
-            np.multiply(derivative, self.np_dtype(0), out=diff)
-            np.add(root, diff, out=root)
+        asl1_into(cpu_kernels.view(values), cpu_kernels.view(target), self.np_dtype, self.mu,
+                  cpu_kernels.view(d), cpu_kernels.view(loss))
         return d, loss
 
     def loss(self, span):
         return self._losses.pop(span)
+
+
+def asl1_into(values: np.ndarray, target: np.ndarray, dtype, mu: float, d: np.ndarray,
+              loss: np.ndarray) -> None:
+    """GHM-R's host step on numpy arrays: ``d = diff / root`` and ``loss = root - mu``
+    with ``diff = values - target`` and ``root = sqrt(diff^2 + mu^2)``, in ``dtype``.
+
+    ``d`` and ``loss`` have the broadcast shape of ``values`` and ``target``.
+    Every step is a correctly rounded IEEE operation (see
+    `DeltasASL1._host_derivative`); the loss is NaN wherever ``d`` is (see
+    `DeltasASL1._device_derivative`). Infinite and NaN inputs are handled as
+    in mmdet, silently as torch does.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        diff = np.subtract(values, target, dtype=dtype)
+        np.multiply(diff, diff, out=loss)
+        np.add(loss, dtype(mu * mu), out=loss)
+        np.sqrt(loss, out=loss)
+        np.divide(diff, loss, out=d)
+        np.subtract(loss, dtype(mu), out=loss)
+        np.multiply(d, dtype(0), out=diff)
+        np.add(loss, diff, out=loss)

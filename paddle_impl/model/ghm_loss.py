@@ -78,6 +78,11 @@ tensor of the full size is made but the ones the call returns or keeps:
 The element-wise values (loss, derivative, ``g``, ids) are those the same
 operations give on the whole tensor. The mean sums runs of 16 elements in
 float32 and the runs in float64.
+
+Smaller float32 calls on the CPU, which the chunks would run on one thread,
+skip the Paddle tensors of the two passes: `ghm_host` computes the same
+steps in numpy on the inputs' memory, at a fraction of their per-call cost
+(``make bench-ghm``; its figures are in ``docs/benchmarks.md``).
 """
 from __future__ import annotations
 
@@ -88,9 +93,10 @@ import numpy as np
 import paddle
 
 from paddle_impl.config import get_config
-from paddle_impl.model import cpu_kernels, ghm_chunks
+from paddle_impl.model import cpu_kernels, ghm_chunks, ghm_host
 from paddle_impl.model.ghm_gradient import HarmonizedLoss, reduce_weighted
 from paddle_impl.model.ghm_elementwise import DeltasASL1, Elementwise, LogitsBCE
+from paddle_impl.model.ghm_inputs import check_prediction_dtype, difference_dtype, ghmc_index_targets
 from paddle_impl.model.gradient_density import (BYTE_TABLE_SIZE, bin_edges, byte_regions, byte_regions_apply,
                                                   exclusion, region_ids, region_table, truncation_is_exact)
 
@@ -138,6 +144,7 @@ class _GHMBase(paddle.nn.Layer):
         # Small tensors a call fills and reads before it returns, kept from
         # call to call: weight tables, columns of ones.
         self._scratch = {}
+        self._host_scratch = ghm_host.Scratch()
 
     @property
     def last_bin_counts(self) -> paddle.Tensor:
@@ -215,13 +222,39 @@ class _GHMBase(paddle.nn.Layer):
         if keep_derivative and derivative is None:
             derivative = results[0][0]
         counts = paddle.add_n([r[2] for r in results]) if len(results) > 1 else results[0][2]
+        table = self._weight_table(counts.numpy(), problem.tot, BYTE_TABLE_SIZE if use_bytes else bins + 2)
+        return spans, [r[1] for r in results], self._table_tensor(table, problem.dtype), derivative
+
+    def _weight_table(self, counts: np.ndarray, tot, size: int) -> np.ndarray:
+        """`region_table` of a call's id counts; updates ``acc_sum`` (with momentum)
+        and ``last_bin_counts``."""
         acc_sum = self.acc_sum.numpy() if self.momentum > 0 else None
-        table, self._last_counts, acc_sum = region_table(
-            counts.numpy(), problem.tot, bins, BYTE_TABLE_SIZE if use_bytes else bins + 2,
-            self.momentum, acc_sum)
+        table, self._last_counts, acc_sum = region_table(counts, tot, self.bins, size, self.momentum, acc_sum)
         if acc_sum is not None:
             self.acc_sum.set_value(acc_sum)
-        return spans, [r[1] for r in results], self._table_tensor(table, problem.dtype), derivative
+        return table
+
+    def _runs_on_host(self, pred: paddle.Tensor, dtype) -> bool:
+        """Whether a call takes `ghm_host`'s path (see `ghm_host.applies`)."""
+        return ghm_host.applies(pred, dtype, self._fast_bucketing and byte_regions_apply(self.bins, dtype),
+                                self._bucketing_observed())
+
+    def _host_weights(self, arrays: ghm_host.Arrays) -> np.ndarray:
+        """The per-element weights of a `ghm_host` call (float32, shaped like its loss)."""
+        shape = arrays.derivative.shape
+        g = np.abs(arrays.derivative, out=self._host_scratch("g", shape, np.float32))
+        ids, counts = ghm_host.byte_ids(g, arrays.invalid, self.bins, self._host_scratch)
+        table = self._weight_table(counts, arrays.tot, BYTE_TABLE_SIZE)
+        return np.take(table, ids, out=self._host_scratch("weights", shape, np.float32), mode="clip")
+
+    def _host_loss(self, pred: paddle.Tensor, arrays: ghm_host.Arrays, mean: bool,
+                   need_grad: bool) -> paddle.Tensor:
+        """`_loss` of a `ghm_host` call."""
+        value = ghm_host.weighted_loss(arrays, self._host_weights(arrays), mean, _RUN, need_grad)
+        denominator = paddle.full([], float(arrays.tot + np.float32(_FLOAT32_EPS)), dtype=pred.dtype)
+        if not need_grad:
+            return reduce_weighted(value, denominator, float(self.loss_weight), mean)
+        return HarmonizedLoss.apply(pred, value, arrays.gradient, denominator, float(self.loss_weight), mean)
 
     def _table_tensor(self, table: np.ndarray, dtype) -> paddle.Tensor:
         """``table`` in a tensor the layer reuses from call to call (a call reads
@@ -254,6 +287,9 @@ class _GHMBase(paddle.nn.Layer):
         """
         mean = self._resolve_reduction(reduction_override) == "mean"
         need_grad = not pred.stop_gradient and paddle.is_grad_enabled()
+        arrays = self._host_arrays(pred, target, label_weight)
+        if arrays is not None:
+            return self._host_loss(pred, arrays, mean, need_grad)
         with paddle.no_grad():
             problem = self._problem(pred, target, label_weight)
             spans, ids, table, derivative = self._regions(problem, keep_derivative=need_grad)
@@ -300,6 +336,9 @@ class _GHMBase(paddle.nn.Layer):
             the loss), zero for excluded elements, without ``loss_weight``.
         """
         with paddle.no_grad():
+            arrays = self._host_arrays(pred, target, label_weight)
+            if arrays is not None:
+                return paddle.to_tensor(self._host_weights(arrays).reshape(pred.shape))
             problem = self._problem(pred, target, label_weight)
             _, ids, table, _ = self._regions(problem, keep_derivative=False)
             parts = [cpu_kernels.take(table, chunk_ids) for chunk_ids in ids]
@@ -359,6 +398,14 @@ class GHMC(_GHMBase):
     def _problem(self, pred, target, label_weight) -> LogitsBCE:
         return LogitsBCE(pred, target, label_weight)
 
+    def _host_arrays(self, pred, target, label_weight) -> Optional[ghm_host.Arrays]:
+        """The call's `ghm_host` arrays, or None where it takes the chunked path."""
+        check_prediction_dtype("GHMC", pred)
+        index_targets = ghmc_index_targets(pred, target, label_weight)
+        if not self._runs_on_host(pred, pred.dtype):
+            return None
+        return ghm_host.ghmc_arrays(pred, target, label_weight, index_targets, self._host_scratch)
+
 
 class GHMR(_GHMBase):
     """GHM regression loss on the authentic smooth L1 (ASL1) loss.
@@ -398,6 +445,15 @@ class GHMR(_GHMBase):
 
     def _problem(self, pred, target, label_weight) -> DeltasASL1:
         return DeltasASL1(pred, target, label_weight, self.mu)
+
+    def _host_arrays(self, pred, target, label_weight) -> Optional[ghm_host.Arrays]:
+        """The call's `ghm_host` arrays, or None where it takes the chunked path
+        (also where the target or the weights broadcast)."""
+        check_prediction_dtype("GHMR", pred)
+        dtype = difference_dtype(pred, target)
+        if target.shape != pred.shape or label_weight.shape != pred.shape or not self._runs_on_host(pred, dtype):
+            return None
+        return ghm_host.ghmr_arrays(pred, target, label_weight, self.mu, self._host_scratch)
 
 
 def build_ghmc(**overrides) -> GHMC:

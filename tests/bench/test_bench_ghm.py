@@ -51,3 +51,20 @@ def test_a_row_has_its_columns(kind, mode):
     line = format_row(row)
     assert line.startswith("GHM-") and "P3-P7" in line
     assert len(line.split()) == 11 and len(line) <= len(HEADER) + 2
+
+
+def test_timed_passes_times_the_host_steps_and_restores_them():
+    from bench.bench_ghm import ELEMENTWISE_STEPS
+    from paddle_impl.model import ghm_host
+
+    originals = [getattr(owner, name) for owner, name in ELEMENTWISE_STEPS]
+    spent = []
+    logits, labels, weights = _tiny_level()["cls"]
+    with timed_passes(spent):
+        import paddle
+        from paddle_impl.model.ghm_loss import GHMC
+        GHMC()(paddle.to_tensor(logits), paddle.to_tensor(labels), paddle.to_tensor(weights))
+    assert ghm_host.takes_size(logits.size)
+    # ghmc_arrays, byte_ids and weighted_loss of the one call on the host path.
+    assert len(spent) == 3
+    assert [getattr(owner, name) for owner, name in ELEMENTWISE_STEPS] == originals

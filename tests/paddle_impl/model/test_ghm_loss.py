@@ -38,7 +38,7 @@ from mmdet.models.losses import GHMC as MMDetGHMC
 from mmdet.models.losses import GHMR as MMDetGHMR
 
 from paddle_impl.config import get_config
-from paddle_impl.model import ghm_chunks
+from paddle_impl.model import ghm_chunks, ghm_host
 from paddle_impl.model.ghm_elementwise import DeltasASL1
 from paddle_impl.model.ghm_loss import GHMC, GHMR, build_ghmc, build_ghmr
 from paddle_impl.model.gradient_density import (BYTE_TABLE_SIZE, bin_edges, byte_regions, byte_regions_apply,
@@ -51,8 +51,20 @@ EPS32 = float(np.finfo(np.float32).eps)
 # with a soft target t the gradient norm |sigmoid(x) - t| is exactly t.
 SATURATED = -200.0
 
+# The path fixture below is function-scoped on purpose: one path per test, the
+# same for all of its examples.
 HYPOTHESIS = settings(max_examples=25, deadline=None, derandomize=True,
-                      suppress_health_check=[HealthCheck.too_slow])
+                      suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture(autouse=True, params=["host", "chunked"])
+def ghm_path(request, monkeypatch):
+    """Every test runs on both paths of a call: small CPU calls take `ghm_host`'s
+    numpy path ("host"), which "chunked" turns off so that they take the chunked
+    passes the large levels take."""
+    if request.param == "chunked":
+        monkeypatch.setattr(ghm_host, "applies", lambda *args: False)
+    return request.param
 
 
 # ----------------------------------------------------------------- helpers
@@ -1118,7 +1130,9 @@ def _one_call(layer, inputs, reduction):
 def test_chunks_and_threads_give_the_values_of_one_chunk(monkeypatch, make):
     """Aligned chunks on two threads: element-wise outputs, gradients, counts
     and acc_sum bit for bit; the mean's rows are summed alike, only the sum
-    of the row sums may round differently."""
+    of the row sums may round differently. The whole call is the chunked
+    path's too: that is the path the chunks split."""
+    monkeypatch.setattr(ghm_host, "applies", lambda *args: False)
     whole = {}
     for reduction in ("none", "mean"):
         layer, inputs = make()
@@ -1166,3 +1180,48 @@ def test_an_observed_bucketing_sees_the_whole_g_once():
     got = observed(*[_paddle(a) for a in inputs], reduction_override="none").numpy()
     want = plain(*[_paddle(a) for a in inputs], reduction_override="none").numpy()
     assert np.array_equal(got, want)
+
+
+# ------------------------------------------------------------ the two paths
+
+
+@pytest.mark.parametrize("make, inputs", [
+    (GHMC, lambda rng: classification_inputs(rng, 50, 7)),
+    (GHMC, lambda rng: classification_inputs(rng, 50, 7, index=False)),
+    (GHMR, lambda rng: regression_inputs(rng, 50)),
+])
+def test_each_path_is_the_one_taken(ghm_path, monkeypatch, make, inputs):
+    """The path fixture is not vacuous: a small float32 CPU call reaches
+    `ghm_host` on the host path and never on the chunked one."""
+    reached = []
+    for name in ("ghmc_arrays", "ghmr_arrays"):
+        original = getattr(ghm_host, name)
+        monkeypatch.setattr(ghm_host, name, lambda *args, _f=original: reached.append(1) or _f(*args))
+    layer = make(momentum=0.75)
+    pred, target, weight = (paddle.to_tensor(a) for a in inputs(np.random.default_rng(0)))
+    pred.stop_gradient = False
+    layer(pred, target, weight).backward()
+    layer.harmonizing_weights(pred, target, weight)
+    assert len(reached) == (2 if ghm_path == "host" else 0)
+
+
+def test_host_path_takes_only_what_it_computes_exactly(monkeypatch):
+    """float64, an observed bucketing, bin counts whose truncation is not exact
+    (100), broadcast GHM-R targets and calls past one thread's share stay
+    on the chunked path."""
+    taken = []
+    monkeypatch.setattr(ghm_host, "ghmr_arrays", lambda *args: taken.append(1))
+    monkeypatch.setattr(ghm_host, "ghmc_arrays", lambda *args: taken.append(1))
+    rng = np.random.default_rng(1)
+    pred, target, weight = regression_inputs(rng, 20)
+    GHMR()(paddle.to_tensor(pred.astype(np.float64)), paddle.to_tensor(target), paddle.to_tensor(weight))
+    GHMR()(paddle.to_tensor(pred), paddle.to_tensor(target.astype(np.float64)), paddle.to_tensor(weight))
+    GHMR()(paddle.to_tensor(pred), paddle.to_tensor(target[:1]), paddle.to_tensor(weight))
+    GHMR(bins=100)(paddle.to_tensor(pred), paddle.to_tensor(target), paddle.to_tensor(weight))
+    logits, labels, weights = classification_inputs(rng, 20, 3)
+    observed = GHMC()
+    observed._region_ids = lambda g, valid: GHMC._region_ids(observed, g, valid)
+    observed(paddle.to_tensor(logits), paddle.to_tensor(labels), paddle.to_tensor(weights))
+    monkeypatch.setattr(ghm_chunks, "THREADED_ELEMENTS", 60)
+    GHMC()(paddle.to_tensor(logits), paddle.to_tensor(labels), paddle.to_tensor(weights))
+    assert taken == []
