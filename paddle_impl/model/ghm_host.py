@@ -171,7 +171,11 @@ def byte_ids(g: np.ndarray, invalid: np.ndarray, bins: int, scratch: Scratch) ->
     """
     excluded = np.float32(bins + 1)
     np.multiply(g, np.float32(bins), out=g)
-    np.copyto(g, excluded, where=invalid)
+    if invalid.shape == g.shape[:1] + (1,):
+        # Per-row weights (index targets): the few ignored rows, not a mask pass.
+        g[np.flatnonzero(invalid)] = excluded
+    else:
+        np.copyto(g, excluded, where=invalid)
     np.fmin(g, excluded, out=g)
     ids = scratch("ids", g.shape, np.uint8)
     np.copyto(ids, g, casting="unsafe")
