@@ -53,7 +53,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-BOX_ATOL, SCORE_ATOL = 1e-3, 1e-5
 REFERENCE_PER_IMAGE, REFERENCE_JITTER = 10, 0.15
 
 
@@ -65,20 +64,14 @@ def _per_image(records: list[dict], image_id: int) -> dict:
 
 
 def same_detections(ref: list[dict], got: list[dict]) -> bool:
-    """COCO result lists: per image the same count and, paired as the predict stage pairs them,
-    the same classes, boxes within 1e-3 px and scores within 1e-5."""
-    from align.predict.stage import pair_order
+    """COCO result lists: each image's detections equal within the predict stage's bounds and
+    pairing (`align.predict.stage.same_detections`)."""
+    from align.predict.stage import same_detections as same_image
 
     if len(ref) != len(got) or sorted(r["image_id"] for r in ref) != sorted(g["image_id"] for g in got):
         return False
-    for image_id in sorted({r["image_id"] for r in ref}):
-        r, g = _per_image(ref, image_id), _per_image(got, image_id)
-        order, _ = pair_order(r, g, BOX_ATOL, SCORE_ATOL)
-        if not (np.array_equal(g["labels"][order], r["labels"])
-                and np.abs(g["bboxes"][order] - r["bboxes"]).max(initial=0) <= BOX_ATOL
-                and np.abs(g["scores"][order] - r["scores"]).max(initial=0) <= SCORE_ATOL):
-            return False
-    return True
+    return all(same_image(_per_image(ref, image_id), _per_image(got, image_id))
+               for image_id in sorted({r["image_id"] for r in ref}))
 
 
 def reference_annotations(ann_file: Path, records: list[dict], seed: int) -> dict:

@@ -68,6 +68,10 @@ SHARPEN_STD = 1.5
 CALIBRATION_SHAPE = (1, 3, 320, 480)
 
 
+# The stage's default bounds on paired detections: boxes in pixels, scores absolute.
+BOX_ATOL, SCORE_ATOL = 1e-3, 1e-5
+
+
 @dataclass
 class PredictOptions(GhmStageOptions):
     ckpt: str | None = option(None, "mmdet checkpoint (default: the seeded synthetic one, plus its sharpened "
@@ -76,9 +80,10 @@ class PredictOptions(GhmStageOptions):
                                                    f"pipelines (default {format_size(DEFAULT_SCALE)}, the config's)",
                                     type=parse_size)
     score_thr: float | None = option(None, "override test_cfg.score_thr on both sides", type=fraction)
-    box_atol: float = option(1e-3, "bound on the boxes' |diff|, pixels (default %(default)s)",
+    box_atol: float = option(BOX_ATOL, "bound on the boxes' |diff|, pixels (default %(default)s)",
                              type=non_negative_float)
-    score_atol: float = option(1e-5, "bound on the scores' |diff| (default %(default)s)", type=non_negative_float)
+    score_atol: float = option(SCORE_ATOL, "bound on the scores' |diff| (default %(default)s)",
+                               type=non_negative_float)
 
 
 def sharpened_checkpoint(ckpts: Checkpoints, seed: int, build_dir: Path) -> Path:
@@ -175,6 +180,17 @@ def pair_order(ref: dict, got: dict, box_atol: float, score_atol: float) -> tupl
     reordered = int((order[paired] != np.arange(n)[paired]).sum())
     order[~paired] = np.flatnonzero(~used)
     return order, reordered
+
+
+def same_detections(ref: dict, got: dict, box_atol: float = BOX_ATOL, score_atol: float = SCORE_ATOL) -> bool:
+    """One image's detections (``labels``, ``bboxes`` (n, 4), ``scores``) equal within the bounds:
+    the same count and, paired by `pair_order`, the same labels, boxes and scores."""
+    if len(ref["scores"]) != len(got["scores"]):
+        return False
+    order, _ = pair_order(ref, got, box_atol, score_atol)
+    return bool(np.array_equal(np.asarray(got["labels"])[order], ref["labels"])
+                and np.abs(np.asarray(got["bboxes"])[order] - ref["bboxes"]).max(initial=0) <= box_atol
+                and np.abs(np.asarray(got["scores"])[order] - ref["scores"]).max(initial=0) <= score_atol)
 
 
 class ImageRow(NamedTuple):

@@ -15,7 +15,7 @@ from align.data.__main__ import main as data_main
 from align.data.stage import DataOptions, run_data
 from align.metric.__main__ import main as metric_main
 from align.metric.stage import MetricOptions, first_divergence as metric_divergence, run_metric
-from align.predict.stage import PredictOptions, run_predict
+from align.predict.stage import PredictOptions, run_predict, same_detections
 from align.train.__main__ import main as train_main
 from align.train.stage import TrainOptions, run_train
 
@@ -146,3 +146,26 @@ def test_train_stage_catches_a_different_lr(build_dir, tmp_path, monkeypatch, ca
     failed = {row["name"] for row in document["tensors"] if not row["passed"]}
     # The lr is applied after iteration 1's forward pass: only the lr differs.
     assert failed == {"iter001.lr"}
+
+
+def test_same_detections_pairs_and_bounds():
+    """Paired regardless of order; a label, a box past 1e-3 px, a score past 1e-5, a count
+    or a NaN score that differs is caught."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    ref = {"labels": np.array([3, 1, 3], np.int64), "bboxes": rng.uniform(0, 100, (3, 4)),
+           "scores": np.array([0.9, 0.5, 0.5])}
+    flipped = {k: v[::-1].copy() for k, v in ref.items()}
+    assert same_detections(ref, flipped)
+    within = {k: v.copy() for k, v in ref.items()}
+    within["bboxes"][0, 0] += 0.9e-3
+    within["scores"][1] += 0.9e-5
+    assert same_detections(ref, within)
+    for field, index, change in [("labels", 1, 1), ("bboxes", (2, 3), 1.1e-3), ("scores", 0, 1.1e-5),
+                                 ("scores", 0, np.nan)]:
+        changed = {k: v.copy() for k, v in ref.items()}
+        changed[field] = changed[field].astype(np.float64) if field == "scores" else changed[field]
+        changed[field][index] += change
+        assert not same_detections(ref, changed), (field, change)
+    assert not same_detections(ref, {k: v[:2] for k, v in ref.items()})

@@ -16,7 +16,7 @@ import paddle
 import pytest
 
 from align.deploy.tipc import same_detections
-from align.predict.stage import pair_order
+from align.predict.stage import BOX_ATOL, SCORE_ATOL, pair_order
 from paddle_impl.boxes.postprocess import Detections, image_tensors, predict_boxes
 from paddle_impl.data.tiny_coco import generate
 from paddle_impl.deploy.backends import open_engine
@@ -74,10 +74,10 @@ def assert_same_detections(got: list[Detections], want: list[Detections]) -> Non
     for g, w in zip(got, want):
         g, w = ({field: getattr(d, field).numpy() for field in Detections._fields} for d in (g, w))
         assert len(g["scores"]) == len(w["scores"])
-        order, _ = pair_order(w, g, box_atol=1e-3, score_atol=1e-5)
+        order, _ = pair_order(w, g, box_atol=BOX_ATOL, score_atol=SCORE_ATOL)
         np.testing.assert_array_equal(g["labels"][order], w["labels"])
-        np.testing.assert_allclose(g["bboxes"][order], w["bboxes"], rtol=0, atol=1e-3)
-        np.testing.assert_allclose(g["scores"][order], w["scores"], rtol=0, atol=1e-5)
+        np.testing.assert_allclose(g["bboxes"][order], w["bboxes"], rtol=0, atol=BOX_ATOL)
+        np.testing.assert_allclose(g["scores"][order], w["scores"], rtol=0, atol=SCORE_ATOL)
 
 
 def worst_relative(got: list[np.ndarray], want: list[np.ndarray]) -> float:
