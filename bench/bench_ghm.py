@@ -59,7 +59,7 @@ import torch
 
 from common.arguments import non_negative, positive
 from common.atomic_write import write_json
-from bench.machine import load_average, machine_info
+from bench.machine import alternating_medians_ms, load_average, machine_info
 from paddle_impl.config import get_config
 from paddle_impl.model import ghm_chunks, ghm_host
 from paddle_impl.model.ghm_elementwise import DeltasASL1, LogitsBCE
@@ -132,20 +132,6 @@ def call_paddle(module, inputs, backward: bool) -> float:
         loss.backward()
         inputs[0].clear_gradient()
     return float(loss)
-
-
-def alternating_medians_ms(runs, repeats: int) -> list[float]:
-    """Median wall time of each of ``runs`` over ``repeats`` calls, the runs
-    taking turns call by call after one warm-up call each."""
-    for run in runs:
-        run()
-    times = [[] for _ in runs]
-    for _ in range(repeats):
-        for run, spent in zip(runs, times):
-            start = time.perf_counter()
-            run()
-            spent.append(time.perf_counter() - start)
-    return [1e3 * statistics.median(spent) for spent in times]
 
 
 # The element-wise work of a call: the chunked passes, or the numpy steps of

@@ -47,7 +47,7 @@ import numpy as np
 
 os.environ.setdefault("GLOG_minloglevel", "2")
 
-from bench.machine import load_average, machine_info, set_threads  # noqa: E402
+from bench.machine import alternating_medians_ms, load_average, machine_info, set_threads  # noqa: E402
 from common.arguments import non_negative, parse_size, positive  # noqa: E402
 from common.atomic_write import write_json  # noqa: E402
 
@@ -152,7 +152,7 @@ def conv_speeds(size_hw: tuple[int, int], threads: int, repeats: int = 5, channe
     """GFLOP/s of one 3x3 ``channels`` -> ``channels`` convolution at ``(H/8, W/8)``,
     the shape of the head's convolutions on P3, which hold most of the
     network's operations: torch's (mmdet's kernels) and ONNX Runtime's on the
-    same seeded weights and input, medians of ``repeats`` calls after one."""
+    same seeded weights and input, medians of ``repeats`` calls after one, taking turns."""
     import onnxruntime as ort
     import torch
     from onnx import TensorProto, helper, numpy_helper
@@ -176,17 +176,9 @@ def conv_speeds(size_hw: tuple[int, int], threads: int, repeats: int = 5, channe
     session = ort.InferenceSession(
         helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=7).SerializeToString(),
         options, providers=["CPUExecutionProvider"])
-    runners = {"mmdet": lambda: conv(tx), "onnxruntime": lambda: session.run(None, {"x": x})}
-    speeds = {}
     with torch.no_grad():
-        for name, run in runners.items():
-            run()
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                run()
-                times.append(time.perf_counter() - t0)
-            speeds[name] = flops / statistics.median(times) / 1e9
+        medians_ms = alternating_medians_ms([lambda: conv(tx), lambda: session.run(None, {"x": x})], repeats)
+    speeds = {name: flops / (ms / 1e3) / 1e9 for name, ms in zip(("mmdet", "onnxruntime"), medians_ms)}
     return {"shape": [1, channels, height, width], "gflop_per_s": speeds}
 
 

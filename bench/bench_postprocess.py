@@ -9,7 +9,8 @@ Two cases: ``typical``, logits around -6 (about 2 % of all (anchor, class)
 pairs above 0.05), and ``dense``, logits around -2.5 (about 60 %). Each side runs once to warm
 up, then ``--repeats`` times, taking turns; printed are the median times and
 their ratio (mmdet / ours: above 1 is faster than mmdet), and whether the two
-detection lists agree (count, labels, boxes 1e-3 px, scores 1e-5).
+detection lists agree within the predict stage's bounds and pairing (count,
+labels, boxes 1e-3 px, scores 1e-5).
 """
 from __future__ import annotations
 
@@ -18,8 +19,7 @@ import sys
 
 import numpy as np
 
-from bench.bench_ghm import alternating_medians_ms
-from bench.machine import load_average, machine_info, set_threads
+from bench.machine import alternating_medians_ms, load_average, machine_info, set_threads
 from common.arguments import non_negative, parse_size, positive
 from common.atomic_write import write_json
 
@@ -53,6 +53,7 @@ def main(argv=None) -> int:
     import paddle
     import torch
 
+    from align.predict.stage import same_detections
     from paddle_impl.boxes.postprocess import predict_boxes
     from torch_ref.reference import build_reference
 
@@ -79,10 +80,8 @@ def main(argv=None) -> int:
 
         mm_ms, our_ms = alternating_medians_ms([theirs, ours], args.repeats)
         ref, got = theirs(), ours()
-        agree = bool(len(ref.scores) == len(got.scores)
-                 and np.array_equal(ref.labels.numpy(), got.labels.numpy())
-                 and np.abs(ref.bboxes.numpy() - got.bboxes.numpy()).max(initial=0) <= 1e-3
-                 and np.abs(ref.scores.numpy() - got.scores.numpy()).max(initial=0) <= 1e-5)
+        agree = same_detections(*({"labels": d.labels.numpy().astype(np.int64), "bboxes": d.bboxes.numpy(),
+                                   "scores": d.scores.numpy()} for d in (ref, got)))
         candidates = int(sum((1 / (1 + np.exp(-c)) > test_cfg.score_thr).sum() for c in cls))
         rows.append({"case": case, "candidates": candidates, "detections": len(got.scores), "mmdet_ms": mm_ms,
                      "ours_ms": our_ms, "ratio_to_mmdet": mm_ms / our_ms, "detections_agree": agree})

@@ -1,12 +1,15 @@
-"""What a benchmark records about the run it measured: library versions, cores, threads, load.
+"""What a benchmark records about the run it measured (library versions, cores, threads, load), and how it times.
 
 The cores of these machines are shared, so every benchmark writes the load
-average before and after its measurements next to its figures.
+average before and after its measurements next to its figures, and the
+sides it compares take turns call by call (`alternating_medians_ms`).
 """
 from __future__ import annotations
 
 import os
 import platform
+import statistics
+import time
 
 
 def load_average() -> list[float] | None:
@@ -63,3 +66,17 @@ def set_threads(requested: int | None) -> int:
         torch.set_num_threads(threads)
         paddle.base.core.set_num_threads(threads)
     return threads
+
+
+def alternating_medians_ms(runs, repeats: int) -> list[float]:
+    """Median wall time of each of ``runs`` over ``repeats`` calls, the runs
+    taking turns call by call after one warm-up call each."""
+    for run in runs:
+        run()
+    times = [[] for _ in runs]
+    for _ in range(repeats):
+        for run, spent in zip(runs, times):
+            start = time.perf_counter()
+            run()
+            spent.append(time.perf_counter() - start)
+    return [1e3 * statistics.median(spent) for spent in times]
